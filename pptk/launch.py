@@ -1,0 +1,93 @@
+# Start N local ranks (gloo on CPU, NCCL on GPUs) for pptk's own multi-process checks; one failure stops them all.
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+from pptk.errors import PptkError
+
+# Backstop for a rank stuck in a collective after a peer died in a way the parent did not notice.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _rank_entry(rank: int, world_size: int, log_dir: str, worker: Callable, args: tuple) -> None:
+    log = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    try:
+        worker(rank, *args)
+    except BaseException as err:
+        summary = str(err) if isinstance(err, PptkError) else f"{type(err).__name__}: {err}"
+        (Path(log_dir) / f"rank{rank}.error").write_text(summary)
+        traceback.print_exc()
+        raise
+
+
+def run_ranks(worker: Callable, *, world_size: int, args: tuple = (), log_dir: str | Path,
+              timeout_s: float = 600.0) -> None:
+    """Run ``worker(rank, *args)`` in ``world_size`` fresh processes wired for torch.distributed.
+
+    Each rank's output goes to ``log_dir/rank{r}.log``. If any rank fails, the others are terminated at once (no
+    rank is left waiting in a collective) and a PptkError carries the first failure and where the logs are.
+    """
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    with _environment(env):
+        context = mp.start_processes(_rank_entry, args=(world_size, str(log_dir), worker, args),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline_hits = 0
+        try:
+            while not context.join(timeout=5):
+                deadline_hits += 5
+                if deadline_hits >= timeout_s:
+                    raise PptkError(f"ranks still running after {timeout_s:.0f}s; see {log_dir}/rank*.log")
+        except ProcessException as err:
+            errors = sorted(log_dir.glob("rank*.error"))
+            first = errors[0].read_text() if errors else str(err).strip().splitlines()[-1]
+            rank = errors[0].stem if errors else f"rank{err.error_index}"
+            raise PptkError(f"{rank} failed: {first} (all ranks stopped; logs: {log_dir}/rank*.log)") from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            for process in context.processes:
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.kill()
+    sys.stdout.flush()

@@ -1,0 +1,162 @@
+# Which layers go to which pipeline stage, and why: pure functions over per-layer costs.
+"""The embedding layers always sit on the first stage and the head layers on the last; only the blocks move.
+
+DeepSpeed's own ``partition_method="parameters"`` builds every layer on every rank just to count parameters and
+balances parameter counts, which leaves an embedding-heavy first stage with few blocks. pptk measures layers on
+the meta device (no memory) and balances by one of:
+
+- ``compute`` (default): forward FLOPs per token (2 x matmul parameters, plus attention over ``seq_len``); the
+  embedding lookup is free, the LM head costs 2 x vocab x hidden.
+- ``parameters``: parameter counts, with a tied embedding counted on both stages that hold a copy (memory).
+- ``uniform``: the same number of blocks per stage.
+- ``type:REGEX``: the same number of layers whose class name matches REGEX (case-insensitive), as in DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from pptk.errors import PptkError
+from pptk.models import PipeLayer
+
+METHODS = ("compute", "parameters", "uniform", "type:REGEX")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    index: int
+    name: str
+    role: str
+    params: int  # parameters this layer holds on its stage (a tied copy counts where it is held)
+    unique_params: int  # parameters counted once over the whole model (a tied copy counts only the first time)
+    flops_per_token: float
+
+
+def layer_costs(layers: list[PipeLayer], *, hidden_size: int, seq_len: int) -> list[LayerCost]:
+    """Measure each layer on the meta device: nothing is allocated, nothing is initialised."""
+    costs, seen_tied = [], set()
+    for index, layer in enumerate(layers):
+        with torch.device("meta"):
+            module = layer.spec.build()
+        params = sum(p.numel() for p in module.parameters())
+        unique = 0 if layer.tied_key in seen_tied else params
+        if layer.tied_key:
+            seen_tied.add(layer.tied_key)
+        if layer.role == "embed":
+            flops = 0.0  # a lookup
+        elif layer.role == "block":
+            flops = 2.0 * params + 2.0 * seq_len * hidden_size  # matmuls + causal attention scores and mixing
+        else:
+            flops = 2.0 * params
+        costs.append(LayerCost(index, layer.class_name, layer.role, params, unique, flops))
+    return costs
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    boundaries: tuple[int, ...]  # stage s holds layers [boundaries[s], boundaries[s+1])
+    costs: tuple[LayerCost, ...]
+    method: str
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.boundaries) - 1
+
+    def stage_layers(self, stage: int) -> tuple[LayerCost, ...]:
+        return self.costs[self.boundaries[stage]:self.boundaries[stage + 1]]
+
+    def stage_of(self, layer_index: int) -> int:
+        return next(s for s in range(self.num_stages) if layer_index < self.boundaries[s + 1])
+
+    def summary(self) -> list[dict]:
+        rows = []
+        for s in range(self.num_stages):
+            held = self.stage_layers(s)
+            rows.append({
+                "stage": s,
+                "layers": [f"{c.index}:{c.name}" for c in held],
+                "blocks": sum(c.role == "block" for c in held),
+                "params": sum(c.params for c in held),
+                "gflops_per_token": sum(c.flops_per_token for c in held) / 1e9,
+            })
+        return rows
+
+    def describe(self) -> str:
+        rows = self.summary()
+        peak = max(r["gflops_per_token"] for r in rows) or 1.0
+        lines = [f"{'stage':>5}  {'blocks':>6}  {'params':>12}  {'GFLOP/token':>11}  {'load':>5}  layers"]
+        for r in rows:
+            names = ", ".join(r["layers"])
+            lines.append(f"{r['stage']:>5}  {r['blocks']:>6}  {r['params']:>12,}  {r['gflops_per_token']:>11.4f}  "
+                         f"{r['gflops_per_token'] / peak:>5.0%}  {names}")
+        return "\n".join(lines)
+
+
+def _weights(costs: list[LayerCost], method: str) -> list[float]:
+    if method == "compute":
+        return [c.flops_per_token for c in costs]
+    if method == "parameters":
+        return [float(c.params) for c in costs]
+    if method == "uniform":
+        return [1.0 if c.role == "block" else 0.0 for c in costs]
+    if method.startswith("type:"):
+        pattern = re.compile(method[len("type:"):], re.IGNORECASE)
+        weights = [1.0 if pattern.search(c.name) else 0.0 for c in costs]
+        if not any(weights):
+            names = sorted({c.name for c in costs})
+            raise PptkError(f"partition method {method!r} matches no layer; layer classes are: {', '.join(names)}")
+        return weights
+    raise PptkError(f"unknown partition method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def plan_stages(costs: list[LayerCost], *, num_stages: int, method: str = "compute") -> StagePlan:
+    """Split the layers into ``num_stages`` contiguous stages minimising the heaviest stage's cost.
+
+    The embedding layers are pinned to stage 0 and the head layers to the last stage; every stage gets at least
+    one block. Exact (dynamic programming over block boundaries), deterministic.
+    """
+    blocks = [c.index for c in costs if c.role == "block"]
+    if num_stages < 1:
+        raise PptkError(f"the number of pipeline stages must be at least 1, got {num_stages}")
+    if num_stages > len(blocks):
+        raise PptkError(
+            f"pp={num_stages} stages but the model has only {len(blocks)} blocks; every stage needs at least one "
+            f"block: use --pp {len(blocks)} or fewer"
+        )
+    if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+        raise RuntimeError("adapter bug: blocks must be contiguous, between the embedding and the head layers")
+    weights = _weights(costs, method)
+    first, last = blocks[0], blocks[-1] + 1
+    head_extra = sum(weights[:first])
+    tail_extra = sum(weights[last:])
+    block_w = weights[first:last]
+    n = len(block_w)
+    prefix = [0.0]
+    for w in block_w:
+        prefix.append(prefix[-1] + w)
+
+    def stage_cost(stage: int, i: int, j: int) -> float:  # blocks [i, j) on `stage`
+        extra = (head_extra if stage == 0 else 0.0) + (tail_extra if stage == num_stages - 1 else 0.0)
+        return prefix[j] - prefix[i] + extra
+
+    inf = float("inf")
+    # best[s][j]: the smallest possible heaviest-stage cost placing blocks [0, j) on stages 0..s-1
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for j in range(s, n - (num_stages - s) + 1):
+            for i in range(s - 1, j):
+                candidate = max(best[s - 1][i], stage_cost(s - 1, i, j))
+                if candidate < best[s][j] - 1e-9:
+                    best[s][j], cut[s][j] = candidate, i
+    bounds, j = [n], n
+    for s in range(num_stages, 0, -1):
+        j = cut[s][j]
+        bounds.append(j)
+    bounds.reverse()
+    boundaries = [0] + [first + b for b in bounds[1:-1]] + [len(costs)]
+    return StagePlan(tuple(boundaries), tuple(costs), method)

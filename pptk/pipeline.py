@@ -1,0 +1,215 @@
+# The entry point: a Hugging Face model (dir, config.json, config or type name) -> DeepSpeed PipelineModule.
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from deepspeed.pipe import PipelineModule, TiedLayerSpec
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from pptk.errors import PptkError
+from pptk.models import PipeLayer, get_adapter, layers_for, supported_model_types
+from pptk.models.common import init_layer_like_hf
+from pptk.partition import StagePlan, layer_costs, plan_stages
+from pptk.tasks import get_task, hf_model_class
+from pptk.weights import HFCheckpoint, load_stage_weights
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What the user pointed at: a config, and the directory its weights live in (None: random init)."""
+
+    config: PretrainedConfig
+    pretrained_dir: Path | None
+    label: str
+
+
+def resolve_model(model: str | Path | PretrainedConfig) -> ModelSource:
+    """A local Hugging Face dir, a config.json, a config object, or a model type (a small random config).
+
+    pptk never downloads: hub names are refused with the command that fetches them.
+    """
+    if isinstance(model, PretrainedConfig):
+        return ModelSource(model, None, f"{model.model_type} (config)")
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PptkError(f"{path} has no config.json; point to a Hugging Face model directory")
+        config = AutoConfig.from_pretrained(path)
+        has_weights = any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+        return ModelSource(config, path if has_weights else None, str(path))
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise PptkError(f"config file {path} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise PptkError(f"{path} is not valid JSON: {err}") from None
+        if "model_type" not in raw:
+            raise PptkError(f"{path} has no \"model_type\"; it is not a Hugging Face config.json")
+        get_adapter(raw["model_type"])
+        config = AutoConfig.for_model(**raw)
+        return ModelSource(config, None, str(path))
+    name = str(model)
+    if name in supported_model_types():
+        return ModelSource(get_adapter(name).small_config(), None, f"{name} (small random config)")
+    raise PptkError(
+        f"{name!r} is not a local model directory, a config.json, or a supported model type "
+        f"({', '.join(supported_model_types())}). pptk reads only local files: fetch hub models first, e.g. "
+        f"`huggingface-cli download {name} --local-dir models/{name.split('/')[-1]}`"
+    )
+
+
+def prepare_config(config: PretrainedConfig, *, attn_implementation: str = "sdpa",
+                   dropout: bool = True) -> PretrainedConfig:
+    """A copy of the config with the attention kernel chosen and, for exact comparisons, dropout switched off."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = attn_implementation
+    if not dropout:
+        for name, value in list(config.to_dict().items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(config, name, 0.0)
+    return config
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Everything decided before any process starts: config, layers, which stage holds which layer."""
+
+    source: ModelSource
+    config: PretrainedConfig
+    task: str
+    layers: list[PipeLayer]
+    stages: StagePlan
+
+    @property
+    def hf_class(self) -> type:
+        return hf_model_class(self.config, self.task)
+
+    def loss_fn(self):
+        return get_task(self.task).loss(self.config)
+
+
+def plan_pipeline(model: str | Path | PretrainedConfig | ModelSource, *, num_stages: int, task: str = "causal-lm",
+                  partition_method: str = "compute", attn_implementation: str = "sdpa", dropout: bool = True,
+                  seq_len: int | None = None) -> PipelinePlan:
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    config = prepare_config(source.config, attn_implementation=attn_implementation, dropout=dropout)
+    get_task(task)
+    layers = layers_for(config, task)
+    positions = max_positions(config) or 2048
+    costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=min(seq_len or positions, positions))
+    stages = plan_stages(costs, num_stages=num_stages, method=partition_method)
+    return PipelinePlan(source, config, task, layers, stages)
+
+
+class PlannedPipelineModule(PipelineModule):
+    """DeepSpeed's PipelineModule, partitioned by pptk's plan (see pptk.partition) rather than its own."""
+
+    def __init__(self, layers, *, boundaries: tuple[int, ...], **kwargs):
+        # _partition_layers runs inside PipelineModule.__init__, so the plan must be in place before it.
+        object.__setattr__(self, "_pptk_boundaries", list(boundaries))
+        super().__init__(layers, **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if len(self._pptk_boundaries) != self.num_stages + 1:
+            raise PptkError(f"the stage plan has {len(self._pptk_boundaries) - 1} stages but the topology has "
+                            f"{self.num_stages}; plan with num_stages={self.num_stages}")
+        self.parts = self._pptk_boundaries
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+
+class SequentialPipe(nn.Module):
+    """The same layers in one process, tied modules shared: a PipelineModule without DeepSpeed or process groups.
+
+    State-dict keys are the PipelineModule's ("{index}.{name}", "tied_modules.{key}.{name}"), so weights move
+    between the two unchanged. Used for single-process parity checks and pp=1 comparisons.
+    """
+
+    def __init__(self, layers: list[PipeLayer]):
+        super().__init__()
+        self.tied_modules = nn.ModuleDict()
+        self.forward_funcs = []
+        for index, layer in enumerate(layers):
+            spec = layer.spec
+            if isinstance(spec, TiedLayerSpec):
+                if spec.key not in self.tied_modules:
+                    self.tied_modules[spec.key] = spec.build()
+                module = self.tied_modules[spec.key]
+                self.forward_funcs.append(partial(spec.forward_fn, module) if spec.forward_fn else module)
+            else:
+                module = spec.build()
+                self.add_module(str(index), module)
+                self.forward_funcs.append(module)
+
+    def forward(self, inputs):
+        for func in self.forward_funcs:
+            inputs = func(inputs)
+        return inputs
+
+
+def _local_layers(module: nn.Module, layers: list[PipeLayer]):
+    """(seed index, module) for every layer this process holds; a tied module is seeded by its first index."""
+    first_index = {}
+    for index, layer in enumerate(layers):
+        if layer.tied_key:
+            first_index.setdefault(layer.tied_key, index)
+    for key, tied in module.tied_modules.items():
+        yield first_index[key], tied
+    for name, child in module.named_children():
+        if name.isdigit():
+            yield int(name), child
+
+
+def initialise_weights(module: nn.Module, plan: PipelinePlan, *, seed: int = 1234) -> None:
+    """Hugging Face's initialisation for every local layer, then the pretrained tensors of this stage, if any."""
+    for index, layer_module in _local_layers(module, plan.layers):
+        init_layer_like_hf(layer_module, config=plan.config, hf_class=plan.hf_class, seed=seed + index)
+    if plan.source.pretrained_dir is not None:
+        optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)
+        load_stage_weights(module, plan.layers, HFCheckpoint(plan.source.pretrained_dir),
+                           base_model_prefix=plan.hf_class.base_model_prefix, allow_missing=optional)
+
+
+def build_pipeline_module(plan: PipelinePlan, *, topology=None, activation_checkpoint_interval: int = 0,
+                          dynamic_shape: bool = False, seed: int = 1234) -> PlannedPipelineModule:
+    """Build this rank's stage (only its own layers) and fill it. Needs torch.distributed to be initialised."""
+    specs = [layer.spec for layer in plan.layers]
+    kwargs = dict(num_stages=None if topology else plan.stages.num_stages, topology=topology)
+    module = PlannedPipelineModule(
+        specs,
+        boundaries=plan.stages.boundaries,
+        loss_fn=plan.loss_fn(),
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        # only blocks: the embedding's inputs carry no gradient, which the reentrant checkpoint cannot handle
+        checkpointable_layers=sorted({layer.class_name for layer in plan.layers if layer.role == "block"}),
+        dynamic_shape=dynamic_shape,
+        **kwargs,
+    )
+    initialise_weights(module, plan, seed=seed)
+    return module
+
+
+def build_sequential_module(plan: PipelinePlan, *, seed: int = 1234) -> SequentialPipe:
+    module = SequentialPipe(plan.layers)
+    initialise_weights(module, plan, seed=seed)
+    return module
+
+
+def pipeline_inputs(plan: PipelinePlan) -> tuple[str, ...]:
+    return get_adapter(plan.config.model_type).input_names
+
+
+@torch.no_grad()
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

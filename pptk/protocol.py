@@ -1,0 +1,142 @@
+# The stage protocol: the small, named tensors that cross a pipeline stage boundary, and the per-stage masks.
+"""Every pptk adapter follows this protocol, so any layer can sit at any stage boundary.
+
+Pipeline inputs (read from the data iterator by the first stage only)::
+
+    (input_ids, attention_mask)                      decoders (GPT-2, LLaMA, ...)
+    (input_ids, attention_mask, token_type_ids)      encoders with segment ids (BERT)
+
+    all int64 [batch, seq]; attention_mask is 1 for a real token and 0 for padding.
+
+Between stages, always three tensors::
+
+    (hidden_states  float [batch, seq, hidden],
+     attention_mask int64 [batch, seq],
+     position_ids   int64 [batch, seq])
+
+Why this shape:
+- DeepSpeed marks every floating-point tensor it receives ``requires_grad=True`` and sends gradients back for
+  it; integer tensors travel without gradients. So masks and positions are int64, never float or bool.
+- A [batch, 1, seq, seq] attention mask would cost seq times more bandwidth than the [batch, seq] padding mask.
+  Each stage rebuilds its own 4-D mask (and rotary tables) with transformers' own mask functions, once per stage
+  and micro-batch (see ``attention_mask_for``), so the numerics are Hugging Face's.
+- DeepSpeed sends shapes once, on the first micro-batch. Batches whose sequence length changes need the
+  pipeline built with ``dynamic_shape=True`` (pptk does that when asked for variable lengths).
+
+The last stage returns the task's logits; DeepSpeed computes ``loss_fn(logits, labels)`` there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from pptk.errors import PptkError
+
+
+@dataclass(frozen=True)
+class StageTensors:
+    """The tensors that cross a stage boundary, named and checked."""
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+    @classmethod
+    def from_tuple(cls, inputs: tuple[torch.Tensor, ...]) -> "StageTensors":
+        if not isinstance(inputs, tuple) or len(inputs) != 3:
+            raise TypeError(
+                f"stage protocol: expected (hidden_states, attention_mask, position_ids), got {_describe(inputs)}"
+            )
+        hidden, mask, positions = inputs
+        if not hidden.is_floating_point() or hidden.dim() != 3:
+            raise TypeError(f"stage protocol: hidden_states must be float [batch, seq, hidden], got {_describe(hidden)}")
+        for name, t in (("attention_mask", mask), ("position_ids", positions)):
+            if t.dtype != torch.long or tuple(t.shape) != tuple(hidden.shape[:2]):
+                raise TypeError(
+                    f"stage protocol: {name} must be int64 {list(hidden.shape[:2])}, got {_describe(t)}"
+                )
+        return cls(hidden, mask, positions)
+
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # DeepSpeed's p2p send needs contiguous tensors; a no-op for those that already are.
+        return (self.hidden_states.contiguous(), self.attention_mask.contiguous(), self.position_ids.contiguous())
+
+    def with_hidden(self, hidden_states: torch.Tensor) -> "StageTensors":
+        return replace(self, hidden_states=hidden_states)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor {x.dtype} {list(x.shape)}"
+    if isinstance(x, tuple):
+        return "(" + ", ".join(_describe(t) for t in x) + ")"
+    return type(x).__name__
+
+
+def check_input_ids(input_ids: torch.Tensor, *, vocab_size: int, max_positions: int | None) -> None:
+    """Reject what would otherwise be an index error deep inside an embedding (or a CUDA device assert)."""
+    if input_ids.dtype != torch.long:
+        raise PptkError(f"input_ids must be int64 (torch.long), got {input_ids.dtype}; convert with .long()")
+    seq_len = input_ids.shape[-1]
+    if max_positions is not None and seq_len > max_positions:
+        raise PptkError(
+            f"sequence length {seq_len} is longer than the model's {max_positions} positions; "
+            f"truncate or pack to at most {max_positions} tokens (recipes: --seq-len {max_positions})"
+        )
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise PptkError(
+                f"token id {high if high >= vocab_size else low} is outside the vocabulary [0, {vocab_size}); "
+                "the tokenizer and the model disagree: use the model's own tokenizer, or resize the embeddings"
+            )
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0..seq-1 for every row, as Hugging Face uses when no position_ids are passed (right padding)."""
+    batch, seq = attention_mask.shape
+    return torch.arange(seq, device=attention_mask.device).unsqueeze(0).repeat(batch, 1)
+
+
+# One entry per stage: every layer of a stage receives the same mask and position tensors (the same objects), so the
+# 4-D mask is built once per micro-batch per stage rather than once per layer.
+_mask_cache: dict[str, tuple[tuple, object]] = {}
+
+
+def attention_mask_for(
+    kind: str, config, stage: StageTensors, *, layer_idx: int | None = None
+) -> torch.Tensor | None:
+    """The 4-D (or None, when SDPA's is_causal suffices) mask transformers would build for this batch.
+
+    kind: "causal", "sliding_window" (causal within config.sliding_window) or "bidirectional" (encoders).
+    """
+    from transformers import masking_utils
+
+    key = (id(config), config._attn_implementation, stage.hidden_states.shape[:2], stage.hidden_states.dtype)
+    cached = _mask_cache.get(kind)
+    if cached is not None:
+        (cached_key, cached_mask, cached_positions), mask = cached
+        if cached_key == key and cached_mask is stage.attention_mask and cached_positions is stage.position_ids:
+            return mask
+
+    hidden = stage.hidden_states
+    if kind == "bidirectional":
+        mask = masking_utils.create_bidirectional_mask(
+            config=config, inputs_embeds=hidden, attention_mask=stage.attention_mask
+        )
+    else:
+        build = {
+            "causal": masking_utils.create_causal_mask,
+            "sliding_window": masking_utils.create_sliding_window_causal_mask,
+        }[kind]
+        mask = build(
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=stage.attention_mask,
+            past_key_values=None,
+            position_ids=stage.position_ids,
+        )
+    _mask_cache[kind] = ((key, stage.attention_mask, stage.position_ids), mask)
+    return mask
