@@ -7,10 +7,13 @@ Each ``PipeLayer`` carries:
 - ``hf_prefix``: where the layer's parameters live in the Hugging Face task model's state dict, so a parameter
   named ``ln_1.weight`` inside layer 3 is ``hf_prefix + "ln_1.weight"`` = ``transformer.h.2.ln_1.weight``.
 
-Adapter files (``gpt2.py``, ...) register themselves on import; ``get_adapter`` imports them all.
+Adapter files (``gpt2.py``, ...) register themselves on import; ``get_adapter`` imports every module here.
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from dataclasses import dataclass, field
 from typing import Callable
@@ -62,7 +65,10 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def _load_builtin_adapters() -> None:
-    from pptk.models import gpt2  # noqa: F401  (registers on import)
+    # Every module in this package except the shared layers is an adapter file that registers itself on import.
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "common":
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def supported_model_types() -> list[str]:

@@ -1,0 +1,129 @@
+# The `pptk` command: one function per subcommand; bad input exits 2 with the problem and the fix.
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pptk.errors import PptkError
+from pptk.partition import METHODS
+
+MODEL_HELP = "a local Hugging Face dir, a config.json, or a model type (e.g. gpt2) meaning a small random config"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pptk.verify import verify
+
+    result = verify(args.model, pp=args.pp, dp=args.dp, task=args.task, micro_batch_size=args.micro_batch_size,
+                    micro_batches=args.micro_batches, seq_len=args.seq_len, zero_stage=args.zero_stage,
+                    partition_method=args.partition_method, attn_implementation=args.attn,
+                    tolerance=args.tolerance, seed=args.seed)
+    print(result.to_json() if args.json else result.describe())
+    return 0 if result.passed else 1
+
+
+def bytes_per_param(precision: str, *, dp: int, zero_stage: int) -> float:
+    """Training memory per parameter with Adam: weights + grads in the training dtype, fp32 master copy + two
+    moments (12 bytes, or 8 when the weights already are fp32), the optimizer part sharded over dp by ZeRO-1."""
+    weight = 4 if precision == "fp32" else 2
+    optimizer = 8 if precision == "fp32" else 12
+    return 2 * weight + optimizer / (dp if zero_stage >= 1 else 1)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pptk.pipeline import plan_pipeline
+
+    plan = plan_pipeline(args.model, num_stages=args.pp, task=args.task, partition_method=args.partition_method,
+                         seq_len=args.seq_len)
+    per_param = bytes_per_param(args.precision, dp=args.dp, zero_stage=args.zero_stage)
+    rows = plan.stages.summary()
+    for row in rows:
+        row["train_state_gib"] = row["params"] * per_param / 2**30
+    if args.json:
+        print(json.dumps({"model": plan.source.label, "pp": args.pp, "dp": args.dp, "method": args.partition_method,
+                          "precision": args.precision, "stages": rows}, indent=2))
+        return 0
+    print(f"{plan.source.label}: {plan.config.model_type}, {plan.task}, pp={args.pp} dp={args.dp} "
+          f"(world size {args.pp * args.dp}), partition method {args.partition_method!r}")
+    print(plan.stages.describe())
+    print(f"weights+grads+Adam per rank ({args.precision}, ZeRO-{args.zero_stage} over dp={args.dp}), "
+          "activations not included:")
+    for row in rows:
+        print(f"  stage {row['stage']}: {row['train_state_gib']:.2f} GiB")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pptk.models import get_adapter, supported_model_types
+
+    rows = [{"model_type": t, "tasks": sorted(get_adapter(t).tasks)} for t in supported_model_types()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['model_type']:<12} {', '.join(row['tasks'])}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from pptk.env import env_main
+
+    return env_main(json_output=args.json, quiet=args.quiet, constraints=args.constraints)
+
+
+def _common_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--pp", type=int, required=True, help="pipeline stages")
+    parser.add_argument("--task", default="causal-lm",
+                        help="causal-lm | masked-lm | sequence-classification | token-classification")
+    parser.add_argument("--partition-method", default="compute", help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pptk", description="Pipeline-parallel Hugging Face models on DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("verify", help="CPU dry run: one pipeline training step vs Hugging Face")
+    _common_model_args(p)
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (world size = pp * dp)")
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--tolerance", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("plan", help="show which layers each stage holds and the memory each rank needs")
+    _common_model_args(p)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for the compute cost model")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("models", help="list supported model families and tasks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("env", help="report the software stack and GPUs, and compare with the pins")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print only mismatches")
+    p.add_argument("--constraints", default=None, help="constraints file to compare with")
+    p.set_defaults(func=cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PptkError as err:
+        print(f"pptk {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
