@@ -32,7 +32,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, GPT2Config
 
 from pptk.data import LMBlocks, batch_iterator, check_token_ids, demo_corpus, split_train_eval, tokenize_files
-from pptk.data import tokenize_texts, train_demo_tokenizer
+from pptk.data import demo_documents, tokenize_texts, train_demo_tokenizer
 from pptk.errors import PptkError
 from pptk.pipeline import ModelSource, max_positions, plan_pipeline, resolve_model
 from pptk.train import (MetricsLog, add_training_arguments, build_engine, init_distributed, resolve_ds_config,
@@ -71,7 +71,7 @@ def prepare_demo(output_dir: Path) -> tuple[Path, np.ndarray]:
     tokenizer_dir = output_dir / "tokenizer"
     text = demo_corpus()
     train_demo_tokenizer(text=text, vocab_size=DEMO["vocab_size"], out_dir=tokenizer_dir)
-    tokens = tokenize_texts(text.split("\n\n"), AutoTokenizer.from_pretrained(tokenizer_dir))
+    tokens = tokenize_texts(demo_documents(), AutoTokenizer.from_pretrained(tokenizer_dir))
     return tokenizer_dir, tokens
 
 

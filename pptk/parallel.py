@@ -1,0 +1,134 @@
+# The parallel layout (pp x dp ranks, micro-batches, ZeRO stage) as one frozen dataclass that validates itself.
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pptk.errors import PptkError
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """How WORLD_SIZE ranks split into pp pipeline stages x dp data-parallel replicas, and how a step is batched.
+
+    One optimizer step on one dp replica runs `grad_accum_steps` micro-batches of `micro_batch_size` sequences
+    through the pipeline; DeepSpeed's pipeline engine calls these "micro_batches" and needs at least one.
+    With pp > 1, keep grad_accum_steps >= 2 * pp: the pipeline bubble (stages idle while the pipe fills and
+    drains) is about (pp - 1) / (grad_accum_steps + pp - 1) of each step, see `bubble_fraction`.
+    """
+
+    pp: int
+    dp: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    zero_stage: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all replicas: DeepSpeed's train_batch_size."""
+        return self.micro_batch_size * self.grad_accum_steps * self.dp
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Share of a step a stage idles in the 1F1B schedule (0 without pipelining)."""
+        return (self.pp - 1) / (self.grad_accum_steps + self.pp - 1)
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("pp", "dp", "micro_batch_size", "grad_accum_steps"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not _is_int(self.zero_stage) or self.zero_stage not in ZERO_STAGES:
+            problems.append(f"zero_stage must be one of 0, 1, 2, 3, got {self.zero_stage!r}")
+        elif self.zero_stage >= 2 and _is_int(self.pp) and self.pp > 1:
+            problems.append(
+                f"zero_stage {self.zero_stage} with pp({self.pp}) > 1: DeepSpeed's pipeline engine supports ZeRO "
+                "stage 0 or 1 only; use zero_stage 1 (optimizer-state sharding across the dp replicas) or pp=1"
+            )
+        if problems:
+            raise PptkError("invalid parallel layout:\n  " + "\n  ".join(problems))
+
+    def describe(self) -> str:
+        text = (
+            f"pp({self.pp}) x dp({self.dp}) = WORLD_SIZE({self.world_size}); "
+            f"global batch {self.global_batch_size} = micro_batch {self.micro_batch_size} "
+            f"x grad_accum {self.grad_accum_steps} x dp {self.dp}; ZeRO-{self.zero_stage}"
+        )
+        if self.pp > 1:
+            text += f"; pipeline bubble ~{self.bubble_fraction:.0%}"
+        return text
+
+    @classmethod
+    def from_world(
+        cls,
+        *,
+        world_size: int,
+        pp: int,
+        micro_batch_size: int,
+        grad_accum_steps: int | None = None,
+        global_batch_size: int | None = None,
+        zero_stage: int = 1,
+    ) -> Layout:
+        """Derive dp from the launcher's WORLD_SIZE, and grad_accum_steps from a global batch size if given."""
+        for name, value in (("world_size", world_size), ("pp", pp), ("micro_batch_size", micro_batch_size)):
+            if not _is_int(value) or value < 1:
+                raise PptkError(f"{name} must be a positive integer, got {value!r}")
+        if world_size % pp:
+            choices = ", ".join(str(d) for d in _divisors(world_size))
+            raise PptkError(
+                f"pp({pp}) does not divide WORLD_SIZE({world_size}): every dp replica needs all {pp} stages; "
+                f"for WORLD_SIZE {world_size} use --pp {choices}, or launch a multiple of {pp} ranks"
+            )
+        dp = world_size // pp
+        if global_batch_size is None and grad_accum_steps is None:
+            raise PptkError(
+                "pass grad_accum_steps (micro-batches per step) or global_batch_size (sequences per step); "
+                f"with micro_batch_size {micro_batch_size} x dp {dp}, global_batch_size "
+                f"{micro_batch_size * dp * 2 * pp} gives grad_accum_steps {2 * pp} (= 2 * pp)"
+            )
+        if global_batch_size is not None:
+            derived = _accum_from_global(global_batch_size, micro_batch_size=micro_batch_size, dp=dp)
+            if grad_accum_steps is not None and grad_accum_steps != derived:
+                raise PptkError(
+                    f"grad_accum_steps({grad_accum_steps}) disagrees with global_batch_size({global_batch_size}) "
+                    f"= micro_batch_size({micro_batch_size}) * grad_accum_steps({derived}) * dp({dp}); "
+                    "pass only one of them"
+                )
+            grad_accum_steps = derived
+        return cls(
+            pp=pp, dp=dp, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, zero_stage=zero_stage
+        )
+
+
+def _accum_from_global(global_batch_size: int, *, micro_batch_size: int, dp: int) -> int:
+    per_accum = micro_batch_size * dp
+    if not _is_int(global_batch_size) or global_batch_size < 1:
+        raise PptkError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
+    if global_batch_size % per_accum == 0:
+        return global_batch_size // per_accum
+    lower = global_batch_size // per_accum * per_accum
+    upper = lower + per_accum
+    options = [f"{n} (grad_accum_steps {n // per_accum})" for n in (lower, upper) if n > 0]
+    raise PptkError(
+        f"global_batch_size({global_batch_size}) is not a multiple of micro_batch_size({micro_batch_size}) * "
+        f"dp({dp}) = {per_accum}: {global_batch_size} / {per_accum} = {global_batch_size / per_accum:.2f} "
+        f"micro-batches per step; use global_batch_size {' or '.join(options)}, or change micro_batch_size"
+    )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; pp=True is a bug, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
