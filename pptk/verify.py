@@ -19,10 +19,24 @@ import torch
 
 from pptk.errors import PptkError
 from pptk.launch import run_ranks
-from pptk.pipeline import ModelSource, max_positions, pipeline_inputs, plan_pipeline, resolve_model
+from pptk.pipeline import max_positions, pipeline_inputs, plan_pipeline, resolve_model
 from pptk.tasks import synthetic_labels
 
 LEARNING_RATE = 1.0
+
+
+@dataclass(frozen=True)
+class VerifyJob:
+    """One model/task to check; several jobs share one launch of the ranks (start-up dominates on CPU)."""
+
+    model: str | Path
+    task: str = "causal-lm"
+    micro_batch_size: int = 2
+    micro_batches: int = 2
+    seq_len: int = 32
+    partition_method: str = "compute"
+    attn_implementation: str = "sdpa"
+    seed: int = 0
 
 
 @dataclass
@@ -107,27 +121,34 @@ def _ds_config(*, micro_batch_size: int, micro_batches: int, dp: int, zero_stage
     }
 
 
-def _verify_rank(rank: int, workdir: str, settings: dict) -> None:
+def _verify_rank(rank: int, workdir: str, jobs: list[dict], layout: dict) -> None:
     import deepspeed
 
     from pptk.launch import COLLECTIVE_TIMEOUT
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    for index, job in enumerate(jobs):
+        _verify_one(rank, Path(workdir) / f"job{index}", job, layout)
+
+
+def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
+    import deepspeed
+
     from pptk.pipeline import build_pipeline_module
     from pptk.weights import hf_names
 
-    deepspeed.init_distributed(dist_backend="gloo", timeout=COLLECTIVE_TIMEOUT)
-    work = Path(workdir)
-    plan = plan_pipeline(resolve_model(work / "hf"), num_stages=settings["pp"], task=settings["task"],
-                         partition_method=settings["partition_method"], attn_implementation=settings["attn"],
-                         dropout=False, seq_len=settings["seq_len"])
+    plan = plan_pipeline(resolve_model(work / "hf"), num_stages=layout["pp"], task=job["task"],
+                         partition_method=job["partition_method"], attn_implementation=job["attn_implementation"],
+                         dropout=False, seq_len=job["seq_len"])
     module = build_pipeline_module(plan)
     optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=_ds_config(
-        micro_batch_size=settings["micro_batch_size"], micro_batches=settings["micro_batches"],
-        dp=settings["dp"], zero_stage=settings["zero_stage"]))
+        micro_batch_size=job["micro_batch_size"], micro_batches=job["micro_batches"],
+        dp=layout["dp"], zero_stage=layout["zero_stage"]))
     batch = torch.load(work / "batch.pt")
-    micro = list(_micro_batches(batch["inputs"], batch["labels"], pipeline_inputs(plan), settings["micro_batch_size"]))
+    micro = list(_micro_batches(batch["inputs"], batch["labels"], pipeline_inputs(plan), job["micro_batch_size"]))
     dp_rank = engine.grid.get_data_parallel_rank()
-    per_replica = settings["micro_batches"]
+    per_replica = job["micro_batches"]
     loss = engine.train_batch(iter(micro[dp_rank * per_replica:(dp_rank + 1) * per_replica]))
     names = hf_names(engine.module, plan.layers)
     params = {names[k]: p.detach().clone() for k, p in engine.module.named_parameters()}
@@ -155,48 +176,66 @@ def verify(model: str | Path, *, pp: int, dp: int = 1, task: str = "causal-lm", 
            micro_batches: int = 2, seq_len: int = 32, zero_stage: int = 1, partition_method: str = "compute",
            attn_implementation: str = "sdpa", tolerance: float = 1e-5, seed: int = 0,
            workdir: str | Path | None = None, top: int = 5) -> VerifyResult:
-    if dp < 1 or micro_batch_size < 1 or micro_batches < 1:
-        raise PptkError(f"dp ({dp}), micro_batch_size ({micro_batch_size}) and micro_batches ({micro_batches}) "
-                        "must all be at least 1")
+    job = VerifyJob(model, task=task, micro_batch_size=micro_batch_size, micro_batches=micro_batches,
+                    seq_len=seq_len, partition_method=partition_method, attn_implementation=attn_implementation,
+                    seed=seed)
+    return verify_many([job], pp=pp, dp=dp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top)[0]
+
+
+def verify_many(jobs: list[VerifyJob], *, pp: int, dp: int = 1, zero_stage: int = 1, tolerance: float = 1e-5,
+                workdir: str | Path | None = None, top: int = 5) -> list[VerifyResult]:
+    """Check every job on one launch of ``pp * dp`` ranks; each job gets its own engine and its own result."""
+    if dp < 1:
+        raise PptkError(f"dp must be at least 1, got {dp}")
     if zero_stage not in (0, 1) and pp > 1:
         raise PptkError(f"ZeRO stage {zero_stage} with pp={pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 "
                         "or 1 only; use --zero-stage 1")
-    source = resolve_model(model)
-    plan = plan_pipeline(source, num_stages=pp, task=task, partition_method=partition_method,
-                         attn_implementation=attn_implementation, dropout=False, seq_len=seq_len)
-    positions = max_positions(plan.config)
-    if positions is not None and seq_len > positions:
-        raise PptkError(f"--seq-len {seq_len} is longer than the model's {positions} positions; "
-                        f"use --seq-len {positions} or less")
-
+    plans = [_plan_job(job, pp=pp) for job in jobs]
     owner = tempfile.TemporaryDirectory(prefix="pptk-verify-") if workdir is None else None
     work = Path(workdir or owner.name)
     try:
-        reference = _reference_step(plan, source, work=work, dp=dp, micro_batch_size=micro_batch_size,
-                                    micro_batches=micro_batches, seq_len=seq_len, seed=seed)
-        settings = dict(pp=pp, dp=dp, task=task, partition_method=partition_method, attn=attn_implementation,
-                        seq_len=seq_len, micro_batch_size=micro_batch_size, micro_batches=micro_batches,
-                        zero_stage=zero_stage)
-        run_ranks(_verify_rank, world_size=pp * dp, args=(str(work), settings), log_dir=work / "logs")
-        results = [torch.load(work / f"result{r}.pt") for r in range(pp * dp)]
+        references = [_reference_step(plan, job, work=work / f"job{i}", dp=dp)
+                      for i, (job, plan) in enumerate(zip(jobs, plans))]
+        layout = dict(pp=pp, dp=dp, zero_stage=zero_stage)
+        run_ranks(_verify_rank, world_size=pp * dp, args=(str(work), [asdict(j) | {"model": str(j.model)}
+                                                                      for j in jobs], layout),
+                  log_dir=work / "logs")
+        results = [[torch.load(work / f"job{i}" / f"result{r}.pt") for r in range(pp * dp)]
+                   for i in range(len(jobs))]
     finally:
         if owner is not None:
             owner.cleanup()
-    return _compare(plan, reference, results, model=str(model), pp=pp, dp=dp, zero_stage=zero_stage,
-                    tolerance=tolerance, top=top)
+    return [_compare(plan, reference, result, model=str(job.model), pp=pp, dp=dp, zero_stage=zero_stage,
+                     tolerance=tolerance, top=top)
+            for job, plan, reference, result in zip(jobs, plans, references, results)]
 
 
-def _reference_step(plan, source: ModelSource, *, work: Path, dp: int, micro_batch_size: int, micro_batches: int,
-                    seq_len: int, seed: int) -> dict:
+def _plan_job(job: VerifyJob, *, pp: int):
+    if job.micro_batch_size < 1 or job.micro_batches < 1:
+        raise PptkError(f"micro_batch_size ({job.micro_batch_size}) and micro_batches ({job.micro_batches}) must "
+                        "be at least 1")
+    plan = plan_pipeline(resolve_model(job.model), num_stages=pp, task=job.task,
+                         partition_method=job.partition_method, attn_implementation=job.attn_implementation,
+                         dropout=False, seq_len=job.seq_len)
+    positions = max_positions(plan.config)
+    if positions is not None and job.seq_len > positions:
+        raise PptkError(f"--seq-len {job.seq_len} is longer than the model's {positions} positions; "
+                        f"use --seq-len {positions} or less")
+    return plan
+
+
+def _reference_step(plan, job: VerifyJob, *, work: Path, dp: int) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     hf_class = plan.hf_class
-    torch.manual_seed(seed)
-    if source.pretrained_dir is not None:
-        model = hf_class.from_pretrained(source.pretrained_dir, config=plan.config)
+    torch.manual_seed(job.seed)
+    if plan.source.pretrained_dir is not None:
+        model = hf_class.from_pretrained(plan.source.pretrained_dir, config=plan.config)
     else:
         model = hf_class(plan.config)
     model.save_pretrained(work / "hf")  # the ranks load their stages from here, tensor by tensor
-    inputs, labels = _synthetic_batch(plan, batch_size=micro_batch_size * micro_batches * dp, seq_len=seq_len,
-                                      seed=seed)
+    micro_batch_size, micro_batches = job.micro_batch_size, job.micro_batches
+    inputs, labels = _synthetic_batch(plan, batch_size=micro_batch_size * micro_batches * dp, seq_len=job.seq_len,
+                                      seed=job.seed)
     torch.save({"inputs": inputs, "labels": labels}, work / "batch.pt")
 
     model.train()
