@@ -43,7 +43,7 @@ bench: install
 	$(PY) benchmarks/overhead.py
 
 lint: install
-	$(PY) benchmarks/../tests/lint_dockerfile.py docker/Dockerfile
+	$(PY) -m pytest -q tests/unit/test_docker.py
 
 # Re-resolve the stack after editing pyproject.toml; review the diff of constraints.txt before committing.
 lock:

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from pptk import env
 from pptk.errors import PptkError
 from pptk.partition import METHODS
 
@@ -65,12 +66,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_env(args: argparse.Namespace) -> int:
-    from pptk.env import env_main
-
-    return env_main(json_output=args.json, quiet=args.quiet, constraints=args.constraints)
-
-
 def _common_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--pp", type=int, required=True, help="pipeline stages")
@@ -109,10 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("env", help="report the software stack and GPUs, and compare with the pins")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="print only mismatches")
-    p.add_argument("--constraints", default=None, help="constraints file to compare with")
-    p.set_defaults(func=cmd_env)
+    env.add_arguments(p)
+    p.set_defaults(func=env.main)
     return parser
 
 

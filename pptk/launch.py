@@ -78,7 +78,8 @@ def run_ranks(worker: Callable, *, world_size: int, args: tuple = (), log_dir: s
                 if deadline_hits >= timeout_s:
                     raise PptkError(f"ranks still running after {timeout_s:.0f}s; see {log_dir}/rank*.log")
         except ProcessException as err:
-            errors = sorted(log_dir.glob("rank*.error"))
+            # the earliest failure is the cause; later ones are usually peers losing their connection to it
+            errors = sorted(log_dir.glob("rank*.error"), key=lambda p: p.stat().st_mtime_ns)
             first = errors[0].read_text() if errors else str(err).strip().splitlines()[-1]
             rank = errors[0].stem if errors else f"rank{err.error_index}"
             raise PptkError(f"{rank} failed: {first} (all ranks stopped; logs: {log_dir}/rank*.log)") from None

@@ -97,6 +97,7 @@ def load_tokens(args: argparse.Namespace, source: ModelSource | None) -> tuple[P
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    ds_config, layout = resolve_ds_config(args)  # bad layouts and configs fail here, before any process group
     init_distributed()
     rank = dist.get_rank()
     source = None if args.demo else resolve_model(args.model)
@@ -111,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"{positions} or less")
     check_token_ids(tokens, vocab_size=config.vocab_size)
 
-    ds_config, layout = resolve_ds_config(args)
     plan = plan_pipeline(source, num_stages=layout.pp, task="causal-lm", partition_method=args.partition_method,
                          seq_len=seq_len)
     blocks = LMBlocks.from_tokens(tokens, block_size=seq_len)

@@ -1,0 +1,128 @@
+# GPT-2 on real gloo ranks: parity at pp=2, 3 and 4 and pp=2 x dp=2 (ZeRO-1), fail-fast, and the recipe end to end.
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from transformers import GPT2Config
+
+from pptk.errors import PptkError
+from pptk.launch import run_ranks
+from pptk.verify import VerifyJob, verify, verify_many
+
+pytestmark = pytest.mark.dist
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def untied_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("untied") / "config.json"
+    GPT2Config(vocab_size=300, n_positions=40, n_embd=32, n_layer=3, n_head=2, tie_word_embeddings=False,
+               bos_token_id=0, eos_token_id=0).to_json_file(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pp2(untied_config):
+    return verify_many([VerifyJob("gpt2"), VerifyJob(untied_config, seq_len=20, micro_batches=3)], pp=2)
+
+
+@pytest.fixture(scope="module")
+def pp2_dp2():
+    return verify("gpt2", pp=2, dp=2, micro_batches=2)
+
+
+@pytest.fixture(scope="module")
+def pp4_cli():
+    out = subprocess.run([str(VENV_BIN / "pptk"), "verify", "gpt2", "--pp", "4", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_pp2_tied_and_untied_match_hugging_face(pp2):
+    for result in pp2:
+        assert result.passed, result.describe()
+        assert result.loss_rel_diff <= 1e-5 and result.max_param_diff <= 1e-5
+        assert result.params_pipeline == result.params_reference
+        assert all(n > 0 for n in result.params_per_stage)
+    assert pp2[0].stages[0][0] == "0:TokenEmbeddingPipe" and pp2[0].stages[1][-1].endswith("TokenEmbeddingPipe")
+    assert pp2[1].stages[1][-1].endswith("LMHeadPipe")
+
+
+def test_pp4_through_the_cli(pp4_cli):
+    assert pp4_cli["passed"] and pp4_cli["pp"] == 4
+    assert len(pp4_cli["params_per_stage"]) == 4
+    assert sum(pp4_cli["params_per_stage"]) == pp4_cli["params_reference"]
+    assert pp4_cli["max_param_diff"] <= 1e-5
+
+
+def test_pp2_dp2_zero1_matches_and_replicas_are_identical(pp2_dp2):
+    assert pp2_dp2.passed, pp2_dp2.describe()
+    assert pp2_dp2.dp == 2 and pp2_dp2.zero_stage == 1
+    assert pp2_dp2.replica_max_diff == 0.0
+
+
+def _wait_then_fail(rank: int) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    if rank == 1:
+        raise ValueError("rank 1 broke on purpose")
+    dist.barrier()  # rank 0 would wait here forever without fail-fast
+    time.sleep(600)
+
+
+def test_a_failing_rank_stops_the_others_at_once(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(PptkError, match="rank1 failed: ValueError: rank 1 broke on purpose"):
+        run_ranks(_wait_then_fail, world_size=2, log_dir=tmp_path, timeout_s=120)
+    assert time.monotonic() - start < 60
+
+
+def _deepspeed(args, *, output_dir, timeout=400):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
+           str(ROOT / "recipes" / "gpt_pretrain.py"), "--output-dir", str(output_dir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("demo")
+    run = _deepspeed(["--demo", "--max-steps", "40", "--log-every", "5", "--eval-every", "20", "--save-every", "20"],
+                     output_dir=out_dir)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out_dir, run.stdout
+
+
+def test_demo_recipe_trains_logs_and_checkpoints(demo_run):
+    out_dir, stdout = demo_run
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 41, 5))
+    for r in train:
+        assert set(r) == {"step", "loss", "lr", "tokens_per_s", "samples_per_s"} and r["tokens_per_s"] > 0
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5, [r["loss"] for r in train]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    ckpt = out_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step40"
+    assert {p.name for p in ckpt.iterdir()} >= {"step20", "step40"}
+    assert len(list((ckpt / "step40").glob("layer_*-model_states.pt"))) >= 9
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["last_loss"] < summary["first_loss"]
+    assert list((out_dir / "wandb").glob("offline-run-*")), "W&B must run offline without an account"
+    assert "== pptk summary ==" in stdout and "tokens/s" in stdout
+    assert (out_dir / "hf_config" / "config.json").is_file() and (out_dir / "hf_config" / "tokenizer.json").is_file()
+
+
+def test_recipe_refuses_a_layout_that_does_not_fit_the_world_size(tmp_path):
+    run = _deepspeed(["--demo", "--pp", "3"], output_dir=tmp_path, timeout=120)
+    assert run.returncode != 0
+    assert "--pp" in run.stderr + run.stdout and "WORLD_SIZE(2)" in run.stderr + run.stdout

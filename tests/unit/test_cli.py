@@ -1,0 +1,44 @@
+# The `pptk` command in-process: plan, models, and bad input exiting 2 with a message before any rank starts.
+import json
+
+import pytest
+
+from pptk.cli import bytes_per_param, main
+
+
+def test_plan_json_lists_every_layer_once(capsys):
+    assert main(["plan", "gpt2", "--pp", "2", "--dp", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    layers = [name for stage in plan["stages"] for name in stage["layers"]]
+    assert len(plan["stages"]) == 2
+    assert layers[0] == "0:TokenEmbeddingPipe" and layers[-1].endswith("TokenEmbeddingPipe")
+    assert [int(n.split(":")[0]) for n in layers] == list(range(len(layers)))
+    assert sum(stage["blocks"] for stage in plan["stages"]) == 4
+
+
+def test_plan_table_and_memory(capsys):
+    assert main(["plan", "gpt2", "--pp", "4", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOP/token" in out and "stage 3:" in out
+    # ZeRO-1 shards the fp32 master weights and Adam moments over dp: 16 bytes/param at dp=1, 4 + 4 + 12/4 at dp=4
+    assert bytes_per_param("fp32", dp=1, zero_stage=1) == 16
+    assert bytes_per_param("bf16", dp=4, zero_stage=1) == 2 + 2 + 12 / 4
+
+
+def test_models_lists_gpt2(capsys):
+    assert main(["models", "--json"]) == 0
+    assert {"model_type": "gpt2", "tasks": ["causal-lm"]} in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "gpt2", "--pp", "9"], "pp=9 stages but the model has only 4 blocks"),
+    (["verify", "gpt2", "--pp", "2", "--zero-stage", "3"], "ZeRO stage 3 with pp=2"),
+    (["verify", "nosuchmodel", "--pp", "2"], "is not a local model directory, a config.json, or a supported"),
+    (["verify", "gpt2", "--pp", "2", "--seq-len", "65"], "--seq-len 65 is longer than the model's 64 positions"),
+    (["verify", "gpt2", "--pp", "2", "--task", "masked-lm"], "task 'masked-lm' is not supported for gpt2"),
+    (["plan", "gpt2", "--pp", "2", "--partition-method", "profile"], "unknown partition method 'profile'"),
+])
+def test_bad_input_exits_2_before_any_rank_starts(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(f"pptk {argv[0]}: error:")

@@ -1,0 +1,57 @@
+# The stage protocol: what crosses a boundary is checked, and masks are built once per stage and micro-batch.
+import pytest
+import torch
+
+from pptk.errors import PptkError
+from pptk.pipeline import prepare_config
+from pptk.models.gpt2 import small_config
+from pptk.protocol import StageTensors, attention_mask_for, check_input_ids, default_position_ids
+
+
+def _stage(batch=2, seq=5, hidden=8):
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 3:] = 0
+    return StageTensors(torch.randn(batch, seq, hidden), mask, default_position_ids(mask))
+
+
+def test_boundary_tensors_are_checked_by_name():
+    stage = _stage()
+    assert StageTensors.from_tuple(stage.as_tuple()).attention_mask is not None
+    with pytest.raises(TypeError, match="attention_mask must be int64"):
+        StageTensors.from_tuple((stage.hidden_states, stage.attention_mask.float(), stage.position_ids))
+    with pytest.raises(TypeError, match="expected \\(hidden_states, attention_mask, position_ids\\)"):
+        StageTensors.from_tuple((stage.hidden_states, stage.attention_mask))
+    with pytest.raises(TypeError, match="hidden_states must be float"):
+        StageTensors.from_tuple((stage.attention_mask, stage.attention_mask, stage.position_ids))
+
+
+def test_tensors_sent_between_stages_are_contiguous():
+    # DeepSpeed's p2p send refuses non-contiguous tensors ("input tensor has to be contiguous").
+    hidden = torch.randn(5, 2, 8).transpose(0, 1)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    sent = StageTensors(hidden, mask, torch.arange(5).expand(2, 5)).as_tuple()
+    assert all(t.is_contiguous() for t in sent)
+
+
+def test_mask_is_built_once_per_stage_and_micro_batch():
+    config = prepare_config(small_config(), attn_implementation="eager")
+    stage = _stage()
+    first = attention_mask_for("causal", config, stage)
+    assert attention_mask_for("causal", config, stage) is first  # same tensors: reused
+    assert first.shape == (2, 1, 5, 5)
+    assert first[1, 0, 4, 3] < -1e30 and first[1, 0, 2, 1] == 0  # padding key masked, earlier real key visible
+    assert first[0, 0, 1, 2] < -1e30  # causal
+    other = _stage()
+    assert attention_mask_for("causal", config, other) is not first  # a new micro-batch: rebuilt
+
+
+def test_input_ids_are_checked_against_vocab_and_positions():
+    check_input_ids(torch.tensor([[0, 9]]), vocab_size=10, max_positions=2)
+    with pytest.raises(PptkError, match=r"token id 10 is outside the vocabulary \[0, 10\)"):
+        check_input_ids(torch.tensor([[0, 10]]), vocab_size=10, max_positions=None)
+    with pytest.raises(PptkError, match="token id -1"):
+        check_input_ids(torch.tensor([[-1, 3]]), vocab_size=10, max_positions=None)
+    with pytest.raises(PptkError, match="sequence length 3 is longer than the model's 2 positions"):
+        check_input_ids(torch.tensor([[0, 1, 2]]), vocab_size=10, max_positions=2)
+    with pytest.raises(PptkError, match="must be int64"):
+        check_input_ids(torch.tensor([[0.0]]), vocab_size=10, max_positions=None)

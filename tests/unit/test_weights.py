@@ -1,0 +1,70 @@
+# Per-stage loading from Hugging Face safetensors: sharded checkpoints, and clear errors for broken ones.
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pptk.errors import PptkError
+from pptk.pipeline import build_sequential_module, plan_pipeline, resolve_model
+from pptk.weights import HFCheckpoint
+
+
+def _save(path, *, n_embd=64, shard=None):
+    config = GPT2Config(vocab_size=256, n_positions=16, n_embd=n_embd, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
+    return model
+
+
+def _load(path):
+    return build_sequential_module(plan_pipeline(resolve_model(path), num_stages=1, dropout=False))
+
+
+def test_sharded_checkpoint_loads_tensor_by_tensor(tmp_path):
+    model = _save(tmp_path, shard="50KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2, "the test needs a really sharded checkpoint"
+    pipe = _load(tmp_path).eval()
+    ids = torch.randint(0, 256, (2, 8))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(pipe((ids, mask)), model.eval()(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_missing_shard_is_named(tmp_path):
+    _save(tmp_path, shard="50KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(PptkError, match=f"lists shard {shard.name} but .* is missing; re-download"):
+        _load(tmp_path)
+
+
+def test_corrupt_file_is_reported(tmp_path):
+    _save(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(PptkError, match="corrupt or truncated"):
+        HFCheckpoint(tmp_path)
+
+
+def test_shape_mismatch_lists_tensors_and_leaves_module_untouched(tmp_path):
+    _save(tmp_path / "small", n_embd=32)
+    _save(tmp_path / "big", n_embd=64)
+    # the 64-wide config with the 32-wide weights
+    (tmp_path / "big" / "model.safetensors").write_bytes((tmp_path / "small" / "model.safetensors").read_bytes())
+    with pytest.raises(PptkError, match=r"shape mismatch: .*checkpoint \[256, 32\] vs model \[256, 64\]"):
+        _load(tmp_path / "big")
+
+
+def test_pytorch_bin_checkpoints_get_a_conversion_hint(tmp_path):
+    _save(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(PptkError, match="PyTorch .bin weights: re-save"):
+        HFCheckpoint(tmp_path)
+
+
+def test_wrong_model_type_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(PptkError, match="model type 't5' has no pptk adapter; supported: .*gpt2"):
+        resolve_model(tmp_path / "config.json")
