@@ -111,6 +111,9 @@ def build_engine(plan: PipelinePlan, *, layout: Layout, ds_config: dict, args: a
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
+    # Reproducible dropout: each rank's generators are seeded by the run's seed and its global rank, so a rerun, or
+    # the same layout spread over several nodes, draws the same masks.
+    deepspeed.runtime.utils.set_random_seed(args.seed + torch.distributed.get_rank())
     topology = PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp)
     module = build_pipeline_module(plan, topology=topology, seed=args.seed, dynamic_shape=dynamic_shape,
                                    activation_checkpoint_interval=args.activation_checkpoint_interval)

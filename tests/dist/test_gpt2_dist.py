@@ -1,10 +1,7 @@
 # GPT-2 on real gloo ranks: parity at pp=2, 3 and 4 and pp=2 x dp=2 (ZeRO-1), fail-fast, and the recipe end to end.
 import json
-import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -14,9 +11,9 @@ from pptk.errors import PptkError
 from pptk.launch import run_ranks
 from pptk.verify import VerifyJob, verify, verify_many
 
+from conftest import VENV_BIN, run_recipe
+
 pytestmark = pytest.mark.dist
-ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -85,22 +82,6 @@ def test_a_failing_rank_stops_the_others_at_once(tmp_path):
     assert time.monotonic() - start < 60
 
 
-def _deepspeed(args, *, output_dir, timeout=400):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
-           str(ROOT / "recipes" / "gpt_pretrain.py"), "--output-dir", str(output_dir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("demo")
-    run = _deepspeed(["--demo", "--max-steps", "40", "--log-every", "5", "--eval-every", "20", "--save-every", "20"],
-                     output_dir=out_dir)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return out_dir, run.stdout
-
-
 def test_demo_recipe_trains_logs_and_checkpoints(demo_run):
     out_dir, stdout = demo_run
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -123,6 +104,6 @@ def test_demo_recipe_trains_logs_and_checkpoints(demo_run):
 
 
 def test_recipe_refuses_a_layout_that_does_not_fit_the_world_size(tmp_path):
-    run = _deepspeed(["--demo", "--pp", "3"], output_dir=tmp_path, timeout=120)
+    run = run_recipe("gpt_pretrain.py", ["--demo", "--pp", "3"], output_dir=tmp_path, timeout=120)
     assert run.returncode != 0
     assert "--pp" in run.stderr + run.stdout and "WORLD_SIZE(2)" in run.stderr + run.stdout
