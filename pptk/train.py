@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from pptk.checkpoint import save_checkpoint
 from pptk.ds_config import fill_ds_config, load_ds_config, precision_of, validate_ds_config
 from pptk.errors import PptkError
 from pptk.parallel import Layout
@@ -48,7 +49,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--partition-method", default="compute", help="compute | parameters | uniform | type:REGEX")
     g.add_argument("--activation-checkpoint-interval", type=int, default=0, help="blocks per checkpoint; 0 = off")
     g.add_argument("--seed", type=int, default=1234)
-    g = parser.add_argument_group("output")
+    g.add_argument("--no-dropout", action="store_true",
+                   help="dropout off (deterministic across layouts: resuming on another pp/dp continues the curve)")
+    g = parser.add_argument_group("checkpoints and output")
+    g.add_argument("--resume-from", type=Path, default=None,
+                   help="a pptk checkpoint (runs/x/checkpoints or .../step200); any pp/dp if the global batch is kept")
+    g.add_argument("--export-hf", type=Path, default=None,
+                   help="after training, export the last checkpoint to this Hugging Face directory")
     g.add_argument("--output-dir", type=Path, required=True, help="checkpoints, metrics.jsonl, W&B (shared by all nodes)")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--eval-every", type=int, default=200)
@@ -186,8 +193,34 @@ def evaluate(engine, batches: Callable[[], Iterator], num_batches: int) -> float
     return float(engine.eval_batch(batches(), num_micro_batches=num_batches))
 
 
-def train(engine, train_iter: Iterator, *, args: argparse.Namespace, layout: Layout, tokens_per_sample: int,
-          eval_batches: Callable[[], Iterator] | None, log: MetricsLog, start_step: int = 0) -> TrainSummary:
+def resume_step(engine, plan: PipelinePlan, *, layout: Layout, args: argparse.Namespace) -> int:
+    """Restore --resume-from (if given); returns the number of steps already done."""
+    if args.resume_from is None:
+        return 0
+    from pptk.checkpoint import resume
+
+    step = resume(engine, plan, layout=layout, path=args.resume_from)["step"]
+    if step >= args.max_steps:
+        raise PptkError(f"the checkpoint is at step {step} and --max-steps is {args.max_steps}; raise --max-steps")
+    return step
+
+
+def export_hf(args: argparse.Namespace, summary: "TrainSummary") -> None:
+    """--export-hf: the last checkpoint as a Hugging Face directory (rank 0 streams it from disk)."""
+    import torch.distributed as dist
+
+    if args.export_hf is None:
+        return
+    if dist.get_rank() == 0:
+        from pptk.convert import ds_to_hf
+
+        ds_to_hf(summary.checkpoint_dir, args.export_hf)
+    dist.barrier()
+
+
+def train(engine, train_iter: Iterator, *, args: argparse.Namespace, plan: PipelinePlan, layout: Layout,
+          tokens_per_sample: int, eval_batches: Callable[[], Iterator] | None, log: MetricsLog,
+          start_step: int = 0) -> TrainSummary:
     """Run steps start_step+1 .. args.max_steps; evaluate, log and checkpoint on the way."""
     ckpt_dir = args.output_dir / "checkpoints"
     samples_per_step = layout.global_batch_size
@@ -214,7 +247,7 @@ def train(engine, train_iter: Iterator, *, args: argparse.Namespace, layout: Lay
             log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if step % args.save_every == 0 or step == args.max_steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}")
+            save_checkpoint(engine, plan, layout=layout, checkpoints_dir=ckpt_dir, step=step)
             window_start = time.perf_counter()
     steps = args.max_steps - start_step
     tokens_per_s = samples_per_step * tokens_per_sample * steps / total_time if total_time else 0.0

@@ -37,6 +37,8 @@ class VerifyJob:
     partition_method: str = "compute"
     attn_implementation: str = "sdpa"
     seed: int = 0
+    # save the reference in shards of this size (e.g. "100KB") so the ranks load their stages from a sharded index
+    max_shard_size: str | None = None
 
 
 @dataclass
@@ -232,7 +234,8 @@ def _reference_step(plan, job: VerifyJob, *, work: Path, dp: int) -> dict:
         model = hf_class.from_pretrained(plan.source.pretrained_dir, config=plan.config)
     else:
         model = hf_class(plan.config)
-    model.save_pretrained(work / "hf")  # the ranks load their stages from here, tensor by tensor
+    shards = {"max_shard_size": job.max_shard_size} if job.max_shard_size else {}
+    model.save_pretrained(work / "hf", **shards)  # the ranks load their stages from here, tensor by tensor
     micro_batch_size, micro_batches = job.micro_batch_size, job.micro_batches
     inputs, labels = _synthetic_batch(plan, batch_size=micro_batch_size * micro_batches * dp, seq_len=job.seq_len,
                                       seed=job.seed)

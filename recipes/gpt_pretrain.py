@@ -35,8 +35,8 @@ from pptk.data import LMBlocks, batch_iterator, check_token_ids, demo_corpus, sp
 from pptk.data import demo_documents, tokenize_texts, train_demo_tokenizer
 from pptk.errors import PptkError
 from pptk.pipeline import ModelSource, max_positions, plan_pipeline, resolve_model
-from pptk.train import (MetricsLog, add_training_arguments, build_engine, init_distributed, resolve_ds_config,
-                        train)
+from pptk.train import (MetricsLog, add_training_arguments, build_engine, export_hf, init_distributed,
+                        resolve_ds_config, resume_step, train)
 
 DEMO = dict(vocab_size=4096, seq_len=64, n_embd=192, n_layer=6, n_head=6, max_steps=300, lr=2e-3,
             micro_batch_size=4, warmup=20)
@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for flag, (name, value) in defaults.items():
             if flag not in given:
                 setattr(args, name, value)
+        if args.export_hf is None:
+            args.export_hf = args.output_dir / "hf"
     elif args.model is None or not args.data:
         parser.error("give --model and --data (or --demo for the embedded default)")
     return args
@@ -113,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     check_token_ids(tokens, vocab_size=config.vocab_size)
 
     plan = plan_pipeline(source, num_stages=layout.pp, task="causal-lm", partition_method=args.partition_method,
-                         seq_len=seq_len)
+                         seq_len=seq_len, dropout=not args.no_dropout)
     blocks = LMBlocks.from_tokens(tokens, block_size=seq_len)
     train_blocks, eval_blocks = split_train_eval(blocks, eval_fraction=args.eval_fraction, seed=args.seed)
     engine = build_engine(plan, layout=layout, ds_config=ds_config, args=args)
+    start_step = resume_step(engine, plan, layout=layout, args=args)
     dp_rank, dp = engine.grid.get_data_parallel_rank(), layout.dp
     if rank == 0:
         print(f"{source.label}: {layout.describe()}; {len(train_blocks)} train / {len(eval_blocks)} eval blocks "
@@ -125,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         plan.config.save_pretrained(args.output_dir / "hf_config")  # what a later export needs
         tokenizer.save_pretrained(args.output_dir / "hf_config")
 
+    # the data order depends only on the global step, so a resumed run (on any layout) sees what it would have
     train_iter = batch_iterator(train_blocks, micro_batch_size=layout.micro_batch_size, dp_rank=dp_rank,
-                                dp_size=dp, seed=args.seed)
+                                dp_size=dp, seed=args.seed, start_step=start_step * layout.grad_accum_steps)
     eval_per_rank = max(1, len(eval_blocks) // dp)
     eval_batches = None
     if len(eval_blocks) >= layout.micro_batch_size * dp:
@@ -137,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
 
     log = MetricsLog(output_dir=args.output_dir, args=args, config={**vars(args), "layout": layout.describe()},
                      total_steps=args.max_steps)
-    summary = train(engine, train_iter, args=args, layout=layout, tokens_per_sample=seq_len,
-                    eval_batches=eval_batches, log=log)
+    summary = train(engine, train_iter, args=args, plan=plan, layout=layout, tokens_per_sample=seq_len,
+                    eval_batches=eval_batches, log=log, start_step=start_step)
     summary.wandb_dir = log.close()
+    export_hf(args, summary)
     if rank == 0:
         report = {"first_loss": summary.first_loss, "last_loss": summary.last_loss, "steps": summary.steps,
                   "tokens_per_s": round(summary.tokens_per_s, 1), "eval_loss": summary.eval_loss,
                   "checkpoints": str(summary.checkpoint_dir), "metrics": str(summary.metrics_path),
-                  "wandb": summary.wandb_dir}
+                  "wandb": summary.wandb_dir, "export_hf": str(args.export_hf) if args.export_hf else None}
         (args.output_dir / "summary.json").write_text(json.dumps(report, indent=2))
         print("\n== pptk summary ==")
         print(f"loss {summary.first_loss:.3f} -> {summary.last_loss:.3f} over {summary.steps} steps"
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput {summary.tokens_per_s:,.0f} tokens/s")
         print(f"checkpoints  {summary.checkpoint_dir}\nmetrics      {summary.metrics_path}\n"
               f"W&B run      {summary.wandb_dir or 'disabled'}")
+        if args.export_hf:
+            print(f"HF export    {args.export_hf}  (AutoModelForCausalLM.from_pretrained loads it)")
     return 0
 
 

@@ -1,0 +1,176 @@
+# Hugging Face directory <-> pptk/DeepSpeed pipeline checkpoint, one layer in memory at a time.
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig
+
+from pptk.checkpoint import MANIFEST, _write_atomically, find_checkpoint, layer_file, manifest_for, read_manifest
+from pptk.errors import PptkError
+from pptk.models.common import init_layer_like_hf
+from pptk.models import PipeLayer
+from pptk.pipeline import ModelSource, plan_pipeline, resolve_model
+from pptk.tasks import hf_model_class
+from pptk.weights import HFCheckpoint, load_stage_weights
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+def _first_index_of_ties(layers: list[PipeLayer]) -> dict[str, int]:
+    first = {}
+    for index, layer in enumerate(layers):
+        if layer.tied_key:
+            first.setdefault(layer.tied_key, index)
+    return first
+
+
+def _one_layer(layers: list[PipeLayer], index: int) -> nn.Module:
+    """Layer ``index`` alone, under its pipeline name, so pptk.weights maps its parameters to HF names."""
+    holder = nn.Module()
+    layer = layers[index]
+    if layer.tied_key:
+        holder.tied_modules = nn.ModuleDict({layer.tied_key: layer.spec.build()})
+    else:
+        holder.add_module(str(index), layer.spec.build())
+    return holder
+
+
+def hf_to_ds(src: str | Path, dst: str | Path, *, pp: int = 1, task: str = "causal-lm",
+             partition_method: str = "compute", seed: int = 1234) -> Path:
+    """Write a pipeline checkpoint (tag ``step0``) that recipes resume from with ``--resume-from DST``.
+
+    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest.
+    """
+    source = resolve_model(src)
+    if source.pretrained_dir is None:
+        raise PptkError(f"{src} has no weights (model.safetensors or an index); hf-to-ds needs a model directory")
+    plan = plan_pipeline(source, num_stages=pp, task=task, partition_method=partition_method)
+    checkpoint = HFCheckpoint(source.pretrained_dir)
+    dst = Path(dst)
+    tag_dir = dst / "step0"
+    if tag_dir.exists():
+        raise PptkError(f"{tag_dir} already exists; choose an empty destination")
+    partial = dst / "step0.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    first = _first_index_of_ties(plan.layers)
+    optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)
+    for index, layer in enumerate(plan.layers):
+        if layer.tied_key and first[layer.tied_key] != index:
+            continue  # DeepSpeed saves a tied module once, at its first layer
+        holder = _one_layer(plan.layers, index)
+        for module in holder.children():
+            init_layer_like_hf(module, config=plan.config, hf_class=plan.hf_class, seed=seed + index)
+        load_stage_weights(holder, plan.layers, checkpoint, base_model_prefix=plan.hf_class.base_model_prefix,
+                           allow_missing=optional)
+        (module,) = holder.tied_modules.values() if layer.tied_key else holder.children()
+        torch.save(module.state_dict(), layer_file(partial, index))
+    _write_atomically(partial / MANIFEST, json.dumps(manifest_for(plan, step=0, layout=None), indent=1))
+    partial.rename(tag_dir)
+    _write_atomically(dst / "latest", tag_dir.name)
+    return tag_dir
+
+
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def config_from_manifest(manifest: dict):
+    raw = dict(manifest["hf_config"])
+    model_type = raw.pop("model_type")
+    return AutoConfig.for_model(model_type, **raw)
+
+
+def ds_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "2GB",
+             tokenizer: str | Path | None = None) -> Path:
+    """Export a pipeline checkpoint to a directory ``AutoModelFor<task>.from_pretrained`` loads.
+
+    Streams layer files into safetensors shards (sharded with an index when over ``max_shard_size``), so memory
+    stays at about one shard. Tokenizer files come from ``tokenizer`` or the run's ``hf_config/`` directory.
+    """
+    tag_dir = find_checkpoint(src)
+    manifest = read_manifest(tag_dir)
+    config = config_from_manifest(manifest)
+    hf_class = hf_model_class(config, manifest["task"])
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    seen_ties, shards, current, current_bytes = set(), [], {}, 0
+
+    def flush() -> None:
+        nonlocal current, current_bytes
+        if current:
+            name = f"shard-{len(shards):05d}.tmp"
+            save_file(current, dst / name, metadata={"format": "pt"})
+            shards.append((name, sorted(current)))
+            current, current_bytes = {}, 0
+
+    for layer in manifest["layers"]:
+        if layer["tied_key"]:
+            if layer["tied_key"] in seen_ties:
+                continue
+            seen_ties.add(layer["tied_key"])
+        path = layer_file(tag_dir, layer["index"])
+        if not path.is_file():
+            raise PptkError(f"{path} is missing: the checkpoint is incomplete; export an earlier tag")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise PptkError(f"cannot read {path}: {err}; the file is corrupt") from None
+        for local, tensor in state.items():
+            size = tensor.numel() * tensor.element_size()
+            if current and current_bytes + size > limit:
+                flush()
+            current[layer["hf_prefix"] + local] = tensor.contiguous().clone()
+            current_bytes += size
+    flush()
+
+    if len(shards) == 1:
+        (dst / shards[0][0]).rename(dst / "model.safetensors")
+    else:
+        weight_map, total = {}, 0
+        for i, (tmp, names) in enumerate(shards):
+            final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            (dst / tmp).rename(dst / final)
+            weight_map.update({name: final for name in names})
+            total += (dst / final).stat().st_size
+        (dst / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.architectures = [hf_class.__name__]
+    config.save_pretrained(dst)
+    tokenizer_dir = Path(tokenizer) if tokenizer else tag_dir.parent.parent / "hf_config"
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, dst / name)
+    return dst
+
+
+def load_sequential_from_checkpoint(src: str | Path):
+    """The whole model in one process from a pipeline checkpoint (tests, small exports): (plan, SequentialPipe)."""
+    from pptk.pipeline import SequentialPipe
+
+    tag_dir = find_checkpoint(src)
+    manifest = read_manifest(tag_dir)
+    config = config_from_manifest(manifest)
+    plan = plan_pipeline(ModelSource(config, None, str(tag_dir)), num_stages=1, task=manifest["task"])
+    module = SequentialPipe(plan.layers)
+    first = _first_index_of_ties(plan.layers)
+    for key, tied in module.tied_modules.items():
+        tied.load_state_dict(torch.load(layer_file(tag_dir, first[key]), weights_only=True))
+    for name, child in module.named_children():
+        if name.isdigit():
+            child.load_state_dict(torch.load(layer_file(tag_dir, int(name)), weights_only=True))
+    return plan, module
