@@ -217,20 +217,26 @@ def check_compatible(manifest: dict, plan: PipelinePlan) -> None:
                         + " -- resume with the model and task it was saved from")
 
 
+def same_layout(manifest: dict, plan: PipelinePlan, layout: Layout) -> bool:
+    """Check that this run can continue the checkpoint; True when DeepSpeed's own loader applies (same layout)."""
+    check_compatible(manifest, plan)
+    saved = manifest["layout"]
+    if saved is None:  # converted from Hugging Face: weights only
+        return False
+    saved_batch = saved["micro_batch_size"] * saved["grad_accum_steps"] * saved["dp"]
+    if saved_batch != layout.global_batch_size:
+        raise PptkError(f"the checkpoint was trained with a global batch of {saved_batch}, this run uses "
+                        f"{layout.global_batch_size}; keep the global batch (micro x accum x dp) to continue the run, "
+                        f"e.g. --global-batch-size {saved_batch}")
+    return (saved["pp"] == layout.pp and saved["dp"] == layout.dp and saved["zero_stage"] == layout.zero_stage
+            and manifest["boundaries"] == list(plan.stages.boundaries))
+
+
 def resume(engine, plan: PipelinePlan, *, layout: Layout, path: str | Path) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the manifest (its "step" is where training resumes)."""
     tag_dir = find_checkpoint(path)
     manifest = read_manifest(tag_dir)
-    check_compatible(manifest, plan)
-    saved = manifest["layout"]
-    same_layout = (saved is not None and saved["pp"] == layout.pp and saved["dp"] == layout.dp
-                   and saved["zero_stage"] == layout.zero_stage and manifest["boundaries"] == list(plan.stages.boundaries))
-    if saved is not None and saved["micro_batch_size"] * saved["grad_accum_steps"] * saved["dp"] != \
-            layout.global_batch_size:
-        raise PptkError(f"the checkpoint was trained with a global batch of "
-                        f"{saved['micro_batch_size'] * saved['grad_accum_steps'] * saved['dp']}, this run uses "
-                        f"{layout.global_batch_size}; keep the global batch (micro x accum x dp) to continue the run")
-    if same_layout:
+    if same_layout(manifest, plan, layout):
         loaded, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if loaded is None:
             raise PptkError(f"DeepSpeed could not load {tag_dir}; the checkpoint is incomplete")

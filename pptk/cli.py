@@ -54,6 +54,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pptk.convert import ds_to_hf, hf_to_ds
+
+    if args.direction == "hf-to-ds":
+        tag_dir = hf_to_ds(args.src, args.dst, pp=args.pp, task=args.task, partition_method=args.partition_method)
+        print(f"wrote {tag_dir} (resume with --resume-from {args.dst})")
+    else:
+        out = ds_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+        print(f"wrote {out} (load with AutoModelFor*.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from pptk.models import get_adapter, supported_model_types
 
@@ -98,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for the compute cost model")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("convert", help="Hugging Face dir <-> pipeline checkpoint, one layer in memory at a time")
+    p.add_argument("direction", choices=["hf-to-ds", "ds-to-hf"])
+    p.add_argument("src", help="hf-to-ds: a Hugging Face dir; ds-to-hf: runs/x/checkpoints or .../stepN")
+    p.add_argument("dst")
+    p.add_argument("--pp", type=int, default=1, help="hf-to-ds: stages to plan for (layer files fit any pp)")
+    p.add_argument("--task", default="causal-lm")
+    p.add_argument("--partition-method", default="compute")
+    p.add_argument("--max-shard-size", default="2GB", help="ds-to-hf: shard size, e.g. 500MB (index when sharded)")
+    p.add_argument("--tokenizer", default=None, help="ds-to-hf: tokenizer dir (default: the run's hf_config/)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("models", help="list supported model families and tasks")
     p.add_argument("--json", action="store_true")

@@ -1,0 +1,97 @@
+# Hugging Face <-> pipeline checkpoint conversion in one process: bitwise round trips and clear errors.
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pptk.checkpoint import manifest_for, same_layout
+from pptk.cli import main
+from pptk.convert import ds_to_hf, hf_to_ds, load_sequential_from_checkpoint
+from pptk.errors import PptkError
+from pptk.models import get_adapter
+from pptk.parallel import Layout
+from pptk.pipeline import plan_pipeline
+from pptk.tasks import hf_model_class
+
+
+def _save_hf(path, model_type, **overrides):
+    config = get_adapter(model_type).small_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = hf_model_class(config, "causal-lm")(config)
+    model.save_pretrained(path)
+    return model
+
+
+def _tensors(directory):
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("model_type, tied", [("gpt2", True), ("llama", False)])
+def test_hf_to_pipeline_to_hf_is_bitwise_identical(tmp_path, model_type, tied):
+    model = _save_hf(tmp_path / "hf", model_type, tie_word_embeddings=tied)
+    assert model.config.tie_word_embeddings is tied
+    hf_to_ds(tmp_path / "hf", tmp_path / "ds", pp=2)
+    ds_to_hf(tmp_path / "ds", tmp_path / "out", max_shard_size="40KB")
+    original, exported = _tensors(tmp_path / "hf"), _tensors(tmp_path / "out")
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    _, pipeline = load_sequential_from_checkpoint(tmp_path / "ds")
+    ids = torch.randint(0, reloaded.config.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, pipeline.eval()((ids, mask)),
+                               rtol=0, atol=0)
+
+
+def test_cli_convert_both_ways(tmp_path, capsys):
+    _save_hf(tmp_path / "hf", "gpt2")
+    assert main(["convert", "hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "ds"), "--pp", "2"]) == 0
+    assert (tmp_path / "ds" / "latest").read_text() == "step0"
+    assert main(["convert", "ds-to-hf", str(tmp_path / "ds"), str(tmp_path / "out")]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    assert AutoConfig.from_pretrained(tmp_path / "out").architectures == ["GPT2LMHeadModel"]
+    assert main(["convert", "hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "ds")]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_sources_get_clear_errors(tmp_path):
+    _save_hf(tmp_path / "hf", "gpt2")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PptkError, match="corrupt or truncated"):
+        hf_to_ds(tmp_path / "hf", tmp_path / "ds")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(PptkError, match="neither a pptk checkpoint tag"):
+        ds_to_hf(tmp_path / "plain", tmp_path / "out")
+    with pytest.raises(PptkError, match="pp=9 stages but the model has only 4 blocks"):
+        _save_hf(tmp_path / "hf2", "gpt2")
+        hf_to_ds(tmp_path / "hf2", tmp_path / "ds2", pp=9)
+
+
+def test_a_missing_layer_file_is_named(tmp_path):
+    _save_hf(tmp_path / "hf", "gpt2")
+    tag = hf_to_ds(tmp_path / "hf", tmp_path / "ds")
+    (tag / "layer_03-model_states.pt").unlink()
+    with pytest.raises(PptkError, match="layer_03-model_states.pt is missing: the checkpoint is incomplete"):
+        ds_to_hf(tmp_path / "ds", tmp_path / "out")
+
+
+def test_resume_refuses_another_model_or_global_batch():
+    gpt2 = plan_pipeline("gpt2", num_stages=2)
+    layout = Layout(pp=2, dp=1, micro_batch_size=4, grad_accum_steps=4)
+    manifest = json.loads(json.dumps(manifest_for(gpt2, step=10, layout=layout)))
+    assert same_layout(manifest, gpt2, layout)
+    assert not same_layout(manifest, gpt2, Layout(pp=1, dp=2, micro_batch_size=4, grad_accum_steps=2))
+    with pytest.raises(PptkError, match="global batch of 16, this run uses 32.*--global-batch-size 16"):
+        same_layout(manifest, gpt2, Layout(pp=2, dp=1, micro_batch_size=4, grad_accum_steps=8))
+    with pytest.raises(PptkError, match="model type 'gpt2' vs 'llama'"):
+        same_layout(manifest, plan_pipeline("llama", num_stages=2), layout)
