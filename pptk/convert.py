@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 
@@ -16,7 +16,7 @@ from pptk.models.common import init_layer_like_hf
 from pptk.models import PipeLayer
 from pptk.pipeline import ModelSource, plan_pipeline, resolve_model
 from pptk.tasks import hf_model_class
-from pptk.weights import HFCheckpoint, load_stage_weights
+from pptk.weights import HFCheckpoint, TensorSource, load_stage_weights, write_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
@@ -71,6 +71,7 @@ def hf_to_ds(src: str | Path, dst: str | Path, *, pp: int = 1, task: str = "caus
                            allow_missing=optional)
         (module,) = holder.tied_modules.values() if layer.tied_key else holder.children()
         torch.save(module.state_dict(), layer_file(partial, index))
+        del holder, module  # release this layer before the next one is built
     _write_atomically(partial / MANIFEST, json.dumps(manifest_for(plan, step=0, layout=None), indent=1))
     partial.rename(tag_dir)
     _write_atomically(dst / "latest", tag_dir.name)
@@ -86,6 +87,16 @@ def _parse_size(size: str | int) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)
+
+
+def _load_layer(path: Path) -> dict[str, torch.Tensor]:
+    """A layer file, memory-mapped: pages are read only for the tensors actually used, and freed with them."""
+    if not path.is_file():
+        raise PptkError(f"{path} is missing: the checkpoint is incomplete; export an earlier tag")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise PptkError(f"cannot read {path}: {err}; the file is corrupt") from None
 
 
 def config_from_manifest(manifest: dict):
@@ -107,46 +118,31 @@ def ds_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "2
     hf_class = hf_model_class(config, manifest["task"])
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    # Plan the shards from shapes alone (mmap: no tensor data is read), then write them tensor by tensor.
     limit = _parse_size(max_shard_size)
-    seen_ties, shards, current, current_bytes = set(), [], {}, 0
-
-    def flush() -> None:
-        nonlocal current, current_bytes
-        if current:
-            name = f"shard-{len(shards):05d}.tmp"
-            save_file(current, dst / name, metadata={"format": "pt"})
-            shards.append((name, sorted(current)))
-            current, current_bytes = {}, 0
-
+    shards: list[dict[str, TensorSource]] = [{}]
+    shard_bytes, seen_ties = 0, set()
     for layer in manifest["layers"]:
         if layer["tied_key"]:
             if layer["tied_key"] in seen_ties:
                 continue
             seen_ties.add(layer["tied_key"])
         path = layer_file(tag_dir, layer["index"])
-        if not path.is_file():
-            raise PptkError(f"{path} is missing: the checkpoint is incomplete; export an earlier tag")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:
-            raise PptkError(f"cannot read {path}: {err}; the file is corrupt") from None
-        for local, tensor in state.items():
+        for local, tensor in _load_layer(path).items():
             size = tensor.numel() * tensor.element_size()
-            if current and current_bytes + size > limit:
-                flush()
-            current[layer["hf_prefix"] + local] = tensor.contiguous().clone()
-            current_bytes += size
-    flush()
-
-    if len(shards) == 1:
-        (dst / shards[0][0]).rename(dst / "model.safetensors")
-    else:
-        weight_map, total = {}, 0
-        for i, (tmp, names) in enumerate(shards):
-            final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            (dst / tmp).rename(dst / final)
-            weight_map.update({name: final for name in names})
-            total += (dst / final).stat().st_size
+            if shards[-1] and shard_bytes + size > limit:
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][layer["hf_prefix"] + local] = TensorSource(
+                tuple(tensor.shape), tensor.dtype, partial(lambda p, k: _load_layer(p)[k], path, local))
+            shard_bytes += size
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, tensors in zip(names, shards):
+        write_safetensors(dst / name, tensors, metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {tensor: name for name, tensors in zip(names, shards) for tensor in tensors}
+        total = sum((dst / name).stat().st_size for name in names)
         (dst / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.architectures = [hf_class.__name__]

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from pptk.errors import PptkError
@@ -15,13 +16,110 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def _bytes_of(tensor: torch.Tensor):
+    """A writable byte view of a contiguous CPU tensor's storage (no copy)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+class SafetensorsFile:
+    """Reads tensors of one .safetensors file with plain file reads, straight into their destination.
+
+    safetensors' own safe_open memory-maps the file, and every page touched stays in the process's resident set
+    while the file is open: loading a stage would then cost its weights twice. Reading with readinto into the
+    parameter's storage costs nothing beyond the parameter itself.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if not 0 < header_len < 100 * 2**20:
+                    raise ValueError(f"implausible header length {header_len}")
+                header = json.loads(f.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise PptkError(f"cannot read {path}: {err}; the file is corrupt or truncated, re-download or re-save "
+                            "it") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self.entries[name]["dtype"]]
+
+    def read_into(self, name: str, target: torch.Tensor) -> None:
+        """Fill ``target`` (same shape; any dtype) with the tensor; no extra copy when the dtypes agree."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        same = target.dtype == self.dtype(name) and target.is_contiguous() and target.device.type == "cpu"
+        buffer = target if same else torch.empty(self.shape(name), dtype=self.dtype(name))
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            got = f.readinto(memoryview(_bytes_of(buffer)))
+        if got != end - begin:
+            raise PptkError(f"{self.path} is truncated: tensor {name} has {got} of {end - begin} bytes; re-download")
+        if not same:
+            target.copy_(buffer)
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = torch.empty(self.shape(name), dtype=self.dtype(name))
+        self.read_into(name, tensor)
+        return tensor
+
+
+def write_safetensors(path: Path, tensors: dict[str, "TensorSource"], *, metadata: dict | None = None) -> None:
+    """Write a .safetensors file tensor by tensor; each value is a zero-argument callable returning the tensor, so
+    only one tensor needs to be in memory at a time. ``shapes`` come from ``TensorSource``."""
+    header, offset = {}, 0
+    for name in sorted(tensors):
+        source = tensors[name]
+        size = source.numel * source.dtype.itemsize
+        header[name] = {"dtype": _NAMES[source.dtype], "shape": list(source.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data must start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name in sorted(tensors):
+            f.write(memoryview(_bytes_of(tensors[name].load().contiguous())))
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A tensor's shape and dtype now, its data later (``load``): lets writers plan a file before reading it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
 class HFCheckpoint:
-    """A local Hugging Face checkpoint opened lazily: a tensor is read only when asked for, shard by shard."""
+    """A local Hugging Face checkpoint: the index is read up front, tensors only when asked for, shard by shard."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
+        self._files: dict[str, SafetensorsFile] = {}
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -29,21 +127,20 @@ class HFCheckpoint:
                 raise PptkError(f"{index} is not a valid safetensors index ({err}); re-save the model") from None
             self._shard_of = dict(weight_map)
         elif single.is_file():
-            self._shard_of = {name: SINGLE_FILE for name in self._keys_of(single)}
+            self._shard_of = {name: SINGLE_FILE for name in self._file(SINGLE_FILE).entries}
         else:
             found = sorted(p.name for p in self.directory.glob("*")) if self.directory.is_dir() else []
             hint = ("it has PyTorch .bin weights: re-save with `model.save_pretrained(dir)` (safetensors is the "
                     "default)") if any(n.endswith(".bin") for n in found) else "point to a Hugging Face model directory"
             raise PptkError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory} (found: {found[:8]}); {hint}")
-        self._open: dict[str, object] = {}
 
-    @staticmethod
-    def _keys_of(path: Path) -> list[str]:
-        try:
-            with safe_open(path, framework="pt") as f:
-                return list(f.keys())
-        except Exception as err:  # safetensors raises its own error types for truncated or corrupt headers
-            raise PptkError(f"cannot read {path}: {err}; the file is corrupt or truncated, re-download or re-save it") from None
+    def _file(self, shard: str) -> SafetensorsFile:
+        if shard not in self._files:
+            path = self.directory / shard
+            if not path.is_file():
+                raise PptkError(f"{INDEX_FILE} lists shard {shard} but {path} is missing; re-download the model")
+            self._files[shard] = SafetensorsFile(path)
+        return self._files[shard]
 
     def keys(self) -> list[str]:
         return list(self._shard_of)
@@ -51,20 +148,20 @@ class HFCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
+    def _entry(self, name: str) -> SafetensorsFile:
+        file = self._file(self._shard_of[name])
+        if name not in file.entries:
+            raise PptkError(f"{INDEX_FILE} places {name} in {file.path.name}, which does not hold it; re-save the model")
+        return file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape(name)
+
+    def read_into(self, name: str, target: torch.Tensor) -> None:
+        self._entry(name).read_into(name, target)
+
     def get(self, name: str) -> torch.Tensor:
-        shard = self._shard_of[name]
-        if shard not in self._open:
-            path = self.directory / shard
-            if not path.is_file():
-                raise PptkError(f"{INDEX_FILE} lists shard {shard} but {path} is missing; re-download the model")
-            try:
-                self._open[shard] = safe_open(path, framework="pt")
-            except Exception as err:
-                raise PptkError(f"cannot open shard {path}: {err}; the file is corrupt or truncated") from None
-        try:
-            return self._open[shard].get_tensor(name)
-        except Exception as err:
-            raise PptkError(f"cannot read tensor {name} from {shard}: {err}; the shard is corrupt") from None
+        return self._entry(name).get(name)
 
 
 def hf_names(module: nn.Module, layers: list[PipeLayer]) -> dict[str, str]:
@@ -115,11 +212,11 @@ def load_stage_weights(module: nn.Module, layers: list[PipeLayer], checkpoint: H
         if found is None:
             (allowed if hf_name.startswith(allow_missing) and allow_missing else missing).append(hf_name)
             continue
-        tensor = checkpoint.get(found)
-        if tuple(tensor.shape) != tuple(state[key].shape):
-            mismatched.append(f"{hf_name}: checkpoint {list(tensor.shape)} vs model {list(state[key].shape)}")
+        shape = checkpoint.shape(found)
+        if shape != tuple(state[key].shape):
+            mismatched.append(f"{hf_name}: checkpoint {list(shape)} vs model {list(state[key].shape)}")
             continue
-        plan.append((state[key], tensor))
+        plan.append((state[key], found))
     problems = []
     if missing:
         problems.append(f"missing from {checkpoint.directory}: {', '.join(missing[:10])}"
@@ -129,6 +226,6 @@ def load_stage_weights(module: nn.Module, layers: list[PipeLayer], checkpoint: H
     if problems:
         raise PptkError(" | ".join(problems) + " -- the checkpoint does not match this config "
                         "(wrong model type or size?); load the config.json saved with those weights")
-    for target, tensor in plan:
-        target.copy_(tensor.to(target.dtype))
+    for target, name in plan:
+        checkpoint.read_into(name, target)  # straight into the parameter's storage
     return allowed
