@@ -50,7 +50,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"weights+grads+Adam per rank ({args.precision}, ZeRO-{args.zero_stage} over dp={args.dp}), "
           "activations not included:")
     for row in rows:
-        print(f"  stage {row['stage']}: {row['train_state_gib']:.2f} GiB")
+        gib = row["train_state_gib"]
+        print(f"  stage {row['stage']}: " + (f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"))
     return 0
 
 

