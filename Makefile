@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-dist test-gpu bench lint lock clean
+.PHONY: install demo test test-unit test-dist bench bench-gpu lint lock clean
 
 install: $(VENV)/.installed
 
@@ -34,13 +34,16 @@ test-unit: install
 	$(PY) -m pytest -q tests/unit
 
 test-dist: install
-	$(PY) -m pytest -q tests/dist
+	$(PY) -m pytest -q tests/distributed
 
-test-gpu: install
-	DS_ACCELERATOR= $(PY) -m pytest -q -m gpu tests/gpu
 
 bench: install
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/memory.py
+
+# On a machine with 2 GPUs: bf16 LLaMA through the pipeline (tokens/s, peak memory).
+bench-gpu: install
+	DS_ACCELERATOR= $(VENV)/bin/deepspeed --num_gpus 2 benchmarks/gpu_llama_bf16.py
 
 lint: install
 	$(PY) -m pytest -q tests/unit/test_docker.py

@@ -413,26 +413,16 @@ def plan_epochs(args: argparse.Namespace, *, num_examples: int, what: str = "tra
 
 def train_by_epoch(engine, train_iter: Iterator, *, args: argparse.Namespace, plan, epochs: EpochPlan,
                    evaluate: Callable[[int, int], None], log, tokens_per_sample: float, start_step: int = 0):
-    """pptk.train.train, one epoch at a time, with ``evaluate(step, epoch)`` after each (checkpoint at each end).
+    """pptk.train.train with ``evaluate(step, epoch)`` and a checkpoint at least at every epoch end. A resumed run
+    (start_step from --resume-from) continues inside its epoch."""
+    from pptk.train import train
 
-    Stand-in for an evaluation hook in pptk.train.train: the loop itself is not copied. A resumed run (start_step
-    from --resume-from) continues inside its epoch.
-    """
-    from pptk.train import TrainSummary, train
-
-    summaries, start = [], start_step
-    for epoch, end in enumerate(epochs.ends, 1):
-        if end <= start:
-            continue
-        epoch_args = argparse.Namespace(**{**vars(args), "max_steps": end})
-        summaries.append(train(engine, train_iter, args=epoch_args, plan=plan, layout=epochs.layout,
-                               tokens_per_sample=tokens_per_sample, eval_batches=None, log=log, start_step=start))
-        evaluate(end, epoch)
-        start = end
-    seconds = sum(s.steps / s.tokens_per_s for s in summaries if s.tokens_per_s)
-    steps = sum(s.steps for s in summaries)
-    return TrainSummary(summaries[0].first_loss, summaries[-1].last_loss, steps, steps / seconds if seconds else 0.0,
-                        None, summaries[-1].checkpoint_dir, summaries[-1].metrics_path, None)
+    epoch_of = {end: epoch for epoch, end in enumerate(epochs.ends, 1)}
+    run_args = argparse.Namespace(**{**vars(args), "max_steps": epochs.ends[-1],
+                                     "save_every": min(args.save_every, epochs.steps_per_epoch)})
+    return train(engine, train_iter, args=run_args, plan=plan, layout=epochs.layout,
+                 tokens_per_sample=tokens_per_sample, eval_batches=None, log=log, start_step=start_step,
+                 evaluate_at=epoch_of.__contains__, on_evaluate=lambda step: evaluate(step, epoch_of[step]))
 
 
 def replica_mean(value: float) -> float:

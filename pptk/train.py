@@ -220,8 +220,13 @@ def export_hf(args: argparse.Namespace, summary: "TrainSummary") -> None:
 
 def train(engine, train_iter: Iterator, *, args: argparse.Namespace, plan: PipelinePlan, layout: Layout,
           tokens_per_sample: int, eval_batches: Callable[[], Iterator] | None, log: MetricsLog,
-          start_step: int = 0) -> TrainSummary:
-    """Run steps start_step+1 .. args.max_steps; evaluate, log and checkpoint on the way."""
+          start_step: int = 0, evaluate_at: Callable[[int], bool] | None = None,
+          on_evaluate: Callable[[int], dict | None] | None = None) -> TrainSummary:
+    """Run steps start_step+1 .. args.max_steps; evaluate, log and checkpoint on the way.
+
+    Evaluation runs every --eval-every steps and at the end, or at the steps ``evaluate_at`` selects (epoch ends,
+    say). It is the loss over ``eval_batches``, or whatever ``on_evaluate(step)`` computes and returns to be logged.
+    """
     ckpt_dir = args.output_dir / "checkpoints"
     samples_per_step = layout.global_batch_size
     first_loss = last_loss = float("nan")
@@ -242,10 +247,16 @@ def train(engine, train_iter: Iterator, *, args: argparse.Namespace, plan: Pipel
             log.log({"step": step, "loss": loss, "lr": engine.get_lr()[0],
                      "tokens_per_s": samples_per_s * tokens_per_sample, "samples_per_s": samples_per_s})
             window_start, window_steps = time.perf_counter(), 0
-        if eval_batches is not None and (step % args.eval_every == 0 or step == args.max_steps):
+        due = evaluate_at(step) if evaluate_at else (step % args.eval_every == 0 or step == args.max_steps)
+        if due and on_evaluate is not None:
+            record = on_evaluate(step)
+            if record:
+                log.log({"step": step, **record})
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        elif due and eval_batches is not None:
             eval_loss = evaluate(engine, eval_batches, args.eval_batches)
             log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
-            window_start = time.perf_counter()  # evaluation time is not training throughput
+            window_start = time.perf_counter()
         if step % args.save_every == 0 or step == args.max_steps:
             save_checkpoint(engine, plan, layout=layout, checkpoints_dir=ckpt_dir, step=step)
             window_start = time.perf_counter()

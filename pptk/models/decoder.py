@@ -20,7 +20,7 @@ layer type and ``position_ids``. Masks (``pptk.protocol.attention_mask_for``) an
 What the model-level ``forward`` code does beyond that shape cannot be read from modules, so ``FAMILIES`` lists it
 per model type (Granite's embedding multiplier and logit scaling, Cohere's logit scale, Gemma 2's final-logit
 soft-capping, StarCoder2's embedding dropout). Only the families in that table are registered, and each one is
-checked against Hugging Face by the parity tests (tests/unit/test_decoder.py, tests/dist/test_decoder_dist.py);
+checked against Hugging Face by the parity tests (tests/unit/test_decoder.py, tests/distributed/test_decoder_dist.py);
 a test also checks that the table covers every config field the families' model-level code reads, so a
 transformers upgrade that adds model-level behaviour fails loudly instead of training something different.
 """
