@@ -15,7 +15,8 @@ CPU, no GPU (gloo, fp32; what `make demo` runs):
 
 --model takes a local Hugging Face directory (weights load per stage), a config.json, or a model type such as
 gpt2 (a small random config). --demo needs no files at all: a small GPT-2 and a byte-level BPE tokenizer trained
-on the Python standard library's docstrings. Batch sizes, learning rate and ZeRO stage fill the DeepSpeed JSON's
+on the Python standard library's docstrings; `--demo --model llama` (or any supported decoder type) trains that
+family's small config on the same data instead. Batch sizes, learning rate and ZeRO stage fill the DeepSpeed JSON's
 "auto" values; a value set in both places must agree.
 """
 
@@ -34,6 +35,7 @@ from transformers import AutoTokenizer, GPT2Config
 from pptk.data import LMBlocks, batch_iterator, check_token_ids, demo_corpus, split_train_eval, tokenize_files
 from pptk.data import demo_documents, tokenize_texts, train_demo_tokenizer
 from pptk.errors import PptkError
+from pptk.models import get_adapter
 from pptk.pipeline import ModelSource, max_positions, plan_pipeline, resolve_model
 from pptk.train import (MetricsLog, add_training_arguments, build_engine, export_hf, init_distributed,
                         resolve_ds_config, resume_step, train)
@@ -44,7 +46,8 @@ DEMO = dict(vocab_size=4096, seq_len=64, n_embd=192, n_layer=6, n_head=6, max_st
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="local HF dir, config.json, or model type (e.g. gpt2)")
+    parser.add_argument("--model", default=None,
+                        help="local HF dir, config.json, or model type (e.g. gpt2); with --demo, a model type")
     parser.add_argument("--data", nargs="*", type=Path, default=[], help="text files to train on")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the model dir)")
     parser.add_argument("--seq-len", type=int, default=None, help="block length (default: the model's positions)")
@@ -77,9 +80,18 @@ def prepare_demo(output_dir: Path) -> tuple[Path, np.ndarray]:
     return tokenizer_dir, tokens
 
 
-def demo_config(vocab_size: int) -> GPT2Config:
-    return GPT2Config(vocab_size=vocab_size, n_positions=DEMO["seq_len"], n_embd=DEMO["n_embd"],
-                      n_layer=DEMO["n_layer"], n_head=DEMO["n_head"], bos_token_id=0, eos_token_id=0)
+def demo_config(vocab_size: int, model_type: str | None):
+    """The embedded default's model: a ~4M-parameter GPT-2, or the small config of another family (--model llama)."""
+    if model_type in (None, "gpt2"):
+        return GPT2Config(vocab_size=vocab_size, n_positions=DEMO["seq_len"], n_embd=DEMO["n_embd"],
+                          n_layer=DEMO["n_layer"], n_head=DEMO["n_head"], bos_token_id=0, eos_token_id=0)
+    config = get_adapter(model_type).small_config()
+    config.vocab_size = vocab_size
+    config.max_position_embeddings = max(DEMO["seq_len"], getattr(config, "max_position_embeddings", 0) or 0)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, name, None) is not None:
+            setattr(config, name, 0)
+    return config
 
 
 def load_tokens(args: argparse.Namespace, source: ModelSource | None) -> tuple[Path, np.ndarray]:
@@ -99,14 +111,20 @@ def load_tokens(args: argparse.Namespace, source: ModelSource | None) -> tuple[P
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    ds_config, layout = resolve_ds_config(args)  # bad layouts and configs fail here, before any process group
+    # Everything that can be checked without the others fails here, on every rank alike, before any process group.
+    ds_config, layout = resolve_ds_config(args)
+    if args.demo and args.model is not None:
+        get_adapter(args.model)  # --demo --model llama: the embedded default with another family
+    source = None if args.demo else resolve_model(args.model)
+    missing = [str(p) for p in args.data if not p.is_file()]
+    if missing:
+        raise PptkError(f"--data file(s) not found: {', '.join(missing)}; check the paths")
     init_distributed()
     rank = dist.get_rank()
-    source = None if args.demo else resolve_model(args.model)
     tokenizer_dir, tokens = load_tokens(args, source)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = demo_config(len(tokenizer)) if args.demo else source.config
-    source = ModelSource(config, None, "demo GPT-2") if args.demo else source
+    config = demo_config(len(tokenizer), args.model) if args.demo else source.config
+    source = ModelSource(config, None, f"demo {config.model_type}") if args.demo else source
     positions = max_positions(config)
     seq_len = args.seq_len or positions
     if positions is not None and seq_len > positions:

@@ -11,7 +11,8 @@ from pptk.checkpoint import find_checkpoint
 from pptk.convert import load_sequential_from_checkpoint
 
 pytestmark = pytest.mark.dist
-LAYOUT_ARGS = ["--demo", "--max-steps", "12", "--save-every", "6", "--log-every", "1", "--eval-every", "1000",
+# The layout tests train LLaMA (untied head, rotary tables rebuilt per stage) through the GPT recipe.
+LAYOUT_ARGS = ["--demo", "--model", "llama", "--max-steps", "12", "--save-every", "6", "--log-every", "1", "--eval-every", "1000",
                "--wandb-mode", "disabled", "--no-dropout", "--global-batch-size", "16"]
 
 
@@ -77,3 +78,10 @@ def test_resume_on_another_layout_continues_the_curve(killed_during_save, tmp_pa
     assert sorted(resumed) == list(range(7, 13))
     for step, loss in resumed.items():
         assert loss == pytest.approx(base[step], rel=1e-5), (step, base[step], loss)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(exported).__name__ == "LlamaForCausalLM" and not exported.config.tie_word_embeddings
+    _, pipeline = load_sequential_from_checkpoint(tmp_path / "checkpoints")
+    ids = torch.randint(0, exported.config.vocab_size, (2, 16))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(exported(input_ids=ids, attention_mask=mask).logits, pipeline.eval()((ids, mask)),
+                               rtol=0, atol=1e-5)
