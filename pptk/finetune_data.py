@@ -411,6 +411,26 @@ def plan_epochs(args: argparse.Namespace, *, num_examples: int, what: str = "tra
     return EpochPlan(layout, ds_config, per_epoch, ends)
 
 
+def resolve_bert(args: argparse.Namespace, *, examples: str) -> tuple:
+    """(source, tokenizer, max_len) for a BERT recipe: the model, its tokenizer and the length limit, checked."""
+    from transformers import AutoTokenizer
+
+    from pptk.pipeline import max_positions, resolve_model
+
+    source = resolve_model(args.model)
+    if source.config.model_type != "bert":
+        raise PptkError(f"{args.model} is a {source.config.model_type!r} model; this recipe trains BERT")
+    positions = max_positions(source.config)
+    max_len = args.max_seq_len or positions
+    if max_len > positions:
+        raise PptkError(f"--max-seq-len {max_len} is longer than the model's {positions} positions; use "
+                        f"--max-seq-len {positions} or less (with --truncate for longer {examples})")
+    if args.tokenizer is None and source.pretrained_dir is None:
+        raise PptkError(f"{args.model} has no weights and no tokenizer; point --model to a Hugging Face BERT "
+                        "directory, or pass --tokenizer for a from-scratch config")
+    return source, AutoTokenizer.from_pretrained(args.tokenizer or source.pretrained_dir), max_len
+
+
 def train_by_epoch(engine, train_iter: Iterator, *, args: argparse.Namespace, plan, epochs: EpochPlan,
                    evaluate: Callable[[int, int], None], log, tokens_per_sample: float, start_step: int = 0):
     """pptk.train.train with ``evaluate(step, epoch)`` and a checkpoint at least at every epoch end. A resumed run

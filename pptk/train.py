@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from pptk.checkpoint import save_checkpoint
-from pptk.ds_config import fill_ds_config, load_ds_config, precision_of, validate_ds_config
+from pptk.ds_config import fill_ds_config, load_ds_config, validate_ds_config
 from pptk.errors import PptkError
 from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, build_pipeline_module

@@ -47,14 +47,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
 from pptk.errors import PptkError
 from pptk.finetune_data import (IGNORE, LabelMap, class_label_names, classification_metrics, config_with_labels,
                                 encode_classification, encode_tagging, eval_micro_batches, pad_batch, plan_epochs,
                                 read_conll, read_text_classification, recording_lengths, replica_mean, resolve_labels,
-                                tag_label_names, tagging_metrics, train_by_epoch, train_micro_batches, write_summary)
-from pptk.pipeline import ModelSource, max_positions, plan_pipeline, resolve_model
+                                resolve_bert, tag_label_names, tagging_metrics, train_by_epoch, train_micro_batches,
+                                write_summary)
+from pptk.pipeline import ModelSource, plan_pipeline
 from pptk.train import MetricsLog, add_training_arguments, build_engine, export_hf, init_distributed, resume_step
 from pptk.weights import HFCheckpoint, resolve_name
 
@@ -96,18 +96,7 @@ class Prepared:
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Everything that can be wrong with the input, checked before any process group exists."""
-    source = resolve_model(args.model)
-    if source.config.model_type != "bert":
-        raise PptkError(f"{args.model} is a {source.config.model_type!r} model; this recipe fine-tunes BERT")
-    positions = max_positions(source.config)
-    max_len = args.max_seq_len or positions
-    if max_len > positions:
-        raise PptkError(f"--max-seq-len {max_len} is longer than the model's {positions} positions; use "
-                        f"--max-seq-len {positions} or less (with --truncate for longer examples)")
-    if args.tokenizer is None and source.pretrained_dir is None:
-        raise PptkError(f"{args.model} has no weights to fine-tune and no tokenizer; point --model to a Hugging Face "
-                        "BERT directory, or pass --tokenizer for a from-scratch config")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or source.pretrained_dir)
+    source, tokenizer, max_len = resolve_bert(args, examples="examples")
     if args.task == "token-classification":
         train_raw, eval_raw = read_conll(args.train), read_conll(args.eval)
         data_names = tag_label_names([t for s in train_raw for t in s.tags])

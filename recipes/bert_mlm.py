@@ -35,12 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+from transformers import DataCollatorForLanguageModeling
 
 from pptk.errors import PptkError
 from pptk.finetune_data import (IGNORE, Batch, encode_lines, eval_micro_batches, plan_epochs, read_lines,
-                                recording_lengths, replica_mean, train_by_epoch, train_micro_batches, write_summary)
-from pptk.pipeline import ModelSource, max_positions, plan_pipeline, resolve_model
+                                recording_lengths, replica_mean, resolve_bert, train_by_epoch, train_micro_batches,
+                                write_summary)
+from pptk.pipeline import ModelSource, plan_pipeline
 from pptk.train import MetricsLog, add_training_arguments, build_engine, export_hf, init_distributed, resume_step
 
 
@@ -72,20 +73,9 @@ class Prepared:
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Everything that can be wrong with the input, checked before any process group exists."""
-    source = resolve_model(args.model)
-    if source.config.model_type != "bert":
-        raise PptkError(f"{args.model} is a {source.config.model_type!r} model; this recipe trains BERT")
     if not 0 < args.mlm_probability < 1:
         raise PptkError(f"--mlm-probability must be between 0 and 1, got {args.mlm_probability}")
-    positions = max_positions(source.config)
-    max_len = args.max_seq_len or positions
-    if max_len > positions:
-        raise PptkError(f"--max-seq-len {max_len} is longer than the model's {positions} positions; use "
-                        f"--max-seq-len {positions} or less (with --truncate for longer lines)")
-    if args.tokenizer is None and source.pretrained_dir is None:
-        raise PptkError(f"{args.model} has no weights and no tokenizer; point --model to a Hugging Face BERT "
-                        "directory, or pass --tokenizer for a from-scratch config")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or source.pretrained_dir)
+    source, tokenizer, max_len = resolve_bert(args, examples="lines")
     if tokenizer.mask_token is None:
         raise PptkError(f"tokenizer {type(tokenizer).__name__} has no mask token; use the model's own tokenizer")
     lines = read_lines(args.data)

@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, GPT2Config
 
@@ -81,7 +81,7 @@ def prepare_demo(output_dir: Path) -> tuple[Path, np.ndarray]:
 
 
 def demo_config(vocab_size: int, model_type: str | None):
-    """The embedded default's model: a ~4M-parameter GPT-2, or the small config of another family (--model llama)."""
+    """The embedded default's model: a ~3.5M-parameter GPT-2, or the small config of another family (--model llama)."""
     if model_type in (None, "gpt2"):
         return GPT2Config(vocab_size=vocab_size, n_positions=DEMO["seq_len"], n_embd=DEMO["n_embd"],
                           n_layer=DEMO["n_layer"], n_head=DEMO["n_head"], bos_token_id=0, eos_token_id=0)
@@ -149,13 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     # the data order depends only on the global step, so a resumed run (on any layout) sees what it would have
     train_iter = batch_iterator(train_blocks, micro_batch_size=layout.micro_batch_size, dp_rank=dp_rank,
                                 dp_size=dp, seed=args.seed, start_step=start_step * layout.grad_accum_steps)
-    eval_per_rank = max(1, len(eval_blocks) // dp)
-    eval_batches = None
-    if len(eval_blocks) >= layout.micro_batch_size * dp:
-        def eval_batches():
-            return batch_iterator(eval_blocks, micro_batch_size=layout.micro_batch_size, dp_rank=dp_rank,
-                                  dp_size=dp, seed=0)
-        args.eval_batches = min(args.eval_batches, max(1, eval_per_rank // layout.micro_batch_size))
+    can_evaluate = len(eval_blocks) >= layout.micro_batch_size * dp
+    eval_batches = partial(batch_iterator, eval_blocks, micro_batch_size=layout.micro_batch_size, dp_rank=dp_rank,
+                           dp_size=dp, seed=0) if can_evaluate else None
+    if can_evaluate:  # never more micro-batches than each replica's share of the eval blocks
+        args.eval_batches = min(args.eval_batches, max(1, len(eval_blocks) // dp // layout.micro_batch_size))
 
     log = MetricsLog(output_dir=args.output_dir, args=args, config={**vars(args), "layout": layout.describe()},
                      total_steps=args.max_steps)

@@ -1,7 +1,6 @@
 # Two launcher processes acting as two nodes (node ranks 0 and 1, master on 127.0.0.1) run the GPT recipe with one
 # pipeline stage per "node"; the losses must equal the single-node run's.
 import json
-import subprocess
 import threading
 
 import pytest

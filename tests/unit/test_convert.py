@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from pptk.checkpoint import manifest_for, same_layout
 from pptk.cli import main
@@ -16,12 +16,12 @@ from pptk.pipeline import plan_pipeline
 from pptk.tasks import hf_model_class
 
 
-def _save_hf(path, model_type, **overrides):
+def _save_hf(path, model_type, task="causal-lm", **overrides):
     config = get_adapter(model_type).small_config()
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    model = hf_model_class(config, "causal-lm")(config)
+    model = hf_model_class(config, task)(config)
     model.save_pretrained(path)
     return model
 
@@ -33,11 +33,12 @@ def _tensors(directory):
     return tensors
 
 
-@pytest.mark.parametrize("model_type, tied", [("gpt2", True), ("llama", False)])
-def test_hf_to_pipeline_to_hf_is_bitwise_identical(tmp_path, model_type, tied):
-    model = _save_hf(tmp_path / "hf", model_type, tie_word_embeddings=tied)
+@pytest.mark.parametrize("model_type, task, tied", [("gpt2", "causal-lm", True), ("llama", "causal-lm", False),
+                                                   ("bert", "masked-lm", True)])
+def test_hf_to_pipeline_to_hf_is_bitwise_identical(tmp_path, model_type, task, tied):
+    model = _save_hf(tmp_path / "hf", model_type, task, tie_word_embeddings=tied)
     assert model.config.tie_word_embeddings is tied
-    hf_to_ds(tmp_path / "hf", tmp_path / "ds", pp=2)
+    hf_to_ds(tmp_path / "hf", tmp_path / "ds", pp=2, task=task)
     ds_to_hf(tmp_path / "ds", tmp_path / "out", max_shard_size="40KB")
     original, exported = _tensors(tmp_path / "hf"), _tensors(tmp_path / "out")
     assert sorted(original) == sorted(exported)
@@ -45,11 +46,13 @@ def test_hf_to_pipeline_to_hf_is_bitwise_identical(tmp_path, model_type, tied):
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # really sharded
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    auto = AutoModelForMaskedLM if task == "masked-lm" else AutoModelForCausalLM
+    reloaded = auto.from_pretrained(tmp_path / "out").eval()
     _, pipeline = load_sequential_from_checkpoint(tmp_path / "ds")
-    ids = torch.randint(0, reloaded.config.vocab_size, (2, 12))
+    ids = torch.randint(1, reloaded.config.vocab_size, (2, 12))
     mask = torch.ones_like(ids)
-    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, pipeline.eval()((ids, mask)),
+    inputs = (ids, mask, torch.zeros_like(ids)) if model_type == "bert" else (ids, mask)
+    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, pipeline.eval()(inputs),
                                rtol=0, atol=0)
 
 
