@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import DEMO_ARGS, run_recipe
+from conftest import DEMO_ARGS, free_port, run_recipe
 from pptk.checkpoint import find_checkpoint
 from pptk.convert import load_sequential_from_checkpoint
 
@@ -70,7 +70,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint_intact(killed_during_save)
 def test_resume_on_another_layout_continues_the_curve(killed_during_save, tmp_path, layout):
     base_dir, _ = killed_during_save
     world = {"1": 1, "2": 4}[layout[1]]
-    port_args = ["--num_gpus", str(world), "--master_port", str(29000 + os.getpid() % 500 + world)]
+    port_args = ["--num_gpus", str(world), "--master_port", str(free_port())]
     run = run_recipe("gpt_pretrain.py", LAYOUT_ARGS + layout + ["--resume-from", str(base_dir / "checkpoints")],
                      output_dir=tmp_path, launcher=port_args)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
