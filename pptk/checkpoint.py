@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from pptk.errors import PptkError
 from pptk.parallel import Layout
-from pptk.pipeline import PipelinePlan
+from pptk.pipeline import PipelinePlan, local_layers
 
 MANIFEST = "pptk.json"
 FORMAT = 1
@@ -123,18 +123,10 @@ def set_rng_states(states: dict) -> None:
 
 def _local_layer_modules(engine, plan: PipelinePlan):
     """(layer index, module) for every layer file this stage writes: its own layers and the first copy of a tie."""
-    module = engine.module
-    first = {}
-    for index, layer in enumerate(plan.layers):
-        if layer.tied_key:
-            first.setdefault(layer.tied_key, index)
     start, stop = plan.stages.boundaries[engine.stage_id], plan.stages.boundaries[engine.stage_id + 1]
-    for key, tied in module.tied_modules.items():
-        if start <= first[key] < stop:
-            yield first[key], tied
-    for name, child in module.named_children():
-        if name.isdigit():
-            yield int(name), child
+    for index, layer_module in local_layers(engine.module, plan.layers):
+        if start <= index < stop:  # a tied copy whose first layer sits on another stage is that stage's to write
+            yield index, layer_module
 
 
 def _optimizer_state(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
@@ -271,14 +263,7 @@ def _load_on_new_layout(engine, plan: PipelinePlan, tag_dir: Path, manifest: dic
         engine.optimizer.refresh_fp32_params()  # master weights from the loaded module weights
     _materialise_zero_states(engine)
     optimizer_states = manifest.get("layout") is not None and (tag_dir / "optim_layer_00.pt").is_file()
-    first = {}
-    for index, layer in enumerate(plan.layers):
-        if layer.tied_key:
-            first.setdefault(layer.tied_key, index)
-    module = engine.module
-    held = [(first[key], tied) for key, tied in module.tied_modules.items()]
-    held += [(int(name), child) for name, child in module.named_children() if name.isdigit()]
-    for index, layer_module in held:
+    for index, layer_module in local_layers(engine.module, plan.layers):
         states = torch.load(tag_dir / f"optim_layer_{index:02d}.pt") if optimizer_states else {}
         for name, param in layer_module.named_parameters():
             if name not in states:

@@ -13,21 +13,13 @@ from transformers import AutoConfig
 from pptk.checkpoint import MANIFEST, _write_atomically, find_checkpoint, layer_file, manifest_for, read_manifest
 from pptk.errors import PptkError
 from pptk.models.common import init_layer_like_hf
-from pptk.models import PipeLayer
+from pptk.models import PipeLayer, first_tied_index
 from pptk.pipeline import ModelSource, plan_pipeline, resolve_model
 from pptk.tasks import hf_model_class
 from pptk.weights import HFCheckpoint, TensorSource, load_stage_weights, write_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
-
-
-def _first_index_of_ties(layers: list[PipeLayer]) -> dict[str, int]:
-    first = {}
-    for index, layer in enumerate(layers):
-        if layer.tied_key:
-            first.setdefault(layer.tied_key, index)
-    return first
 
 
 def _one_layer(layers: list[PipeLayer], index: int) -> nn.Module:
@@ -59,7 +51,7 @@ def hf_to_ds(src: str | Path, dst: str | Path, *, pp: int = 1, task: str = "caus
     partial = dst / "step0.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    first = _first_index_of_ties(plan.layers)
+    first = first_tied_index(plan.layers)
     optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)
     for index, layer in enumerate(plan.layers):
         if layer.tied_key and first[layer.tied_key] != index:
@@ -163,7 +155,7 @@ def load_sequential_from_checkpoint(src: str | Path):
     config = config_from_manifest(manifest)
     plan = plan_pipeline(ModelSource(config, None, str(tag_dir)), num_stages=1, task=manifest["task"])
     module = SequentialPipe(plan.layers)
-    first = _first_index_of_ties(plan.layers)
+    first = first_tied_index(plan.layers)
     for key, tied in module.tied_modules.items():
         tied.load_state_dict(torch.load(layer_file(tag_dir, first[key]), weights_only=True))
     for name, child in module.named_children():

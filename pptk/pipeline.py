@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from pptk.errors import PptkError
-from pptk.models import PipeLayer, get_adapter, layers_for, supported_model_types
+from pptk.models import PipeLayer, first_tied_index, get_adapter, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
 from pptk.partition import StagePlan, layer_costs, plan_stages
 from pptk.tasks import get_task, hf_model_class
@@ -158,14 +158,11 @@ class SequentialPipe(nn.Module):
         return inputs
 
 
-def _local_layers(module: nn.Module, layers: list[PipeLayer]):
-    """(seed index, module) for every layer this process holds; a tied module is seeded by its first index."""
-    first_index = {}
-    for index, layer in enumerate(layers):
-        if layer.tied_key:
-            first_index.setdefault(layer.tied_key, index)
+def local_layers(module: nn.Module, layers: list[PipeLayer]):
+    """(index, module) for every layer this process holds; a tied module goes by the index of its first layer."""
+    first = first_tied_index(layers)
     for key, tied in module.tied_modules.items():
-        yield first_index[key], tied
+        yield first[key], tied
     for name, child in module.named_children():
         if name.isdigit():
             yield int(name), child
@@ -173,7 +170,7 @@ def _local_layers(module: nn.Module, layers: list[PipeLayer]):
 
 def initialise_weights(module: nn.Module, plan: PipelinePlan, *, seed: int = 1234) -> None:
     """Hugging Face's initialisation for every local layer, then the pretrained tensors of this stage, if any."""
-    for index, layer_module in _local_layers(module, plan.layers):
+    for index, layer_module in local_layers(module, plan.layers):
         init_layer_like_hf(layer_module, config=plan.config, hf_class=plan.hf_class, seed=seed + index)
     if plan.source.pretrained_dir is not None:
         optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)

@@ -19,6 +19,7 @@ import torch
 
 from pptk.errors import PptkError
 from pptk.launch import run_ranks
+from pptk.models import first_tied_index
 from pptk.pipeline import max_positions, pipeline_inputs, plan_pipeline, resolve_model
 from pptk.tasks import synthetic_labels
 
@@ -160,10 +161,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
 
 def _owned_names(module, plan, names: dict[str, str]) -> list[str]:
     """HF names this stage counts as its own: a tied module counts on the first stage that holds it."""
-    first_stage = {}
-    for index, layer in enumerate(plan.layers):
-        if layer.tied_key:
-            first_stage.setdefault(layer.tied_key, plan.stages.stage_of(index))
+    first_stage = {key: plan.stages.stage_of(index) for key, index in first_tied_index(plan.layers).items()}
     owned = []
     for key in dict(module.named_parameters()):
         if key.startswith("tied_modules."):

@@ -54,6 +54,15 @@ class Adapter:
     num_blocks: Callable[[object], int] = lambda config: config.num_hidden_layers
 
 
+def first_tied_index(layers: list[PipeLayer]) -> dict[str, int]:
+    """Tied key -> index of its first layer: where DeepSpeed saves the tied module, and the seed it is built with."""
+    first: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        if layer.tied_key:
+            first.setdefault(layer.tied_key, index)
+    return first
+
+
 _REGISTRY: dict[str, Adapter] = {}
 
 
