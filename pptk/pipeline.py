@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
@@ -179,14 +180,18 @@ def initialise_weights(module: nn.Module, plan: PipelinePlan, *, seed: int = 123
 
 
 def build_pipeline_module(plan: PipelinePlan, *, topology=None, activation_checkpoint_interval: int = 0,
-                          dynamic_shape: bool = False, seed: int = 1234) -> PlannedPipelineModule:
-    """Build this rank's stage (only its own layers) and fill it. Needs torch.distributed to be initialised."""
+                          dynamic_shape: bool = False, seed: int = 1234,
+                          loss_fn: Callable | None = None) -> PlannedPipelineModule:
+    """Build this rank's stage (only its own layers) and fill it. Needs torch.distributed to be initialised.
+
+    loss_fn: what the last stage computes from (logits, labels); default the task's Hugging Face loss.
+    """
     specs = [layer.spec for layer in plan.layers]
     kwargs = dict(num_stages=None if topology else plan.stages.num_stages, topology=topology)
     module = PlannedPipelineModule(
         specs,
         boundaries=plan.stages.boundaries,
-        loss_fn=plan.loss_fn(),
+        loss_fn=loss_fn or plan.loss_fn(),
         activation_checkpoint_interval=activation_checkpoint_interval,
         # only blocks: the embedding's inputs carry no gradient, which the reentrant checkpoint cannot handle
         checkpointable_layers=sorted({layer.class_name for layer in plan.layers if layer.role == "block"}),

@@ -100,43 +100,48 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.arange(seq, device=attention_mask.device).unsqueeze(0).repeat(batch, 1)
 
 
-# One entry per stage: every layer of a stage receives the same mask and position tensors (the same objects), so the
-# 4-D mask is built once per micro-batch per stage rather than once per layer.
-_mask_cache: dict[str, tuple[tuple, object]] = {}
-
-
-def attention_mask_for(
-    kind: str, config, stage: StageTensors, *, layer_idx: int | None = None
-) -> torch.Tensor | None:
+def attention_mask_for(kind: str, config, stage: StageTensors) -> torch.Tensor | None:
     """The 4-D (or None, when SDPA's is_causal suffices) mask transformers would build for this batch.
 
     kind: "causal", "sliding_window" (causal within config.sliding_window) or "bidirectional" (encoders).
     """
     from transformers import masking_utils
 
-    key = (id(config), config._attn_implementation, stage.hidden_states.shape[:2], stage.hidden_states.dtype)
-    cached = _mask_cache.get(kind)
-    if cached is not None:
-        (cached_key, cached_mask, cached_positions), mask = cached
-        if cached_key == key and cached_mask is stage.attention_mask and cached_positions is stage.position_ids:
-            return mask
-
     hidden = stage.hidden_states
     if kind == "bidirectional":
-        mask = masking_utils.create_bidirectional_mask(
-            config=config, inputs_embeds=hidden, attention_mask=stage.attention_mask
-        )
-    else:
-        build = {
-            "causal": masking_utils.create_causal_mask,
-            "sliding_window": masking_utils.create_sliding_window_causal_mask,
-        }[kind]
-        mask = build(
-            config=config,
-            inputs_embeds=hidden,
-            attention_mask=stage.attention_mask,
-            past_key_values=None,
-            position_ids=stage.position_ids,
-        )
-    _mask_cache[kind] = ((key, stage.attention_mask, stage.position_ids), mask)
-    return mask
+        return masking_utils.create_bidirectional_mask(config=config, inputs_embeds=hidden,
+                                                       attention_mask=stage.attention_mask)
+    build = {
+        "causal": masking_utils.create_causal_mask,
+        "sliding_window": masking_utils.create_sliding_window_causal_mask,
+    }[kind]
+    return build(config=config, inputs_embeds=hidden, attention_mask=stage.attention_mask, past_key_values=None,
+                 position_ids=stage.position_ids)
+
+
+class StageMasks:
+    """The 4-D masks of one model's layers, built once per micro-batch and mask kind rather than once per layer.
+
+    Every layer of a stage receives the same mask and position tensors (the same objects) from the layer before
+    it, so the last mask of each kind is reused while those objects are the same. One instance is shared by the
+    blocks of one model (the adapter passes it to every block's LayerSpec): the cache lives and dies with the
+    model, never process-wide.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, kind: str, config, stage: StageTensors) -> torch.Tensor | None:
+        key = (id(config), config._attn_implementation, tuple(stage.hidden_states.shape[:2]),
+               stage.hidden_states.dtype)
+        cached = self._last.get(kind)
+        if cached is not None:
+            cached_key, cached_mask, cached_positions, mask = cached
+            if cached_key == key and cached_mask is stage.attention_mask and cached_positions is stage.position_ids:
+                return mask
+        mask = attention_mask_for(kind, config, stage)
+        self._last[kind] = (key, stage.attention_mask, stage.position_ids, mask)
+        return mask
+
+    def __repr__(self) -> str:  # shown in DeepSpeed's LayerSpec descriptions
+        return "StageMasks()"

@@ -37,7 +37,7 @@ from transformers.models.bert.modeling_bert import BertLayer, BertPooler, BertPr
 from pptk.errors import PptkError
 from pptk.models import Adapter, PipeLayer, register
 from pptk.models.common import WORD_EMBEDDINGS, TokenEmbeddingPipe, tied_lm_logits
-from pptk.protocol import StageTensors, attention_mask_for
+from pptk.protocol import StageMasks, StageTensors
 
 PREFIX = "bert."  # BertFor*.base_model_prefix
 
@@ -73,13 +73,14 @@ class BertEmbeddingsPipe(nn.Module):
 class BertLayerPipe(BertLayer):
     """transformers' own BertLayer, speaking the stage protocol; the bidirectional mask is rebuilt once per stage."""
 
-    def __init__(self, config: BertConfig, layer_idx: int):
+    def __init__(self, config: BertConfig, layer_idx: int, masks: StageMasks):
         super().__init__(config, layer_idx=layer_idx)
         self.config = config
+        self.masks = masks  # shared by the model's blocks: one mask per micro-batch, not per layer
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         stage = StageTensors.from_tuple(inputs)
-        mask = attention_mask_for("bidirectional", self.config, stage)
+        mask = self.masks("bidirectional", self.config, stage)
         hidden = super().forward(stage.hidden_states, attention_mask=mask)
         return stage.with_hidden(hidden).as_tuple()
 
@@ -138,8 +139,9 @@ def encoder_layers(config: BertConfig) -> list[PipeLayer]:
         PipeLayer(_word_embeddings(config), "embed", PREFIX + "embeddings.word_embeddings."),
         PipeLayer(LayerSpec(BertEmbeddingsPipe, config), "embed", PREFIX + "embeddings."),
     ]
+    masks = StageMasks()
     layers += [
-        PipeLayer(LayerSpec(BertLayerPipe, config, i), "block", f"{PREFIX}encoder.layer.{i}.")
+        PipeLayer(LayerSpec(BertLayerPipe, config, i, masks), "block", f"{PREFIX}encoder.layer.{i}.")
         for i in range(config.num_hidden_layers)
     ]
     return layers

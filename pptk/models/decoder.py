@@ -42,7 +42,7 @@ from pptk.errors import PptkError
 from pptk.models import Adapter, PipeLayer, register
 from pptk.models.common import (WORD_EMBEDDINGS, FinalNormPipe, LMHeadPipe, TokenEmbeddingPipe, init_layer_like_hf,
                                 tied_lm_logits)
-from pptk.protocol import StageTensors, attention_mask_for
+from pptk.protocol import StageMasks, StageTensors
 from pptk.tasks import hf_model_class
 
 PREFIX = "model."  # <Family>ForCausalLM.base_model_prefix
@@ -226,11 +226,12 @@ class DecoderLayerPipe(nn.Module):
     """Placed before the family's decoder layer in a generated subclass (``LlamaDecoderLayerPipe``, ...), so the
     parameters, the initialisation and the forward are Hugging Face's; this adds only the stage protocol."""
 
-    def __init__(self, config: PretrainedConfig, layer_idx: int, *, mask_kind: str, rotary: RotaryTables,
-                 layer_type: str | None):
+    def __init__(self, config: PretrainedConfig, layer_idx: int, *, mask_kind: str, masks: StageMasks,
+                 rotary: RotaryTables, layer_type: str | None):
         super().__init__(config, layer_idx)
         self.pipe_config = config
         self.mask_kind = mask_kind
+        self.masks = masks  # shared by the model's blocks: one mask per micro-batch and kind, not per layer
         self.rotary = rotary  # a plain object, not a submodule (see RotaryTables)
         self.rotary_layer_type = layer_type if rotary.per_layer_type else None
 
@@ -238,7 +239,7 @@ class DecoderLayerPipe(nn.Module):
         stage = StageTensors.from_tuple(inputs)
         hidden = super().forward(
             stage.hidden_states,
-            attention_mask=attention_mask_for(self.mask_kind, self.pipe_config, stage),
+            attention_mask=self.masks(self.mask_kind, self.pipe_config, stage),
             position_ids=stage.position_ids,
             position_embeddings=self.rotary(stage, self.rotary_layer_type),
         )
@@ -248,19 +249,13 @@ class DecoderLayerPipe(nn.Module):
         return stage.with_hidden(hidden).as_tuple()
 
 
-_LAYER_PIPES: dict[type, type] = {}
-
-
 def layer_pipe_class(layer_class: type) -> type:
-    """``<Family>DecoderLayerPipe``: the family's layer speaking the stage protocol (one class per family, so
-    DeepSpeed's ``type:`` partitioning and activation checkpointing select blocks by name)."""
-    pipe = _LAYER_PIPES.get(layer_class)
-    if pipe is None:
-        name = f"{layer_class.__name__}Pipe"
-        pipe = type(name, (DecoderLayerPipe, layer_class), {"__module__": __name__, "__qualname__": name,
-                                                            "__doc__": f"{layer_class.__name__} on the pipeline."})
-        _LAYER_PIPES[layer_class] = pipe
-    return pipe
+    """``<Family>DecoderLayerPipe``: the family's layer speaking the stage protocol, named after it so that
+    DeepSpeed's ``type:`` partitioning and activation checkpointing select blocks by name. Made per layer list (the
+    blocks of one model share it); nothing is registered process-wide."""
+    name = f"{layer_class.__name__}Pipe"
+    return type(name, (DecoderLayerPipe, layer_class), {"__module__": __name__, "__qualname__": name,
+                                                        "__doc__": f"{layer_class.__name__} on the pipeline."})
 
 
 class DecoderEmbeddingPipe(TokenEmbeddingPipe):
@@ -432,9 +427,11 @@ def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
     layers = [PipeLayer(embed, "embed", PREFIX + "embed_tokens.")]
 
     rotary = RotaryTables(parts.rotary_class, config, per_layer_type=parts.rotary_per_layer_type)
+    masks = StageMasks()
     block = layer_pipe_class(parts.layer_class)
     layers += [
-        PipeLayer(LayerSpec(block, config, i, mask_kind=mask_kinds[i], rotary=rotary, layer_type=layer_types[i]),
+        PipeLayer(LayerSpec(block, config, i, mask_kind=mask_kinds[i], masks=masks, rotary=rotary,
+                            layer_type=layer_types[i]),
                   "block", f"{PREFIX}layers.{i}.")
         for i in range(config.num_hidden_layers)
     ]

@@ -9,7 +9,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from pptk.models import Adapter, PipeLayer, register
 from pptk.models.common import WORD_EMBEDDINGS, FinalNormPipe, LMHeadPipe, TokenEmbeddingPipe, tied_lm_logits
-from pptk.protocol import StageTensors, attention_mask_for
+from pptk.protocol import StageMasks, StageTensors
 
 PREFIX = "transformer."  # GPT2LMHeadModel.base_model_prefix
 
@@ -31,13 +31,14 @@ class GPT2PositionEmbeddingPipe(nn.Module):
 class GPT2BlockPipe(GPT2Block):
     """transformers' own GPT2Block, speaking the stage protocol; the mask is rebuilt here, once per stage."""
 
-    def __init__(self, config: GPT2Config, layer_idx: int):
+    def __init__(self, config: GPT2Config, layer_idx: int, masks: StageMasks):
         super().__init__(config, layer_idx=layer_idx)
         self.config = config
+        self.masks = masks  # shared by the model's blocks: one mask per micro-batch, not per layer
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         stage = StageTensors.from_tuple(inputs)
-        mask = attention_mask_for("causal", self.config, stage)
+        mask = self.masks("causal", self.config, stage)
         hidden = super().forward(stage.hidden_states, attention_mask=mask, position_ids=stage.position_ids)
         return stage.with_hidden(hidden).as_tuple()
 
@@ -51,8 +52,9 @@ def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
         PipeLayer(embed, "embed", PREFIX + "wte."),
         PipeLayer(LayerSpec(GPT2PositionEmbeddingPipe, config), "embed", PREFIX),
     ]
+    masks = StageMasks()
     layers += [
-        PipeLayer(LayerSpec(GPT2BlockPipe, config, i), "block", f"{PREFIX}h.{i}.")
+        PipeLayer(LayerSpec(GPT2BlockPipe, config, i, masks), "block", f"{PREFIX}h.{i}.")
         for i in range(config.num_hidden_layers)
     ]
     final_norm = LayerSpec(FinalNormPipe, nn.LayerNorm, config.hidden_size, eps=config.layer_norm_epsilon, attr="ln_f")

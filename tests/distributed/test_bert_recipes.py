@@ -88,7 +88,7 @@ def test_ner_finetuning_clearly_beats_the_untrained_model(ner):
 
 
 def test_ner_prints_the_entity_level_report_with_averages(ner):
-    reports = ner.output.split("== evaluation after epoch")[1:]
+    reports = ner.output.split("== evaluation at step")[1:]
     assert len(reports) == 2
     for report in reports:
         for row in ("LOC", "MISC", "ORG", "PER", "micro avg", "macro avg", "weighted avg", "precision"):
@@ -112,7 +112,10 @@ def test_ner_export_is_a_hugging_face_model_scoring_what_the_pipeline_scored(ner
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from pptk.finetune_data import LabelMap, encode_tagging, pad_batch, read_conll, tagging_metrics
+    from pptk.data.encode import encode_tagging, pad_batch
+    from pptk.data.labels import LabelMap
+    from pptk.data.readers import read_conll
+    from pptk.tasks.metrics import tagging_metrics
 
     export = Path(ner.summary["export_hf"])
     model = AutoModelForTokenClassification.from_pretrained(export).eval()
@@ -146,7 +149,7 @@ def test_classification_evaluates_every_epoch_and_two_replicas_score_every_examp
     assert all(e["eval_examples"] == 80 for e in cls.evaluations)
     assert all(0.0 <= e["eval_accuracy"] <= 1.0 and 0.0 <= e["eval_f1_macro"] <= 1.0 for e in cls.evaluations)
     assert "pp(1) x dp(2)" in cls.output
-    report = cls.output.split("== evaluation after epoch")[-1]
+    report = cls.output.split("== evaluation at step")[-1]
     assert "negative" in report and "positive" in report and "macro avg" in report
 
 

@@ -1,19 +1,23 @@
-# Fine-tuning data (pptk.finetune_data) and the BERT recipes' input checks, in process: readers, labels, lengths,
-# padding, batching, metrics, and the errors a user sees before any rank starts.
+# Fine-tuning data (pptk.data readers, labels, encode) and the BERT tasks' input checks, in process: readers, labels,
+# lengths, padding, metrics, and the errors a user sees before any rank starts.
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pptk.errors import PptkError
-from pptk.finetune_data import (IGNORE, LabelMap, TaggedSentence, TextExample, class_label_names,
-                                classification_metrics, encode_classification, encode_tagging, epoch_ends,
-                                eval_micro_batches, pad_batch, read_conll, read_text_classification, resolve_labels,
-                                tag_label_names, tagging_metrics, train_micro_batches)
+from pptk.data.encode import IGNORE, encode_classification, encode_tagging, pad_batch
+from pptk.data.labels import LabelMap, class_label_names, resolve_labels, tag_label_names
+from pptk.data.readers import TaggedSentence, TextExample, read_conll, read_text_classification
+from pptk.data.sampler import Shard
+from pptk.tasks.encoder import eval_micro_batches
+from pptk.tasks.masked_lm import MaskingCollator
+from pptk.tasks.metrics import classification_metrics, tagging_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "recipes" / "data"
@@ -165,45 +169,14 @@ def _toy(n: int) -> list[dict]:
     return [{"input_ids": [i] * (1 + i % 7), "token_type_ids": [0] * (1 + i % 7), "labels": i} for i in range(n)]
 
 
-def test_training_replicas_see_disjoint_examples_and_epochs_reshuffle():
-    features = _toy(50)
-    collate = lambda fs: pad_batch(fs, pad_id=0)  # noqa: E731
-    seen = []
-    for rank in range(2):
-        it = train_micro_batches(features, micro_batch_size=4, micro_batches_per_epoch=6, dp_rank=rank, dp_size=2,
-                                 seed=1, collate=collate)
-        batches = [next(it)[1].tolist() for _ in range(12)]
-        seen.append((sum(batches[:6], []), sum(batches[6:], [])))
-    first_epoch = seen[0][0] + seen[1][0]
-    assert len(first_epoch) == len(set(first_epoch)) == 48  # 50 // (4 * 2 * 6) steps: the 2-example tail is skipped
-    assert seen[0][0] != seen[0][1]
-
-
-def test_training_batches_resume_where_a_run_stopped():
-    features = _toy(50)
-    collate = lambda fs: pad_batch(fs, pad_id=0)  # noqa: E731
-    kwargs = dict(micro_batch_size=4, micro_batches_per_epoch=6, dp_rank=1, dp_size=2, seed=3, collate=collate)
-    full = train_micro_batches(features, **kwargs)
-    expected = [next(full)[1].tolist() for _ in range(15)][8:]
-    resumed = train_micro_batches(features, start=8, **kwargs)  # step 4 of a run with 2 micro-batches per step
-    assert [next(resumed)[1].tolist() for _ in range(7)] == expected
-
-
 @pytest.mark.parametrize("n, dp, mbs", [(80, 2, 8), (13, 2, 4), (5, 3, 1), (7, 1, 16)])
 def test_evaluation_uses_every_example_once_with_equal_micro_batch_counts(n, dp, mbs):
     features = _toy(n)
-    shares = [eval_micro_batches(features, micro_batch_size=mbs, dp_rank=r, dp_size=dp,
-                                 collate=lambda fs: pad_batch(fs, pad_id=0)) for r in range(dp)]
+    shares = [eval_micro_batches(features, Shard(dp_rank=r, dp_size=dp, micro_batch_size=mbs),
+                                 lambda fs: pad_batch(fs, pad_id=0)) for r in range(dp)]
     assert len({len(share) for share in shares}) == 1
     labels = sorted(label for share in shares for _, batch in share for label in batch.tolist())
     assert labels == list(range(n))
-
-
-def test_epoch_ends():
-    assert epoch_ends(10, epochs=3, max_steps=None) == [10, 20, 30]
-    assert epoch_ends(10, epochs=3, max_steps=25) == [10, 20, 25]
-    assert epoch_ends(10, epochs=1, max_steps=4) == [4]
-    assert epoch_ends(10, epochs=1, max_steps=35) == [10, 20, 30, 35]
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -229,42 +202,38 @@ def test_tagging_metrics_are_entity_level():
 # ---------------------------------------------------------------------------------------------------- recipes
 
 
-def _finetune_args(minilm, *extra):
-    recipe = _recipe("bert_finetune")
-    return recipe, recipe.parse_args(["--model", str(minilm), "--output-dir", "unused", *extra])
+def _prepared(recipe_name: str, *argv):
+    run, prepare = _recipe(recipe_name).build([*argv, "--output-dir", "unused"])
+    return prepare(run)
 
 
 NER = ["--task", "token-classification", "--train", str(DATA / "ner_train.conll")]
 
 
 def test_shipped_samples_prepare_cleanly(minilm):
-    recipe, args = _finetune_args(minilm, *NER, "--eval", str(DATA / "ner_dev.conll"))
-    data = recipe.prepare(args)
+    data = _prepared("bert_finetune", "--model", str(minilm), *NER, "--eval", str(DATA / "ner_dev.conll"))
     assert data.label_map.names == ("O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER")
     assert data.source.config.num_labels == 9 and data.source.config.id2label[7] == "B-PER"
-    assert len(data.train) == 400 and data.max_len == 512
-    recipe, args = _finetune_args(minilm, "--task", "sequence-classification", "--train",
-                                  str(DATA / "cls_train.csv"), "--eval", str(DATA / "cls_dev.csv"))
-    assert recipe.prepare(args).label_map.names == ("negative", "positive")
+    assert len(data.train) == 400 and data.seq_len == 512
+    data = _prepared("bert_finetune", "--model", str(minilm), "--task", "sequence-classification",
+                     "--train", str(DATA / "cls_train.csv"), "--eval", str(DATA / "cls_dev.csv"))
+    assert data.label_map.names == ("negative", "positive")
 
 
 def test_recipe_input_errors_before_any_rank_starts(minilm, tmp_path):
     dev = _write(tmp_path / "dev.conll", "Maria B-PER\n\nAcme B-COMPANY\n")
-    recipe, args = _finetune_args(minilm, *NER, "--eval", str(dev))
+    base = ["--model", str(minilm), *NER]
     with pytest.raises(PptkError, match=rf"{dev}:3: label 'B-COMPANY' is not in the label set"):
-        recipe.prepare(args)
-    recipe, args = _finetune_args(minilm, *NER, "--eval", str(DATA / "ner_dev.conll"), "--num-labels", "5")
+        _prepared("bert_finetune", *base, "--eval", str(dev))
+    eval_ok = ["--eval", str(DATA / "ner_dev.conll")]
     with pytest.raises(PptkError, match="--num-labels 5 disagrees with the 9 labels of the training data"):
-        recipe.prepare(args)
-    recipe, args = _finetune_args(minilm, *NER, "--eval", str(DATA / "ner_dev.conll"), "--max-seq-len", "600")
+        _prepared("bert_finetune", *base, *eval_ok, "--num-labels", "5")
     with pytest.raises(PptkError, match="--max-seq-len 600 is longer than the model's 512 positions"):
-        recipe.prepare(args)
-    recipe, args = _finetune_args(minilm, *NER, "--eval", str(DATA / "ner_dev.conll"), "--max-seq-len", "8")
+        _prepared("bert_finetune", *base, *eval_ok, "--max-seq-len", "600")
     with pytest.raises(PptkError, match=r"ner_train.conll:\d+: \d+ tokens, longer than --max-seq-len 8"):
-        recipe.prepare(args)
-    recipe, args = _finetune_args(minilm, *NER, "--eval", str(DATA / "ner_dev.conll"), "--max-seq-len", "8",
-                                  "--truncate")
-    assert max(len(f["input_ids"]) for f in recipe.prepare(args).train) == 8
+        _prepared("bert_finetune", *base, *eval_ok, "--max-seq-len", "8")
+    data = _prepared("bert_finetune", *base, *eval_ok, "--max-seq-len", "8", "--truncate")
+    assert max(len(f["input_ids"]) for f in data.train) == 8
 
 
 def test_checkpoint_classifier_of_another_size_is_refused(minilm, tmp_path):
@@ -274,20 +243,15 @@ def test_checkpoint_classifier_of_another_size_is_refused(minilm, tmp_path):
                         intermediate_size=64, num_labels=4)
     BertForTokenClassification(config).save_pretrained(tmp_path / "tuned")
     AutoTokenizer.from_pretrained(minilm).save_pretrained(tmp_path / "tuned")
-    recipe = _recipe("bert_finetune")
-    args = recipe.parse_args(["--model", str(tmp_path / "tuned"), *NER, "--eval", str(DATA / "ner_dev.conll"),
-                              "--output-dir", "unused"])
     with pytest.raises(PptkError, match="classifier has 4 outputs but there are 9 labels"):
-        recipe.prepare(args)
+        _prepared("bert_finetune", "--model", str(tmp_path / "tuned"), *NER, "--eval", str(DATA / "ner_dev.conll"))
 
 
 def test_mlm_masking_is_seeded_and_never_empty(minilm, tokenizer):
-    recipe = _recipe("bert_mlm")
-    args = recipe.parse_args(["--model", str(minilm), "--data", str(DATA / "mlm_train.txt"), "--output-dir", "x"])
-    data = recipe.prepare(args)
+    data = _prepared("bert_mlm", "--model", str(minilm), "--data", str(DATA / "mlm_train.txt"))
     assert len(data.train) + len(data.eval) == 400 and len(data.eval) == 40
-    one = recipe.MaskingCollator(tokenizer, probability=0.15, seed=7)
-    two = recipe.MaskingCollator(tokenizer, probability=0.15, seed=7)
+    one = MaskingCollator(tokenizer, probability=0.15, seed=7)
+    two = MaskingCollator(tokenizer, probability=0.15, seed=7)
     for start in range(0, 64, 8):
         (ids_a, mask_a, types_a), labels_a = one(data.train[start:start + 8])
         (ids_b, _, _), labels_b = two(data.train[start:start + 8])
@@ -295,6 +259,17 @@ def test_mlm_masking_is_seeded_and_never_empty(minilm, tokenizer):
         chosen = labels_a != IGNORE
         assert chosen.any() and not (chosen & (mask_a == 0)).any()
         assert ids_a.shape == mask_a.shape == types_a.shape
-    tiny = recipe.MaskingCollator(tokenizer, probability=1e-6, seed=0)
+    tiny = MaskingCollator(tokenizer, probability=1e-6, seed=0)
     _, labels = tiny(data.train[:2])
     assert (labels != IGNORE).sum() == 1  # nothing chosen: one token is masked so the loss is defined
+
+
+def test_mlm_masks_depend_only_on_replica_and_micro_batch_number(minilm):
+    """Every stage of a replica, and a run resumed at that micro-batch, builds the same masked batch."""
+    data = _prepared("bert_mlm", "--model", str(minilm), "--data", str(DATA / "mlm_train.txt"))
+    shard = Shard(dp_rank=1, dp_size=2, micro_batch_size=4)
+    indices = np.arange(4)
+    first, again = data.train_batch(indices, 17, shard), data.train_batch(indices, 17, shard)
+    other = data.train_batch(indices, 18, shard)
+    assert torch.equal(first[1], again[1]) and torch.equal(first[0][0], again[0][0])
+    assert not torch.equal(first[1], other[1])

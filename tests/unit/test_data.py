@@ -1,5 +1,4 @@
 # Data: the offline corpus, the demo tokenizer, packing, and the per-dp-rank micro-batch stream.
-import itertools
 import json
 import sys
 
@@ -8,21 +7,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pptk.data import (
-    DEMO_MODULES,
-    EOS,
-    LMBlocks,
-    batch_iterator,
-    check_token_ids,
-    demo_corpus,
-    demo_documents,
-    micro_batches_per_epoch,
-    pack_tokens,
-    split_train_eval,
-    tokenize_files,
-    tokenize_texts,
-    train_demo_tokenizer,
-)
+from pptk.data.demo import DEMO_MODULES, EOS, demo_corpus, demo_documents, train_demo_tokenizer
+from pptk.data.lm import LMBlocks, check_token_ids, pack_tokens, split_train_eval, tokenize_files, tokenize_texts
+from pptk.tasks.causal_lm import _lm_batch
 from pptk.errors import PptkError
 
 VOCAB = 1024
@@ -51,11 +38,6 @@ def tokenizer(tokenizer_dir):
 def numbered_blocks(n, block_size=3):
     # Row i holds i in every position, so a batch's rows name the blocks it came from.
     return LMBlocks(torch.arange(n).repeat_interleave(block_size).reshape(n, block_size))
-
-
-def block_ids(batch):
-    (input_ids, _), _ = batch
-    return input_ids[:, 0].tolist()
 
 
 # --- demo corpus ----------------------------------------------------------------------------------------------
@@ -236,75 +218,13 @@ def test_split_train_eval_errors():
         split_train_eval(numbered_blocks(10), eval_fraction=0.01, seed=0)
 
 
-# --- batch_iterator -------------------------------------------------------------------------------------------
+# --- causal-LM micro-batches --------------------------------------------------------------------------------
 
-def test_batch_shapes_and_types():
+def test_lm_batch_shapes_and_types():
     blocks = LMBlocks(torch.randint(0, 100, (12, 5)))
-    (input_ids, attention_mask), labels = next(batch_iterator(blocks, micro_batch_size=4, dp_rank=0, dp_size=1,
-                                                              seed=0))
+    (input_ids, attention_mask), labels = _lm_batch(blocks, np.array([3, 0, 7, 11]))
     for tensor in (input_ids, attention_mask, labels):
         assert tensor.shape == (4, 5) and tensor.dtype == torch.int64
     assert attention_mask.eq(1).all()
     assert torch.equal(labels, input_ids) and labels.data_ptr() != input_ids.data_ptr()
-    assert any(torch.equal(input_ids[0], row) for row in blocks.tokens)
-
-
-def test_dp_ranks_see_disjoint_shards_covering_the_epoch():
-    blocks, mbs, dp = numbered_blocks(50), 3, 4  # 50 // 12 = 4 micro-batches per rank; 2 blocks left over
-    assert micro_batches_per_epoch(50, micro_batch_size=mbs, dp_size=dp) == 4
-    shards = []
-    for rank in range(dp):
-        it = batch_iterator(blocks, micro_batch_size=mbs, dp_rank=rank, dp_size=dp, seed=7)
-        shards.append([i for batch in itertools.islice(it, 4) for i in block_ids(batch)])
-    seen = [i for shard in shards for i in shard]
-    assert all(len(shard) == 12 for shard in shards)
-    assert len(set(seen)) == 48  # pairwise disjoint
-    assert set(seen) <= set(range(50))
-
-
-def test_each_epoch_is_a_new_deterministic_permutation():
-    blocks = numbered_blocks(12)
-
-    def epochs(seed):
-        it = batch_iterator(blocks, micro_batch_size=4, dp_rank=0, dp_size=1, seed=seed)
-        ids = [i for batch in itertools.islice(it, 9) for i in block_ids(batch)]
-        return ids[:12], ids[12:24], ids[24:]
-
-    first, second, third = epochs(seed=1)
-    assert sorted(first) == sorted(second) == sorted(third) == list(range(12))
-    assert first != second != third
-    assert epochs(seed=1) == (first, second, third)
-    assert epochs(seed=2)[0] != first
-
-
-def test_epoch_argument_starts_at_that_epoch():
-    blocks = numbered_blocks(12)
-    full = batch_iterator(blocks, micro_batch_size=4, dp_rank=0, dp_size=1, seed=1)
-    from_epoch_2 = batch_iterator(blocks, micro_batch_size=4, dp_rank=0, dp_size=1, seed=1, epoch=2)
-    expected = [block_ids(b) for b in itertools.islice(full, 6, 9)]
-    assert [block_ids(b) for b in itertools.islice(from_epoch_2, 3)] == expected
-
-
-@pytest.mark.parametrize("start_step", [0, 1, 3, 5, 11])
-def test_resume_equals_skipping(start_step):
-    # 26 blocks, 2 per micro-batch, 2 ranks: 6 micro-batches per epoch, so 11 crosses an epoch boundary.
-    blocks = numbered_blocks(26)
-    for rank in range(2):
-        kwargs = dict(micro_batch_size=2, dp_rank=rank, dp_size=2, seed=5)
-        full = [block_ids(b) for b in itertools.islice(batch_iterator(blocks, **kwargs), start_step, start_step + 8)]
-        resumed = [block_ids(b) for b in itertools.islice(batch_iterator(blocks, start_step=start_step, **kwargs), 8)]
-        assert resumed == full
-
-
-def test_batch_iterator_errors_are_raised_at_call_time():
-    blocks = numbered_blocks(10)
-    with pytest.raises(PptkError) as err:
-        batch_iterator(blocks, micro_batch_size=4, dp_rank=0, dp_size=3, seed=0)
-    assert str(err.value) == ("10 blocks cannot give each of dp_size(3) ranks one micro-batch of 4: need at least 12 "
-                              "blocks; give more text or use a smaller block_size or micro_batch_size")
-    with pytest.raises(PptkError, match=r"dp_rank\(2\) must be in \[0, dp_size\(2\)\)"):
-        batch_iterator(blocks, micro_batch_size=1, dp_rank=2, dp_size=2, seed=0)
-    with pytest.raises(PptkError, match="micro_batch_size must be a positive integer, got 0"):
-        batch_iterator(blocks, micro_batch_size=0, dp_rank=0, dp_size=1, seed=0)
-    with pytest.raises(PptkError, match="start_step must be >= 0, got -1"):
-        batch_iterator(blocks, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0, start_step=-1)
+    assert torch.equal(input_ids[0], blocks.tokens[3]) and torch.equal(input_ids[3], blocks.tokens[11])

@@ -5,7 +5,7 @@ import torch
 from pptk.errors import PptkError
 from pptk.pipeline import prepare_config
 from pptk.models.gpt2 import small_config
-from pptk.protocol import StageTensors, attention_mask_for, check_input_ids, default_position_ids
+from pptk.protocol import StageMasks, StageTensors, attention_mask_for, check_input_ids, default_position_ids
 
 
 def _stage(batch=2, seq=5, hidden=8):
@@ -36,13 +36,16 @@ def test_tensors_sent_between_stages_are_contiguous():
 def test_mask_is_built_once_per_stage_and_micro_batch():
     config = prepare_config(small_config(), attn_implementation="eager")
     stage = _stage()
-    first = attention_mask_for("causal", config, stage)
-    assert attention_mask_for("causal", config, stage) is first  # same tensors: reused
+    masks = StageMasks()
+    first = masks("causal", config, stage)
+    assert masks("causal", config, stage) is first  # same tensors: reused
+    assert StageMasks()("causal", config, stage) is not first  # another model's cache: its own mask
     assert first.shape == (2, 1, 5, 5)
     assert first[1, 0, 4, 3] < -1e30 and first[1, 0, 2, 1] == 0  # padding key masked, earlier real key visible
     assert first[0, 0, 1, 2] < -1e30  # causal
     other = _stage()
-    assert attention_mask_for("causal", config, other) is not first  # a new micro-batch: rebuilt
+    assert masks("causal", config, other) is not first  # a new micro-batch: rebuilt
+    torch.testing.assert_close(masks("causal", config, other), attention_mask_for("causal", config, other))
 
 
 def test_input_ids_are_checked_against_vocab_and_positions():

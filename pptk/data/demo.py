@@ -1,4 +1,4 @@
-# Causal-LM pretraining data: an offline demo corpus and tokenizer, token packing, and per-dp-rank micro-batches.
+# The embedded demo: an offline corpus (the standard library's docstrings) and a byte-level BPE tokenizer trained on it.
 from __future__ import annotations
 
 import contextlib
@@ -11,13 +11,8 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from pptk.errors import PptkError
 
@@ -178,148 +173,3 @@ def _cached_tokenizer(out_dir: Path, *, meta: dict) -> bool:
         raise PptkError(f"{out_dir} holds a tokenizer pptk did not train (no {_TOKENIZER_META}); pass another "
                         "out_dir or delete that one")
     return False
-
-
-def tokenize_texts(texts: Sequence[str], tokenizer: Any) -> np.ndarray:
-    """Token ids of each text followed by the eos token, concatenated (int32)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise PptkError(f"tokenizer {type(tokenizer).__name__} has no eos token, so documents cannot be separated; "
-                        f"set one (tokenizer.eos_token = ...) or use train_demo_tokenizer, whose eos is {EOS}")
-    if not texts:
-        return np.zeros(0, dtype=np.int32)
-    # One batched call (fast tokenizers encode it in parallel); verbose=False because whole documents are longer
-    # than model_max_length by design, and packing cuts them into blocks.
-    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return np.fromiter((i for ids in encoded for i in [*ids, eos]), dtype=np.int32)
-
-
-def tokenize_files(paths: Sequence[str | Path], tokenizer: Any) -> np.ndarray:
-    """Token ids of UTF-8 text files, one document per file, each followed by eos (int32)."""
-    if not paths:
-        raise PptkError("no text files given; pass at least one path")
-    texts = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise PptkError(f"text file {str(path)!r} does not exist; check the path")
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise PptkError(f"text file {str(path)!r} is empty; remove it from the list or fill it")
-        texts.append(text)
-    return tokenize_texts(texts, tokenizer)
-
-
-def pack_tokens(token_ids: list[int] | np.ndarray, *, block_size: int) -> torch.Tensor:
-    """[N, block_size] int64 blocks of consecutive tokens; the last len % block_size tokens are dropped."""
-    if block_size < 1:
-        raise PptkError(f"block_size must be a positive integer, got {block_size}")
-    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).flatten()
-    n_blocks = ids.numel() // block_size
-    if n_blocks == 0:
-        raise PptkError(f"{ids.numel()} tokens are fewer than one block of block_size {block_size}; "
-                        "give more text or use a smaller block_size")
-    return ids[: n_blocks * block_size].reshape(n_blocks, block_size).clone()
-
-
-def check_token_ids(ids: Any, *, vocab_size: int) -> None:
-    """Raise if any id is outside [0, vocab_size): an embedding lookup would fail (or read garbage on GPU)."""
-    ids = torch.as_tensor(np.asarray(ids))
-    if ids.numel() == 0:
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if high >= vocab_size or low < 0:
-        raise PptkError(f"token ids span [{low}, {high}] but the model's vocab_size is {vocab_size}: the tokenizer "
-                        "and the model disagree; use the tokenizer the model was trained with, or resize the model's "
-                        "embeddings to len(tokenizer)")
-
-
-@dataclass(frozen=True, eq=False)
-class LMBlocks:
-    """Packed token blocks, [N, block_size] int64; row i is training example i."""
-
-    tokens: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.tokens.dim() != 2 or self.tokens.dtype != torch.long:
-            raise PptkError(f"LMBlocks needs a 2-D int64 tensor [N, block_size], got {self.tokens.dtype} "
-                            f"{tuple(self.tokens.shape)}; build it with LMBlocks.from_tokens")
-
-    @classmethod
-    def from_tokens(cls, token_ids: list[int] | np.ndarray, *, block_size: int) -> LMBlocks:
-        return cls(pack_tokens(token_ids, block_size=block_size))
-
-    @property
-    def block_size(self) -> int:
-        return self.tokens.shape[1]
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        return self.tokens[index]
-
-
-def split_train_eval(blocks: LMBlocks, *, eval_fraction: float, seed: int) -> tuple[LMBlocks, LMBlocks]:
-    """A seeded random split of whole blocks into (train, eval), each kept in corpus order."""
-    if not 0 < eval_fraction < 1:
-        raise PptkError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
-    n_eval = round(len(blocks) * eval_fraction)
-    if not 0 < n_eval < len(blocks):
-        raise PptkError(f"eval_fraction {eval_fraction} of {len(blocks)} blocks leaves {n_eval} for eval and "
-                        f"{len(blocks) - n_eval} for training; both need at least one: give more text, a smaller "
-                        "block_size, or another eval_fraction")
-    order = np.random.default_rng([seed]).permutation(len(blocks))
-    eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
-    return LMBlocks(blocks.tokens[torch.from_numpy(train_idx)]), LMBlocks(blocks.tokens[torch.from_numpy(eval_idx)])
-
-
-def micro_batches_per_epoch(num_blocks: int, *, micro_batch_size: int, dp_size: int) -> int:
-    """Micro-batches each dp rank gets per epoch; the num_blocks % (micro_batch_size * dp_size) rest is skipped."""
-    return num_blocks // (micro_batch_size * dp_size)
-
-
-def batch_iterator(
-    blocks: LMBlocks,
-    *,
-    micro_batch_size: int,
-    dp_rank: int,
-    dp_size: int,
-    seed: int,
-    epoch: int = 0,
-    start_step: int = 0,
-) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """Endless `((input_ids, attention_mask), labels)` micro-batches for one dp rank, as PipelineEngine.train_batch
-    consumes them. All int64 [micro_batch_size, block_size]; the mask is all ones (packed blocks have no padding)
-    and labels are input_ids (the model shifts them).
-
-    Each epoch is a permutation seeded by (seed, epoch); micro-batch i of that epoch on rank r is the permutation's
-    slice number i * dp_size + r, so the dp ranks see disjoint blocks. start_step skips that many of this rank's
-    micro-batches (counted from the start of `epoch`) without computing them, for exact resume.
-    """
-    for name, value in (("micro_batch_size", micro_batch_size), ("dp_size", dp_size)):
-        if value < 1:
-            raise PptkError(f"{name} must be a positive integer, got {value}")
-    if not 0 <= dp_rank < dp_size:
-        raise PptkError(f"dp_rank({dp_rank}) must be in [0, dp_size({dp_size}))")
-    for name, value in (("seed", seed), ("epoch", epoch), ("start_step", start_step)):
-        if value < 0:
-            raise PptkError(f"{name} must be >= 0, got {value}")
-    per_epoch = micro_batches_per_epoch(len(blocks), micro_batch_size=micro_batch_size, dp_size=dp_size)
-    if per_epoch == 0:
-        raise PptkError(f"{len(blocks)} blocks cannot give each of dp_size({dp_size}) ranks one micro-batch of "
-                        f"{micro_batch_size}: need at least {micro_batch_size * dp_size} blocks; give more text or "
-                        "use a smaller block_size or micro_batch_size")
-    # Validation above runs at call time; the generator below only starts on the first next().
-    return _micro_batches(blocks, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
-                          epoch=epoch + start_step // per_epoch, step=start_step % per_epoch, per_epoch=per_epoch)
-
-
-def _micro_batches(blocks: LMBlocks, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, epoch: int,
-                   step: int, per_epoch: int) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    while True:
-        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(blocks)))
-        for i in range(step, per_epoch):
-            start = (i * dp_size + dp_rank) * micro_batch_size
-            input_ids = blocks.tokens[order[start : start + micro_batch_size]]
-            yield (input_ids, torch.ones_like(input_ids)), input_ids.clone()
-        epoch, step = epoch + 1, 0

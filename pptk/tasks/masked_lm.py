@@ -1,0 +1,137 @@
+# Masked-LM continued pretraining of an encoder: one example per text line, 15% masking split 80/10/10.
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pptk.config import RunConfig
+from pptk.data.encode import IGNORE, encode_lines
+from pptk.data.readers import read_lines
+from pptk.data.sampler import Shard
+from pptk.errors import PptkError
+from pptk.pipeline import ModelSource, PipelinePlan
+from pptk.tasks.base import Batch, Evaluation, replica_mean
+from pptk.tasks.encoder import eval_micro_batches, resolve_encoder, select
+
+TASK = "masked-lm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskedLMData:
+    files: tuple[Path, ...]
+    eval_files: tuple[Path, ...] = ()  # default: eval_fraction of the lines of `files`
+    eval_fraction: float = 0.1
+    mlm_probability: float = 0.15
+    max_seq_len: int | None = None  # default: the model's positions
+    truncate: bool = False
+
+
+class MaskingCollator:
+    """Pads a micro-batch to its longest line and masks it with transformers' collator (80/10/10).
+
+    Seeded: every pipeline stage of a replica masks the same micro-batches identically, so the inputs the first
+    stage reads match the labels the last stage reads. A micro-batch where no token was chosen gets one (its first
+    ordinary token), so the loss is never a mean over nothing.
+    """
+
+    def __init__(self, tokenizer, *, probability: float, seed: int):
+        from transformers import DataCollatorForLanguageModeling
+
+        self.tokenizer = tokenizer
+        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability, seed=seed)
+
+    def __call__(self, features: list[dict]) -> Batch:
+        batch = self.collator([dict(f) for f in features])
+        ids, labels = batch["input_ids"], batch["labels"]
+        if not (labels != IGNORE).any():
+            special = batch.get("special_tokens_mask")
+            ordinary = ~torch.tensor(self.tokenizer.get_special_tokens_mask(ids[0].tolist(),
+                                                                            already_has_special_tokens=True),
+                                     dtype=torch.bool) if special is None else special[0] == 0
+            position = int(ordinary.nonzero()[0]) if ordinary.any() else 0
+            labels[0, position] = ids[0, position]
+            ids[0, position] = self.tokenizer.mask_token_id
+        return (ids, batch["attention_mask"], batch["token_type_ids"]), labels
+
+
+def masking_seed(seed: int, *parts: int) -> int:
+    """A collator seed for one micro-batch: masks depend on (run seed, replica, micro-batch), so a resumed run
+    masks exactly as the uninterrupted one did."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
+
+
+def prepare(run: RunConfig) -> PreparedMaskedLM:
+    data: MaskedLMData = run.data
+    if not 0 < data.mlm_probability < 1:
+        raise PptkError(f"--mlm-probability must be between 0 and 1, got {data.mlm_probability}")
+    source, tokenizer, max_len = resolve_encoder(run, max_seq_len=data.max_seq_len, examples="lines")
+    if tokenizer.mask_token is None:
+        raise PptkError(f"tokenizer {type(tokenizer).__name__} has no mask token; use the model's own tokenizer")
+    lines = read_lines(data.files)
+    if data.eval_files:
+        train_lines, eval_lines = lines, read_lines(data.eval_files)
+    else:
+        if not 0 < data.eval_fraction < 1:
+            raise PptkError(f"--eval-fraction must be between 0 and 1, got {data.eval_fraction}")
+        order = np.random.default_rng([run.seed]).permutation(len(lines))
+        n_eval = max(1, round(len(lines) * data.eval_fraction))
+        train_lines = [lines[i] for i in sorted(order[n_eval:])]
+        eval_lines = [lines[i] for i in sorted(order[:n_eval])]
+    encode = dict(tokenizer=tokenizer, max_len=max_len, truncate=data.truncate)
+    return PreparedMaskedLM(source=source, tokenizer=tokenizer, seq_len=max_len,
+                            train=encode_lines(train_lines, **encode), eval=encode_lines(eval_lines, **encode),
+                            probability=data.mlm_probability, seed=run.seed)
+
+
+@dataclass
+class PreparedMaskedLM:
+    source: ModelSource
+    tokenizer: Any
+    seq_len: int
+    train: list[dict]
+    eval: list[dict]
+    probability: float
+    seed: int
+    task: str = TASK
+    dynamic_shape: bool = True  # every micro-batch is padded to its own longest line
+    lengths: set[int] = field(default_factory=set)
+    _eval_batches: list | None = None
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train)
+
+    def describe(self) -> str:
+        return f"{len(self.train)} train / {len(self.eval)} eval lines"
+
+    def tokens_per_example(self) -> float:
+        return sum(len(f["input_ids"]) for f in self.train) / len(self.train)
+
+    def loss_fn(self, plan: PipelinePlan):
+        return plan.loss_fn()
+
+    def train_batch(self, indices: np.ndarray, number: int, shard: Shard) -> Batch:
+        collate = MaskingCollator(self.tokenizer, probability=self.probability,
+                                  seed=masking_seed(self.seed, shard.dp_rank, number))
+        batch = collate(select(self.train, indices))
+        self.lengths.add(int(batch[0][0].shape[1]))
+        return batch
+
+    def evaluate(self, engine, shard: Shard, *, max_micro_batches: int) -> Evaluation:
+        if self._eval_batches is None:  # built once: the same masks at every evaluation, so the numbers compare
+            collate = MaskingCollator(self.tokenizer, probability=self.probability,
+                                      seed=masking_seed(self.seed, 10_000, shard.dp_rank))
+            self._eval_batches = eval_micro_batches(self.eval, shard, collate)
+        batches = self._eval_batches
+        loss = replica_mean(float(engine.eval_batch(iter(batches), num_micro_batches=len(batches))))
+        return Evaluation({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))})
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {"train_seq_lens": sorted(self.lengths)}
+
+    def after_export(self, export_dir: Path) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,237 @@
+# The one training loop: engine, resume, steps, evaluation cadence, metrics, checkpoints, export and the summary.
+"""``Trainer(run, prepare).fit()`` is all a recipe calls. In order:
+
+1. on every rank alike, before any process group: the task reads and checks its inputs (``prepare``), then the
+   layout, the step plan (epochs -> steps), the filled DeepSpeed config, the stage plan and a resume
+   checkpoint's compatibility are settled, so bad input fails everywhere the same way and no rank waits;
+2. the process group, this rank's stage and the engine; the checkpoint, if resuming;
+3. the steps: train, log every ``log_every``, evaluate when due, checkpoint every ``save_every`` (and at epoch
+   ends and the last step);
+4. the Hugging Face export, the task's closing extras and the summary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from pptk.checkpoint import find_checkpoint, read_manifest, same_layout, save_checkpoint
+from pptk.config import RunConfig
+from pptk.data.sampler import Shard, micro_batches_per_epoch, train_indices
+from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
+from pptk.errors import PptkError
+from pptk.logs import get_logger, setup_logging
+from pptk.parallel import Layout
+from pptk.pipeline import PipelinePlan, plan_pipeline
+from pptk.reporting import MetricsLog, Summary, format_evaluation
+from pptk.tasks.base import Batch, PreparedTask
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which steps run, and which of them evaluate and checkpoint."""
+
+    max_steps: int
+    eval_every: int
+    save_every: int
+    steps_per_epoch: int | None = None  # epoch-based runs: evaluate and checkpoint at every epoch end
+
+    def epoch_of(self, step: int) -> int | None:
+        if self.steps_per_epoch is None:
+            return None
+        return min(-(-step // self.steps_per_epoch), -(-self.max_steps // self.steps_per_epoch))
+
+    def evaluates(self, step: int) -> bool:
+        if self.steps_per_epoch is not None:
+            return step % self.steps_per_epoch == 0 or step == self.max_steps
+        return step % self.eval_every == 0 or step == self.max_steps
+
+    def saves(self, step: int) -> bool:
+        epoch_end = self.steps_per_epoch is not None and step % self.steps_per_epoch == 0
+        return step % self.save_every == 0 or epoch_end or step == self.max_steps
+
+
+def plan_steps(run: RunConfig, *, num_examples: int, layout: Layout) -> StepPlan:
+    """--max-steps, or --epochs over whole steps of the data (--max-steps then cuts it short or stretches it)."""
+    if run.optim.epochs is None:
+        assert run.optim.max_steps is not None  # RunConfig requires one of them
+        return StepPlan(run.optim.max_steps, run.output.eval_every, run.output.save_every)
+    shard = Shard(dp_rank=0, dp_size=layout.dp, micro_batch_size=layout.micro_batch_size,
+                  grad_accum_steps=layout.grad_accum_steps)
+    try:
+        per_epoch = micro_batches_per_epoch(num_examples, shard, whole_steps=True) // layout.grad_accum_steps
+    except PptkError:
+        raise PptkError(f"{num_examples} training examples are fewer than one step's global batch of "
+                        f"{layout.global_batch_size}; lower --micro-batch-size or --grad-accum-steps, or give more "
+                        "data") from None
+    max_steps = run.optim.max_steps or run.optim.epochs * per_epoch
+    return StepPlan(max_steps, run.output.eval_every, run.output.save_every, steps_per_epoch=per_epoch)
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, prepare: Callable[[RunConfig], PreparedTask]):
+        self.run = run
+        self.prepare = prepare
+
+    def fit(self) -> Summary | None:
+        """Train as configured; returns the summary on rank 0 (None elsewhere)."""
+        setup_logging(all_ranks=self.run.output.log_all_ranks)
+        # DeepSpeed's pipeline sends activations with broadcast inside autograd; torch warns about it on every step.
+        # The gradients are sent explicitly by the engine, so the warning does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+            return self._fit()
+
+    # ------------------------------------------------------------------------------------------------- set-up
+
+    def _fit(self) -> Summary | None:
+        run = self.run
+        task = self.prepare(run)
+        raw_ds_config = load_run_ds_config(run)
+        layout = resolve_layout(run, raw_ds_config)
+        steps = plan_steps(run, num_examples=task.num_train_examples, layout=layout)
+        ds_config = resolve_ds_config(run, raw_ds_config, layout, total_steps=steps.max_steps)
+        plan = plan_pipeline(task.source, num_stages=layout.pp, task=task.task,
+                             partition_method=run.parallel.partition_method, seq_len=task.seq_len,
+                             attn_implementation=run.model.attn_implementation, dropout=run.model.dropout)
+        start_step = self._check_resume(plan, layout, steps)
+
+        init_distributed()
+        rank = dist.get_rank()
+        engine = build_engine(plan, layout=layout, ds_config=ds_config, seed=run.seed, loss_fn=task.loss_fn(plan),
+                              activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
+                              dynamic_shape=task.dynamic_shape)
+        if run.output.resume_from is not None:
+            from pptk.checkpoint import resume
+
+            resume(engine, plan, layout=layout, path=run.output.resume_from)
+        shard = Shard(dp_rank=engine.grid.get_data_parallel_rank(), dp_size=layout.dp,
+                      micro_batch_size=layout.micro_batch_size, grad_accum_steps=layout.grad_accum_steps)
+        if rank == 0:
+            log.info(f"{task.source.label}: {layout.describe()}; {task.describe()}; {steps.max_steps} steps"
+                     + (f", {steps.steps_per_epoch} per epoch" if steps.steps_per_epoch else "")
+                     + f"\n{plan.stages.describe()}")
+            hf_config = run.output.output_dir / "hf_config"  # what a later export needs
+            hf_config.mkdir(parents=True, exist_ok=True)
+            plan.config.save_pretrained(hf_config)
+            task.tokenizer.save_pretrained(hf_config)
+        metrics = MetricsLog(output_dir=run.output.output_dir, active=rank == 0,
+                             run_config={**run.to_dict(), "layout": layout.describe()},
+                             total_steps=steps.max_steps, start_step=start_step,
+                             wandb_project=run.output.wandb_project, requested_wandb_mode=run.output.wandb_mode)
+        loop = _Loop(run=run, task=task, plan=plan, layout=layout, steps=steps, engine=engine, shard=shard,
+                     metrics=metrics, rank=rank)
+        try:
+            summary = loop.train(start_step)
+        finally:
+            summary_wandb = metrics.close()
+        summary.wandb = summary_wandb
+        return self._finish(task, summary, rank)
+
+    def _check_resume(self, plan: PipelinePlan, layout: Layout, steps: StepPlan) -> int:
+        """Read --resume-from before any rank starts: it exists, fits this model and batch, and has steps left."""
+        if self.run.output.resume_from is None:
+            return 0
+        manifest = read_manifest(find_checkpoint(self.run.output.resume_from))
+        same_layout(manifest, plan, layout)  # raises when the model, task or global batch differ
+        step = manifest["step"]
+        if step >= steps.max_steps:
+            raise PptkError(f"the checkpoint is at step {step} and the run ends at step {steps.max_steps}; raise "
+                            "--max-steps (or --epochs)")
+        return step
+
+    def _finish(self, task: PreparedTask, summary: Summary, rank: int) -> Summary | None:
+        run = self.run
+        if run.output.export_hf is not None:
+            if rank == 0:
+                from pptk.convert import ds_to_hf
+
+                ds_to_hf(run.checkpoints_dir, run.output.export_hf)
+                summary.export_hf = str(run.output.export_hf)
+                summary.extra.update(task.after_export(run.output.export_hf))
+            dist.barrier()
+        if rank != 0:
+            return None
+        summary.extra = {**task.summary_extra(), **summary.extra}
+        summary.write(run.output.output_dir)
+        return summary
+
+
+@dataclass
+class _Loop:
+    """The step loop of one run, with everything it needs at hand."""
+
+    run: RunConfig
+    task: PreparedTask
+    plan: PipelinePlan
+    layout: Layout
+    steps: StepPlan
+    engine: Any
+    shard: Shard
+    metrics: MetricsLog
+    rank: int
+
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        """The one sampler: this replica's micro-batches from ``start_step`` on, as the task builds them."""
+        per_epoch = None
+        if self.steps.steps_per_epoch is not None:
+            per_epoch = self.steps.steps_per_epoch * self.layout.grad_accum_steps
+        start = start_step * self.layout.grad_accum_steps
+        indices = train_indices(self.task.num_train_examples, self.shard, seed=self.run.seed, start=start,
+                                per_epoch=per_epoch)
+        for number, chosen in enumerate(indices, start):
+            yield self.task.train_batch(chosen, number, self.shard)
+
+    def evaluate(self, step: int, summary: Summary) -> None:
+        result = self.task.evaluate(self.engine, self.shard, max_micro_batches=self.run.output.eval_batches)
+        if result is None:
+            return
+        epoch = self.steps.epoch_of(step)
+        record = {"step": step, **({"epoch": epoch} if epoch is not None else {}), **result.metrics}
+        summary.evaluations.append(record)
+        self.metrics.log(record)
+        if self.rank == 0:
+            log.info(format_evaluation(record, result.report))
+
+    def train(self, start_step: int) -> Summary:
+        run, steps, engine = self.run, self.steps, self.engine
+        summary = Summary(task=self.task.task, checkpoints=str(run.checkpoints_dir),
+                          metrics=str(self.metrics.path))
+        if run.output.eval_at_start and start_step == 0:
+            self.evaluate(0, summary)
+        data = self.batches(start_step)
+        samples_per_step = self.layout.global_batch_size
+        tokens_per_sample = self.task.tokens_per_example()
+        window_time, window_steps, train_time = 0.0, 0, 0.0  # time inside train_batch only
+        for step in range(start_step + 1, steps.max_steps + 1):
+            began = time.perf_counter()
+            loss = float(engine.train_batch(data))
+            took = time.perf_counter() - began
+            window_time, window_steps, train_time = window_time + took, window_steps + 1, train_time + took
+            if not math.isfinite(loss):
+                raise PptkError(f"loss became {loss} at step {step}; lower --lr or raise --warmup-steps")
+            summary.first_loss = loss if step == start_step + 1 else summary.first_loss
+            summary.last_loss = loss
+            self.metrics.advance(loss=loss)
+            if step % run.output.log_every == 0 or step == steps.max_steps:
+                samples_per_s = samples_per_step * window_steps / window_time
+                self.metrics.log({"step": step, "loss": loss, "lr": engine.get_lr()[0],
+                                  "tokens_per_s": samples_per_s * tokens_per_sample, "samples_per_s": samples_per_s})
+                window_time, window_steps = 0.0, 0
+            if steps.evaluates(step):
+                self.evaluate(step, summary)
+            if steps.saves(step):
+                save_checkpoint(engine, self.plan, layout=self.layout, checkpoints_dir=run.checkpoints_dir,
+                                step=step, extra={"run_config": run.to_dict()})
+        summary.steps = steps.max_steps - start_step
+        if train_time:
+            summary.tokens_per_s = samples_per_step * tokens_per_sample * summary.steps / train_time
+        return summary
