@@ -33,11 +33,12 @@ def _one_layer(layers: list[PipeLayer], index: int) -> nn.Module:
     return holder
 
 
-def hf_to_ds(src: str | Path, dst: str | Path, *, pp: int = 1, task: str = "causal-lm",
+def hf_to_ds(src: str | Path, dst: str | Path, *, pp: int = 1, task: str | None = None,
              partition_method: str = "compute", seed: int = 1234) -> Path:
     """Write a pipeline checkpoint (tag ``step0``) that recipes resume from with ``--resume-from DST``.
 
-    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest.
+    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest. ``task``
+    defaults to the one ``config.architectures`` names (pptk.tasks.infer_task).
     """
     source = resolve_model(src)
     if source.pretrained_dir is None:
@@ -138,6 +139,10 @@ def ds_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "2
         (dst / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.architectures = [hf_class.__name__]
+    # what the tensors are stored in (bf16 after a bf16 run), so from_pretrained's dtype="auto" loads them as such
+    floating = [t.dtype for shard in shards for t in shard.values() if t.dtype.is_floating_point]
+    if floating:
+        config.dtype = max(set(floating), key=floating.count)
     config.save_pretrained(dst)
     tokenizer_dir = Path(tokenizer) if tokenizer else tag_dir.parent.parent / "hf_config"
     for name in TOKENIZER_FILES:

@@ -341,8 +341,8 @@ def check_runtime(env: dict, pins: dict[str, str]) -> list[str]:
     expected = os.environ.get("PPTK_EXPECT_TORCH_CUDA")
     if expected and torch_env.get("version") and tag != expected:
         problems.append(f"torch {torch_env['version']} is a {tag} build but this image expects {expected}. "
-                        f"Fix: pip install --index-url https://download.pytorch.org/whl/{expected} "
-                        f"torch=={pins.get('torch', '<pin>')}+{expected}, or rebuild the image.")
+                        f"Fix: pip install --extra-index-url <PyTorch's {expected} wheel index, the URL ending in "
+                        f"/whl/{expected}> torch=={pins.get('torch', '<pin>')}+{expected}, or rebuild the image.")
     gpus = env["nvidia_smi"]["gpus"] or []
     if gpus and torch_env.get("version") and not torch_env.get("cuda_available"):
         driver = gpus[0]["driver"]

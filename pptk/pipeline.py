@@ -12,11 +12,12 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from pptk.deepspeed_compat import partition_by_boundaries
 from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index, get_adapter, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
 from pptk.partition import StagePlan, layer_costs, plan_stages
-from pptk.tasks import get_task, hf_model_class
+from pptk.tasks import get_task, hf_model_class, infer_task
 from pptk.weights import HFCheckpoint, load_stage_weights
 
 
@@ -99,12 +100,13 @@ class PipelinePlan:
         return get_task(self.task).loss(self.config)
 
 
-def plan_pipeline(model: str | Path | PretrainedConfig | ModelSource, *, num_stages: int, task: str = "causal-lm",
+def plan_pipeline(model: str | Path | PretrainedConfig | ModelSource, *, num_stages: int, task: str | None = None,
                   partition_method: str = "compute", attn_implementation: str = "sdpa", dropout: bool = True,
                   seq_len: int | None = None) -> PipelinePlan:
+    """task: None reads it from config.architectures (see pptk.tasks.infer_task); a name overrides that."""
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     config = prepare_config(source.config, attn_implementation=attn_implementation, dropout=dropout)
-    get_task(task)
+    task = infer_task(config, task, source=source.label)
     layers = layers_for(config, task)
     positions = max_positions(config) or 2048
     costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=min(seq_len or positions, positions))
@@ -121,12 +123,7 @@ class PlannedPipelineModule(PipelineModule):
         super().__init__(layers, **kwargs)
 
     def _partition_layers(self, method: str = "uniform") -> None:
-        if len(self._pptk_boundaries) != self.num_stages + 1:
-            raise PptkError(f"the stage plan has {len(self._pptk_boundaries) - 1} stages but the topology has "
-                            f"{self.num_stages}; plan with num_stages={self.num_stages}")
-        self.parts = self._pptk_boundaries
-        stage_id = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+        partition_by_boundaries(self, self._pptk_boundaries)  # DeepSpeed's private hook: see deepspeed_compat
 
 
 class SequentialPipe(nn.Module):

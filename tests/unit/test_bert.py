@@ -9,7 +9,7 @@ import torch
 from pptk.errors import PptkError
 from pptk.models import get_adapter, supported_model_types
 from pptk.pipeline import build_sequential_module, count_parameters, plan_pipeline
-from pptk.verify import _synthetic_batch
+from pptk.verify_compare import synthetic_batch
 from pptk.weights import HFCheckpoint, hf_names, resolve_name
 
 TASKS = ("masked-lm", "sequence-classification", "token-classification")
@@ -44,7 +44,7 @@ def _hf_and_sequential(task: str, tmp_path: Path):
 def test_pp1_logits_loss_and_gradients_equal_hugging_face(task, tmp_path):
     plan, hf, module = _hf_and_sequential(task, tmp_path)
     # padding (rows of different lengths) and both token types, as verify generates them
-    inputs, labels = _synthetic_batch(plan, batch_size=4, seq_len=24, seed=3)
+    inputs, labels = synthetic_batch(plan, batch_size=4, seq_len=24, seed=3)
     assert (inputs["attention_mask"] == 0).any() and (inputs["token_type_ids"] == 1).any()
     inputs["input_ids"][0, 1] = plan.config.pad_token_id  # an attended [PAD]: HF's lookup gives its row no gradient
 

@@ -131,8 +131,29 @@ def test_the_cuda_toolkit_matches_torchs_cuda_build():
     assert match, f"base image {base!r} is not an nvidia/cuda cudnn-devel tag"
     tag = f"cu{match.group(1)}{match.group(2)}"
     assert ARGS["TORCH_CUDA_TAG"] == tag, f"torch {ARGS['TORCH_CUDA_TAG']} build on a CUDA {base} toolkit"
-    assert ARGS["TORCH_INDEX_URL"] == f"https://download.pytorch.org/whl/{tag}"
     assert "PPTK_EXPECT_TORCH_CUDA=${TORCH_CUDA_TAG}" in DOCKERFILE.read_text()
+
+
+def test_pip_uses_its_default_index_plus_only_the_torch_index_build_argument():
+    """No index is written into the image: TORCH_INDEX_URL has no default and the build stops without it."""
+    assert any(ins.keyword == "ARG" and ins.args == "TORCH_INDEX_URL" for ins in INSTRUCTIONS)
+    assert "TORCH_INDEX_URL" not in ARGS  # no default value
+    pip_runs = [run for run in _runs() if "pip install" in run]
+    assert not [run for run in pip_runs if "--index-url" in run.replace("--extra-index-url", "")]
+    extra = [run for run in pip_runs if "--extra-index-url" in run]
+    assert len(extra) == 1 and '--extra-index-url "${TORCH_INDEX_URL}"' in extra[0]
+    assert re.search(r'test -n "\$\{TORCH_INDEX_URL\}"\s*\|\|', extra[0]), "the build must stop without it"
+    assert not re.search(r"https?://", "\n".join(pip_runs))
+
+
+def test_the_package_is_installed_with_its_shipped_configs():
+    """pptk.ds_configs is package data mapped from ds_configs/ (pyproject.toml): the image must copy it in."""
+    copies = [ins.args.split() for ins in INSTRUCTIONS if ins.keyword == "COPY"]
+    assert ["ds_configs", "/opt/pptk/src/ds_configs"] in copies
+    install = next(run for run in _runs() if "./src" in run)
+    copy_line = next(ins.line for ins in INSTRUCTIONS if ins.keyword == "COPY" and ins.args.startswith("ds_configs"))
+    install_line = next(ins.line for ins in INSTRUCTIONS if ins.keyword == "RUN" and "./src" in ins.args)
+    assert copy_line < install_line and "pip install" in install
 
 
 def test_the_python_version_satisfies_requires_python():

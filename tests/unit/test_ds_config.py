@@ -1,15 +1,19 @@
 # DeepSpeed configs: loading errors, filling "auto", the disagreement report, validation, and the shipped JSONs.
 import json
-import os
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from pptk.ds_config import (
-    DS_CONFIG_DIR,
+    SHIPPED,
+    cpu_supports,
+    default_ds_config,
     fill_ds_config,
     load_ds_config,
     precision_of,
+    shipped_config,
     validate_ds_config,
 )
 from pptk.errors import PptkError
@@ -17,7 +21,7 @@ from pptk.parallel import Layout
 
 LAYOUT = Layout(pp=2, dp=2, micro_batch_size=2, grad_accum_steps=4)  # global batch 16
 RECIPE = dict(lr=3e-4, weight_decay=0.1, warmup_steps=10, total_steps=100, grad_clip=1.0)
-SHIPPED = ["pipe_zero1_bf16.json", "pipe_zero1_cpu.json", "pipe_zero1_fp16.json"]
+SHIPPED_NAMES = ["pipe_zero1_bf16.json", "pipe_zero1_cpu.json", "pipe_zero1_fp16.json"]
 
 
 def all_auto(scheduler="WarmupDecayLR"):
@@ -33,11 +37,34 @@ def all_auto(scheduler="WarmupDecayLR"):
     }
 
 
-def cuda_usable():
-    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") in ("", "cuda")
-
-
 # --- load_ds_config -------------------------------------------------------------------------------------------
+
+def test_shipped_configs_are_package_data_found_by_precision_or_name():
+    from importlib import resources
+
+    package_dir = Path(str(resources.files("pptk.ds_configs")))
+    for precision, name in SHIPPED.items():
+        assert shipped_config(precision) == package_dir / name and shipped_config(precision).is_file()
+        assert shipped_config(name) == shipped_config(f"ds_configs/{name}") == shipped_config(precision)
+    assert shipped_config("cpu") == shipped_config("fp32")
+    with pytest.raises(PptkError, match="'fp8' is not a shipped DeepSpeed config; choose a precision"):
+        shipped_config("fp8")
+
+
+def test_default_config_is_bf16_on_gpus_and_fp32_on_cpu():
+    assert default_ds_config("cuda") == shipped_config("bf16")
+    assert default_ds_config("cpu") == shipped_config("fp32")
+
+
+def test_load_by_shipped_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no ds_configs/ folder exists, as in the Docker image's site-packages
+    assert load_ds_config("bf16") == load_ds_config(shipped_config("bf16"))
+    assert load_ds_config("ds_configs/pipe_zero1_cpu.json") == load_ds_config(shipped_config("fp32"))
+    # what pptk/train.py computes from an installed package: site-packages/ds_configs/..., which does not exist
+    assert load_ds_config("/venv/lib/site-packages/ds_configs/pipe_zero1_bf16.json")["bf16"] == {"enabled": True}
+    with pytest.raises(PptkError, match="does not exist"):  # another folder: a typo, not the shipped file
+        load_ds_config(tmp_path / "my-configs" / "pipe_zero1_bf16.json")
+
 
 def test_load_dict_is_a_deep_copy():
     source = {"zero_optimization": {"stage": 1}}
@@ -187,7 +214,7 @@ def test_fill_reports_disagreements_and_unfilled_autos_together():
 
 
 def test_fill_precision_disagreement_names_the_matching_config():
-    config = load_ds_config(DS_CONFIG_DIR / "pipe_zero1_bf16.json")
+    config = load_ds_config(shipped_config("bf16"))
     with pytest.raises(PptkError) as err:
         fill_ds_config(config, layout=LAYOUT, precision="fp16", **RECIPE)
     assert ("bf16.enabled / fp16.enabled: JSON trains in bf16, argument precision='fp16' "
@@ -224,7 +251,7 @@ def test_precision_of_rejects_auto_and_both():
 # --- validate_ds_config ---------------------------------------------------------------------------------------
 
 def filled(**changes):
-    config = fill_ds_config(load_ds_config(DS_CONFIG_DIR / "pipe_zero1_cpu.json"), layout=LAYOUT, **RECIPE)
+    config = fill_ds_config(load_ds_config(shipped_config("fp32")), layout=LAYOUT, **RECIPE)
     return config | changes
 
 
@@ -277,26 +304,55 @@ def test_validate_fp16_and_bf16_together():
     assert "bf16.enabled and fp16.enabled are both true; enable one" in message
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_validate_half_precision_on_cpu_points_to_the_cpu_config(precision):
-    message = validation_error(filled(**{precision: {"enabled": True}}), accelerator="cpu")
-    assert f"{precision} is enabled but this run is on CPU" in message
-    assert f"use the fp32 config {DS_CONFIG_DIR / 'pipe_zero1_cpu.json'}" in message
+def test_validate_bf16_on_cpu_is_allowed_and_warns_when_the_cpu_lacks_bf16_units():
+    config = filled(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
+    if cpu_supports("bf16"):
+        validate_ds_config(config, layout=LAYOUT, accelerator="cpu")
+    else:
+        with pytest.warns(UserWarning, match="bf16 on CPU ranks runs through DeepSpeed's BF16_Optimizer as on GPUs, "
+                                             "but this CPU has no bf16 instructions"):
+            validate_ds_config(config, layout=LAYOUT, accelerator="cpu")
+
+
+def test_validate_fp16_on_cpu_follows_the_cpu_accelerator():
+    config = filled(fp16={"enabled": True, "loss_scale": 0})
+    if cpu_supports("fp16"):
+        validate_ds_config(config, layout=LAYOUT, accelerator="cpu")
+    else:
+        message = validation_error(config, accelerator="cpu")
+        assert "fp16 is enabled but this run is on CPU" in message
+        assert "DeepSpeed's CPU accelerator supports fp16 only on CPUs with AVX512-FP16/AMX-FP16" in message
+        assert f"use bf16 ({shipped_config('bf16')}) or fp32 ({shipped_config('fp32')})" in message
+
+
+def test_cpu_supports_asks_what_deepspeeds_cpu_accelerator_asks():
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    assert cpu_supports("fp16") == bool(CPU_Accelerator().is_fp16_supported())
+    assert cpu_supports("fp32")
 
 
 def test_validate_detects_ds_accelerator_cpu(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    with pytest.raises(PptkError, match="bf16 is enabled but this run is on CPU \\(DS_ACCELERATOR='cpu'"):
-        validate_ds_config(filled(bf16={"enabled": True}), layout=LAYOUT)
+    if not cpu_supports("fp16"):
+        with pytest.raises(PptkError, match="fp16 is enabled but this run is on CPU \\(DS_ACCELERATOR='cpu'"):
+            validate_ds_config(filled(fp16={"enabled": True}), layout=LAYOUT)
 
 
 def test_validate_detects_missing_cuda(monkeypatch):
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    if torch.cuda.is_available():
-        validate_ds_config(filled(bf16={"enabled": True}), layout=LAYOUT)
+    if torch.cuda.is_available() or cpu_supports("fp16"):
+        validate_ds_config(filled(fp16={"enabled": True}), layout=LAYOUT)
     else:
-        with pytest.raises(PptkError, match="CUDA available: False\\); use the fp32 config"):
-            validate_ds_config(filled(bf16={"enabled": True}), layout=LAYOUT)
+        with pytest.raises(PptkError, match="CUDA available: False\\) and DeepSpeed's CPU accelerator"):
+            validate_ds_config(filled(fp16={"enabled": True}), layout=LAYOUT)
+
+
+def test_validate_fp16_without_zero_is_refused_for_per_layer_checkpoints():
+    layout = Layout(pp=2, dp=2, micro_batch_size=2, grad_accum_steps=4, zero_stage=0)
+    message = validation_error(filled(fp16={"enabled": True}, zero_optimization={"stage": 0}), layout=layout)
+    assert "fp16 with zero_optimization.stage 0 runs through DeepSpeed's FP16_Optimizer" in message
+    assert "use stage 1, as ds_configs/pipe_zero1_fp16.json does" in message
 
 
 def test_validate_bf16_fp32_accumulation_needs_zero_1():
@@ -326,9 +382,9 @@ def test_validate_lists_every_problem():
 
 # --- the shipped configs --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_NAMES)
 def test_shipped_config_fills_cleanly(name):
-    config = fill_ds_config(load_ds_config(DS_CONFIG_DIR / name), layout=LAYOUT, **RECIPE)
+    config = fill_ds_config(load_ds_config(shipped_config(name)), layout=LAYOUT, **RECIPE)
     assert config["train_batch_size"] == 16
     assert config["train_micro_batch_size_per_gpu"] == 2
     assert config["gradient_accumulation_steps"] == 4
@@ -347,28 +403,25 @@ def test_shipped_config_fills_cleanly(name):
 
 
 def test_cpu_config_validates_here_and_uses_torch_adamw():
-    config = fill_ds_config(load_ds_config(DS_CONFIG_DIR / "pipe_zero1_cpu.json"), layout=LAYOUT, **RECIPE)
+    config = fill_ds_config(load_ds_config(shipped_config("fp32")), layout=LAYOUT, **RECIPE)
     validate_ds_config(config, layout=LAYOUT)
     assert config["optimizer"]["params"]["torch_adam"] is True
 
 
-@pytest.mark.parametrize("name", ["pipe_zero1_bf16.json", "pipe_zero1_fp16.json"])
-def test_gpu_configs_on_this_machine(name):
-    config = fill_ds_config(load_ds_config(DS_CONFIG_DIR / name), layout=LAYOUT, **RECIPE)
-    if cuda_usable():
+def test_the_bf16_config_validates_on_this_machine():
+    config = fill_ds_config(load_ds_config(shipped_config("bf16")), layout=LAYOUT, **RECIPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the slow-CPU warning, tested above
         validate_ds_config(config, layout=LAYOUT)
-    else:
-        with pytest.raises(PptkError, match="this run is on CPU .* use the fp32 config .*pipe_zero1_cpu.json"):
-            validate_ds_config(config, layout=LAYOUT)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_NAMES)
 def test_shipped_config_parses_in_deepspeed(name):
     # DeepSpeed's own parser (pydantic sections forbid unknown keys); with no process group its world size is 1.
     from deepspeed.runtime.config import DeepSpeedConfig
 
     layout = Layout(pp=2, dp=1, micro_batch_size=2, grad_accum_steps=4)
-    config = fill_ds_config(load_ds_config(DS_CONFIG_DIR / name), layout=layout, **RECIPE)
+    config = fill_ds_config(load_ds_config(shipped_config(name)), layout=layout, **RECIPE)
     parsed = DeepSpeedConfig(config)
     assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) \
         == (8, 2, 4)
@@ -382,23 +435,23 @@ def test_shipped_config_parses_in_deepspeed(name):
     assert parsed.wall_clock_breakdown is False
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_NAMES)
 def test_shipped_config_top_level_keys_are_deepspeed_keys(name):
     import deepspeed.runtime.constants as constants
     from deepspeed.runtime.precision_config import BFLOAT16, FP16
     from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
 
     known = {v for v in vars(constants).values() if isinstance(v, str)} | {BFLOAT16, FP16, ZERO_OPTIMIZATION}
-    config = json.loads((DS_CONFIG_DIR / name).read_text())
+    config = json.loads(shipped_config(name).read_text())
     assert set(config) <= known, set(config) - known
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_NAMES)
 def test_shipped_optimizer_and_scheduler_params_construct(name):
     # The filled params are the keyword arguments DeepSpeed passes; build the same objects it would on CPU.
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-    config = fill_ds_config(load_ds_config(DS_CONFIG_DIR / name), layout=LAYOUT, **RECIPE)
+    config = fill_ds_config(load_ds_config(shipped_config(name)), layout=LAYOUT, **RECIPE)
     params = {k: v for k, v in config["optimizer"]["params"].items() if k != "torch_adam"}
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], **params)
     scheduler = WarmupDecayLR(optimizer, **config["scheduler"]["params"])
