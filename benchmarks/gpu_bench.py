@@ -27,7 +27,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -264,13 +266,13 @@ def main(argv: list[str]) -> int:
     from pptk.launch import run_ranks
 
     started = time.perf_counter()
-    work = args.output.parent / (args.output.stem + "_ranks")
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"{device}: {world} rank(s); runs {[r.name for r in runs]}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="pptk-gpu-bench-"))  # kept, with the ranks' logs, if a rank fails
+    print(f"{device}: {world} rank(s); runs {[r.name for r in runs]}; rank logs in {work}", flush=True)
     run_ranks(rank_main, world_size=world, args=({**vars(args), "output": str(args.output)},
                                                  [asdict(r) for r in runs], str(work)),
               log_dir=work, timeout_s=3600)
     per_rank = [torch.load(work / f"rank{r}.pt") for r in range(world)]
+    shutil.rmtree(work)
     result = summarize(per_rank, runs, args, device=device, world=world, peak_tflops=peak)
     result["wall_s"] = time.perf_counter() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)

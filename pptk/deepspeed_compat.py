@@ -284,14 +284,14 @@ def materialise_optimizer_states(optimizer) -> None:
     torch and DeepSpeed optimizers create Adam moments lazily at the first step, and the ZeRO/BF16 wrappers link
     each parameter's ``optim_fragment`` to them only then (``_lazy_init_hp_params_optimizer_state``). Resuming on
     another layout writes moments before any step, so this runs one step of the base optimizer with lr 0 and zero
-    gradients on the flat fp32 partitions (moments stay 0, weights do not move, whatever the optimizer's own
-    state format), then re-links. The step count it added is overwritten by ``set_optimizer_step_count``.
+    gradients on the flat fp32 partitions: the weights do not move, and the state appears in the optimizer's own
+    format (torch's tensor step, FusedAdam's int step). The caller then overwrites the moments and the step count.
 
     Written against DeepSpeed 0.19.8: ``DeepSpeedZeroOptimizer.single_partition_of_fp32_groups`` and
     ``BF16_Optimizer.fp32_groups_flat_partition`` are the flat partitions; both wrappers re-link when
-    ``_hp_optimizer_states_linked`` is False and ``_lazy_init_hp_params_optimizer_state()`` runs. Without these
-    (``BF16_Optimizer`` lacked the ZeRO attribute name) ``safe_set_full_optimizer_state`` fails inside
-    ``tensor_fragment.get_optim_state_fragment`` with "argument of type 'NoneType' is not iterable".
+    ``_hp_optimizer_states_linked`` is False and ``_lazy_init_hp_params_optimizer_state()`` runs. Unlinked,
+    ``safe_set_full_optimizer_state`` fails inside ``tensor_fragment.get_optim_state_fragment`` with "argument of
+    type 'NoneType' is not iterable" (what a BF16_Optimizer resume on another layout did before this function).
     """
     flats = _flat_fp32_partitions(optimizer)
     base = base_optimizer(optimizer)

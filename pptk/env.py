@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import io
 import json
 import os
 import platform
@@ -172,35 +171,15 @@ def _deepspeed_info() -> dict:
     try:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from deepspeed.git_version_info import accelerator_name as built_for
-        from deepspeed.git_version_info import installed_ops, torch_info
     except ImportError:
         return {"version": None}
-    accelerator = get_accelerator()
-    current = getattr(accelerator, "_name", accelerator.device_name())
-    info = {
-        "version": deepspeed.__version__,
-        "accelerator": current,
-        "comm_backend": accelerator.communication_backend_name(),
-        "ops_built_for": built_for,
-        "ops_built_with": {"torch": torch_info.get("version"), "cuda": torch_info.get("cuda_version")},
-        "ops": {},
-    }
-    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+    from pptk.deepspeed_compat import op_build_report
 
-    # As `ds_report` does: probe whether each op could be JIT-compiled here, building nothing. Probes
-    # print warnings; keep them out of the report.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        for name, builder in ALL_OPS.items():
-            try:
-                compatible = bool(builder.is_compatible(verbose=False))
-            except Exception:  # a failing probe means "cannot build here", as in deepspeed's probe_is_compatible
-                compatible = False
-            info["ops"][name] = {
-                "prebuilt": bool(installed_ops.get(name)) and built_for == current,
-                "compatible": compatible,
-            }
-    return info
+    # As `ds_report` does: which ops are prebuilt, and which could be JIT-compiled here (probed, nothing built).
+    report = op_build_report()
+    return {"version": deepspeed.__version__, "accelerator": report["accelerator"],
+            "comm_backend": get_accelerator().communication_backend_name(), "ops_built_for": report["ops_built_for"],
+            "ops_built_with": report["ops_built_with"], "ops": report["ops"]}
 
 
 def _nvcc_version() -> str | None:

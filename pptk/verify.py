@@ -19,9 +19,8 @@ so the step's update is the gradient itself; pptk.verify_compare says how gradie
 
 from __future__ import annotations
 
-import json
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
