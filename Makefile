@@ -41,9 +41,10 @@ bench: install
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/memory.py
 
-# On a machine with 2 GPUs: bf16 LLaMA through the pipeline (tokens/s, peak memory).
+# On a GPU machine: pptk's pipeline vs Hugging Face under ZeRO-1 on every GPU it finds (benchmarks/gpu_bench.py);
+# the CPU default above is removed so DeepSpeed picks CUDA.
 bench-gpu: install
-	DS_ACCELERATOR= $(VENV)/bin/deepspeed --num_gpus 2 benchmarks/gpu_llama_bf16.py
+	env -u DS_ACCELERATOR $(PY) benchmarks/gpu_bench.py $(BENCH_ARGS)
 
 lint: install
 	$(PY) -m pytest -q tests/unit/test_docker.py

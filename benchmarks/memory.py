@@ -46,9 +46,16 @@ def _load_stage(rank: int, model_dir: str, pp: int, out: str) -> None:
     before = rss_bytes()
     module = build_pipeline_module(plan)
     held = sum(p.numel() * p.element_size() for p in module.parameters())
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"what": f"rank {rank}: build + load stage {rank}",
-                                                         "rss_before": before, "peak": peak_rss_bytes(),
-                                                         "weights_bytes": held}))
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "what": f"rank {rank}: build + load stage {rank}",
+                "rss_before": before,
+                "peak": peak_rss_bytes(),
+                "weights_bytes": held,
+            }
+        )
+    )
 
 
 def _convert(direction: str, src: str, dst: str, max_shard_size: str) -> dict:
@@ -60,8 +67,10 @@ def _convert(direction: str, src: str, dst: str, max_shard_size: str) -> dict:
     if direction == "hf-to-ds":
         tag = hf_to_ds(src, dst, pp=2)
         peak = peak_rss_bytes()  # before sizing the layers below, which reads them
-        held = max(sum(t.numel() * t.element_size() for t in torch.load(p, weights_only=True, mmap=True).values())
-                   for p in tag.glob("layer_*-model_states.pt"))
+        held = max(
+            sum(t.numel() * t.element_size() for t in torch.load(p, weights_only=True, mmap=True).values())
+            for p in tag.glob("layer_*-model_states.pt")
+        )
         what = "hf-to-ds (one layer at a time)"
     else:
         out = ds_to_hf(src, dst, max_shard_size=max_shard_size)
@@ -90,16 +99,36 @@ def main() -> None:
     from pptk.launch import run_ranks
 
     work = Path(tempfile.mkdtemp(prefix="pptk-memory-"))
-    config = GPT2Config(vocab_size=args.vocab, n_positions=1024, n_embd=args.hidden, n_layer=args.layers,
-                        n_head=args.hidden // 64, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=1024,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=args.hidden // 64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config)
     model.save_pretrained(work / "hf")
     num_params = model.num_parameters()
     del model
     rows = []
     for direction, src, dst in (("hf-to-ds", work / "hf", work / "ds"), ("ds-to-hf", work / "ds", work / "out")):
-        out = subprocess.run([sys.executable, __file__, "--convert", direction, str(src), str(dst),
-                              "--max-shard-size", args.max_shard_size], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--convert",
+                direction,
+                str(src),
+                str(dst),
+                "--max-shard-size",
+                args.max_shard_size,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     run_ranks(_load_stage, world_size=args.pp, args=(str(work / "hf"), args.pp, str(work)), log_dir=work / "logs")
     rows += [json.loads((work / f"rank{r}.json").read_text()) for r in range(args.pp)]
@@ -108,16 +137,27 @@ def main() -> None:
         row["extra_peak_bytes"] = row["peak"] - row["rss_before"]
         row["ratio"] = row["extra_peak_bytes"] / row["weights_bytes"]
     worst = max(row["ratio"] for row in rows)
-    result = {"benchmark": "peak RSS over the weights each process holds", "target_ratio": 1.3,
-              "within_target": worst <= 1.3, "worst_ratio": worst,
-              "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "pp": args.pp,
-                        "params": num_params},
-              "rows": rows}
+    result = {
+        "benchmark": "peak RSS over the weights each process holds",
+        "target_ratio": 1.3,
+        "within_target": worst <= 1.3,
+        "worst_ratio": worst,
+        "model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "pp": args.pp,
+            "params": num_params,
+        },
+        "rows": rows,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     for row in rows:
-        print(f"{row['what']:<42} holds {row['weights_bytes'] / 2**20:8.1f} MiB, extra peak "
-              f"{row['extra_peak_bytes'] / 2**20:8.1f} MiB: ratio {row['ratio']:.2f}")
+        print(
+            f"{row['what']:<42} holds {row['weights_bytes'] / 2**20:8.1f} MiB, extra peak "
+            f"{row['extra_peak_bytes'] / 2**20:8.1f} MiB: ratio {row['ratio']:.2f}"
+        )
     print(f"worst ratio {worst:.2f} ({'within' if worst <= 1.3 else 'over'} the 1.3 target) -> {args.output}")
 
 

@@ -50,8 +50,15 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
-    config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.hidden, n_layer=args.layers,
-                        n_head=max(1, args.hidden // 64), bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.seq_len,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=max(1, args.hidden // 64),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     plan = plan_pipeline(config, num_stages=1, dropout=False)
 
     torch.manual_seed(0)
@@ -59,12 +66,18 @@ def main() -> None:
     hf_optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-4)
     pipe = build_pipeline_module(plan)
     pipe_optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
-    engine, *_ = deepspeed.initialize(model=pipe, optimizer=pipe_optimizer, config={
-        "train_micro_batch_size_per_gpu": args.micro_batch_size,
-        "gradient_accumulation_steps": args.micro_batches,
-        "train_batch_size": args.micro_batch_size * args.micro_batches,
-        "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0, "steps_per_print": 10**9,
-    })
+    engine, *_ = deepspeed.initialize(
+        model=pipe,
+        optimizer=pipe_optimizer,
+        config={
+            "train_micro_batch_size_per_gpu": args.micro_batch_size,
+            "gradient_accumulation_steps": args.micro_batches,
+            "train_batch_size": args.micro_batch_size * args.micro_batches,
+            "zero_optimization": {"stage": 0},
+            "gradient_clipping": 0.0,
+            "steps_per_print": 10**9,
+        },
+    )
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.micro_batches, args.micro_batch_size, args.seq_len), generator=gen)
@@ -96,7 +109,7 @@ def main() -> None:
     hf_times, pipe_times = [], []
     for i in range(args.steps):  # alternate which side goes first, so neither always runs on a warmer cache
         order = [(hf_times, hf_step), (pipe_times, pipe_step)]
-        for times, step in (order if i % 2 == 0 else order[::-1]):
+        for times, step in order if i % 2 == 0 else order[::-1]:
             times.append(timed(step))
 
     hf_median, pipe_median = statistics.median(hf_times), statistics.median(pipe_times)
@@ -116,8 +129,10 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
-    print(f"plain HF {hf_median * 1e3:.1f} ms/step, pipeline pp=1 {pipe_median * 1e3:.1f} ms/step: "
-          f"ratio {ratio:.3f} ({'within' if ratio <= 1.03 else 'over'} the 1.03 target) -> {args.output}")
+    print(
+        f"plain HF {hf_median * 1e3:.1f} ms/step, pipeline pp=1 {pipe_median * 1e3:.1f} ms/step: "
+        f"ratio {ratio:.3f} ({'within' if ratio <= 1.03 else 'over'} the 1.03 target) -> {args.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ A save writes into ``step200.partial`` and is renamed to ``step200`` by rank 0 o
 reaches once all its files are written; ``latest`` is updated after that. A rank killed mid-save therefore leaves
 the previous checkpoint and ``latest`` untouched. On the same layout, resume uses DeepSpeed's own loader (bitwise
 exact). On another layout (pp or dp changed), weights load layer by layer and the optimizer state is rebuilt from
-the per-layer files, fragment by fragment, into whatever ZeRO partitions the new layout has.
+the per-layer files, fragment by fragment, into whatever ZeRO partitions the new layout has; that path is exact
+too, and also serves the same layout where DeepSpeed's loader cannot restore the optimizer (bf16 without ZeRO).
+Every DeepSpeed internal this needs is in pptk.deepspeed_compat.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pptk import deepspeed_compat as compat
+from pptk.deepspeed_compat import ADAM_STATES
 from pptk.errors import PptkError
 from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, local_layers
 
 MANIFEST = "pptk.json"
 FORMAT = 1
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
 def layer_file(tag_dir: Path, index: int) -> Path:
@@ -45,8 +48,16 @@ def layer_file(tag_dir: Path, index: int) -> Path:
 
 
 def describe_layers(plan: PipelinePlan) -> list[dict]:
-    return [{"index": i, "class": layer.class_name, "role": layer.role, "hf_prefix": layer.hf_prefix,
-             "tied_key": layer.tied_key} for i, layer in enumerate(plan.layers)]
+    return [
+        {
+            "index": i,
+            "class": layer.class_name,
+            "role": layer.role,
+            "hf_prefix": layer.hf_prefix,
+            "tied_key": layer.tied_key,
+        }
+        for i, layer in enumerate(plan.layers)
+    ]
 
 
 def manifest_for(plan: PipelinePlan, *, step: int, layout: Layout | None, extra: dict | None = None) -> dict:
@@ -57,9 +68,15 @@ def manifest_for(plan: PipelinePlan, *, step: int, layout: Layout | None, extra:
         "hf_config": plan.config.to_dict(),
         "layers": describe_layers(plan),
         "boundaries": list(plan.stages.boundaries),
-        "layout": None if layout is None else {"pp": layout.pp, "dp": layout.dp, "zero_stage": layout.zero_stage,
-                                               "micro_batch_size": layout.micro_batch_size,
-                                               "grad_accum_steps": layout.grad_accum_steps},
+        "layout": None
+        if layout is None
+        else {
+            "pp": layout.pp,
+            "dp": layout.dp,
+            "zero_stage": layout.zero_stage,
+            "micro_batch_size": layout.micro_batch_size,
+            "grad_accum_steps": layout.grad_accum_steps,
+        },
         "step": step,
         "complete": True,
         **(extra or {}),
@@ -69,8 +86,10 @@ def manifest_for(plan: PipelinePlan, *, step: int, layout: Layout | None, extra:
 def read_manifest(tag_dir: Path) -> dict:
     path = tag_dir / MANIFEST
     if not path.is_file():
-        raise PptkError(f"{tag_dir} has no {MANIFEST}: it is not a complete pptk checkpoint (a save that did not "
-                        "finish, or a plain DeepSpeed checkpoint); resume from an earlier tag")
+        raise PptkError(
+            f"{tag_dir} has no {MANIFEST}: it is not a complete pptk checkpoint (a save that did not "
+            "finish, or a plain DeepSpeed checkpoint); resume from an earlier tag"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise PptkError(f"{path} has format {manifest.get('format')}, this pptk reads format {FORMAT}")
@@ -89,8 +108,10 @@ def find_checkpoint(path: str | Path) -> Path:
         return tag_dir
     if not path.exists():
         raise PptkError(f"checkpoint {path} does not exist")
-    raise PptkError(f"{path} is neither a pptk checkpoint tag (no {MANIFEST}) nor a checkpoints directory (no "
-                    "'latest'); pass e.g. runs/x/checkpoints or runs/x/checkpoints/step200")
+    raise PptkError(
+        f"{path} is neither a pptk checkpoint tag (no {MANIFEST}) nor a checkpoints directory (no "
+        "'latest'); pass e.g. runs/x/checkpoints or runs/x/checkpoints/step200"
+    )
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -103,14 +124,19 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _failpoint(name: str, *, step: int) -> None:
-    """Fault injection for the tests: PPTK_FAILPOINT=save:1:16 SIGKILLs global rank 1 midway through the step-16 save."""
+    """Fault injection for the tests: PPTK_FAILPOINT=save:1:16 SIGKILLs global rank 1 midway through the step-16
+    save."""
     if os.environ.get("PPTK_FAILPOINT") == f"{name}:{dist.get_rank()}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_states(states: dict) -> None:
@@ -129,39 +155,23 @@ def _local_layer_modules(engine, plan: PipelinePlan):
             yield index, layer_module
 
 
-def _optimizer_state(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    value = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, key)
-    if value is None:  # no ZeRO optimizer: the torch optimizer holds the parameter itself
-        value = param.detach().float() if key == "fp32" else engine.optimizer.state[param][key]
-    return value.detach().cpu().clone()
-
-
 def _save_layer_optimizer_states(engine, plan: PipelinePlan, tag_dir: Path) -> None:
     """Per-layer fp32 weights and Adam moments; collective over the dp group (every replica takes part)."""
     write = engine.grid.get_data_parallel_rank() == 0
     for index, layer_module in _local_layer_modules(engine, plan):
-        states = {name: {key: _optimizer_state(engine, p, key) for key in ("fp32", *ADAM_STATES)}
-                  for name, p in layer_module.named_parameters()}
+        states = {
+            name: {key: compat.get_param_state(engine.optimizer, p, key) for key in ("fp32", *ADAM_STATES)}
+            for name, p in layer_module.named_parameters()
+        }
         if write:
             torch.save(states, tag_dir / f"optim_layer_{index:02d}.pt")
 
 
-def _base_optimizer(engine) -> torch.optim.Optimizer:
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's wrapper
-
-
-def _optimizer_step_count(engine) -> int:
-    for state in _base_optimizer(engine).state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
-
-
-def save_checkpoint(engine, plan: PipelinePlan, *, layout: Layout, checkpoints_dir: Path, step: int,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    engine, plan: PipelinePlan, *, layout: Layout, checkpoints_dir: Path, step: int, extra: dict | None = None
+) -> Path:
     """Save collectively (every rank calls this); returns the final tag directory."""
+    compat.check_per_layer_states_supported(engine.optimizer)
     tag = f"step{step}"
     partial, final = checkpoints_dir / f"{tag}.partial", checkpoints_dir / tag
     rank = dist.get_rank()
@@ -176,10 +186,20 @@ def save_checkpoint(engine, plan: PipelinePlan, *, layout: Layout, checkpoints_d
     dist.barrier()  # every rank has written everything it owns
     if rank == 0:
         scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-        manifest = manifest_for(plan, step=step, layout=layout,
-                                extra={"lr_scheduler": scheduler, "optimizer_steps": _optimizer_step_count(engine),
-                                       "param_group_lrs": [g["lr"] for g in _base_optimizer(engine).param_groups],
-                                       "global_samples": engine.global_samples, **(extra or {})})
+        manifest = manifest_for(
+            plan,
+            step=step,
+            layout=layout,
+            extra={
+                "lr_scheduler": scheduler,
+                "optimizer_steps": compat.optimizer_step_count(engine.optimizer),
+                "param_group_lrs": [g["lr"] for g in compat.base_optimizer(engine.optimizer).param_groups],
+                "global_samples": compat.training_progress(engine)[1],
+                "loss_scale": compat.loss_scale_state(engine.optimizer),
+                "optimizer_wrapper": compat.optimizer_wrapper(engine.optimizer),
+                **(extra or {}),
+            },
+        )
         _write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # an earlier run's tag of the same name: replace it only now that the new one is whole
             stale = checkpoints_dir / f"{tag}.replaced"
@@ -200,13 +220,16 @@ def check_compatible(manifest: dict, plan: PipelinePlan) -> None:
         problems.append(f"model type {manifest['model_type']!r} vs {plan.config.model_type!r}")
     if manifest["task"] != plan.task:
         problems.append(f"task {manifest['task']!r} vs {plan.task!r}")
-    theirs = [(l["class"], l["hf_prefix"]) for l in manifest["layers"]]
+    theirs = [(entry["class"], entry["hf_prefix"]) for entry in manifest["layers"]]
     ours = [(layer.class_name, layer.hf_prefix) for layer in plan.layers]
     if theirs != ours:
         problems.append(f"{len(theirs)} layers vs {len(ours)} (the model's size or head differs)")
     if problems:
-        raise PptkError("the checkpoint does not match this model: " + "; ".join(problems)
-                        + " -- resume with the model and task it was saved from")
+        raise PptkError(
+            "the checkpoint does not match this model: "
+            + "; ".join(problems)
+            + " -- resume with the model and task it was saved from"
+        )
 
 
 def same_layout(manifest: dict, plan: PipelinePlan, layout: Layout) -> bool:
@@ -217,72 +240,56 @@ def same_layout(manifest: dict, plan: PipelinePlan, layout: Layout) -> bool:
         return False
     saved_batch = saved["micro_batch_size"] * saved["grad_accum_steps"] * saved["dp"]
     if saved_batch != layout.global_batch_size:
-        raise PptkError(f"the checkpoint was trained with a global batch of {saved_batch}, this run uses "
-                        f"{layout.global_batch_size}; keep the global batch (micro x accum x dp) to continue the run, "
-                        f"e.g. --global-batch-size {saved_batch}")
-    return (saved["pp"] == layout.pp and saved["dp"] == layout.dp and saved["zero_stage"] == layout.zero_stage
-            and manifest["boundaries"] == list(plan.stages.boundaries))
+        raise PptkError(
+            f"the checkpoint was trained with a global batch of {saved_batch}, this run uses "
+            f"{layout.global_batch_size}; keep the global batch (micro x accum x dp) to continue the run, "
+            f"e.g. --global-batch-size {saved_batch}"
+        )
+    return (
+        saved["pp"] == layout.pp
+        and saved["dp"] == layout.dp
+        and saved["zero_stage"] == layout.zero_stage
+        and manifest["boundaries"] == list(plan.stages.boundaries)
+    )
 
 
 def resume(engine, plan: PipelinePlan, *, layout: Layout, path: str | Path) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the manifest (its "step" is where training resumes)."""
+    compat.check_per_layer_states_supported(engine.optimizer)
     tag_dir = find_checkpoint(path)
     manifest = read_manifest(tag_dir)
-    if same_layout(manifest, plan, layout):
+    same = same_layout(manifest, plan, layout)
+    if same and compat.deepspeed_loader_restores_optimizer(engine):
         loaded, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if loaded is None:
             raise PptkError(f"DeepSpeed could not load {tag_dir}; the checkpoint is incomplete")
-        rng = tag_dir / f"rng_rank{dist.get_rank()}.pt"
-        if rng.is_file():
-            set_rng_states(torch.load(rng, weights_only=False))
     else:
-        _load_on_new_layout(engine, plan, tag_dir, manifest)
+        _load_per_layer(engine, plan, tag_dir, manifest)
+    rng = tag_dir / f"rng_rank{dist.get_rank()}.pt"
+    if same and rng.is_file():
+        set_rng_states(torch.load(rng, weights_only=False))
     return manifest
 
 
-def _materialise_zero_states(engine) -> None:
-    """Create the Adam state of every ZeRO partition now (torch creates it lazily at the first step) and link it to
-    the parameters, so that per-parameter fragments can be written before training starts. Uses DeepSpeed 0.19's
-    ZeRO-1/2 optimizer internals (single_partition_of_fp32_groups, _lazy_init_hp_params_optimizer_state)."""
-    zero = engine.optimizer
-    if not hasattr(zero, "single_partition_of_fp32_groups"):
-        return
-    for flat in zero.single_partition_of_fp32_groups:
-        state = zero.optimizer.state[flat]
-        if not state:
-            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
-
-
-def _load_on_new_layout(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine)  # layer files, ties synced
-    if hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()  # master weights from the loaded module weights
-    _materialise_zero_states(engine)
+def _load_per_layer(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict) -> None:
+    """Any layout: weights from the layer files, fp32 masters and Adam moments from the per-layer optimizer files."""
+    compat.load_layer_files(engine, tag_dir)  # any pp: one file per layer; tied copies re-synced
+    compat.refresh_master_weights(engine.optimizer)  # fp32 masters from the loaded weights (exact for fp32 checkpoints)
     optimizer_states = manifest.get("layout") is not None and (tag_dir / "optim_layer_00.pt").is_file()
+    if optimizer_states:
+        compat.materialise_optimizer_states(engine.optimizer)
     for index, layer_module in local_layers(engine.module, plan.layers):
         states = torch.load(tag_dir / f"optim_layer_{index:02d}.pt") if optimizer_states else {}
         for name, param in layer_module.named_parameters():
-            if name not in states:
-                continue
-            if hasattr(param, "_hp_mapping"):
-                safe_set_full_fp32_param(param, states[name]["fp32"])
-                for key in ADAM_STATES:
-                    safe_set_full_optimizer_state(param, states[name][key], key)
-            else:
-                engine.optimizer.state[param].update({k: states[name][k].clone() for k in ADAM_STATES})
-    base = _base_optimizer(engine)
-    steps = manifest.get("optimizer_steps", 0)
-    for state in base.state.values():
-        if "step" in state:
-            state["step"] = torch.tensor(float(steps)) if torch.is_tensor(state["step"]) else steps
+            for key, value in states.get(name, {}).items():
+                # "fp32" restores the exact master weight where the layer file holds only its bf16/fp16 copy
+                compat.set_param_state(engine.optimizer, param, key, value)
+    if optimizer_states:
+        compat.set_optimizer_step_count(engine.optimizer, manifest.get("optimizer_steps", 0))
+        compat.set_loss_scale_state(engine.optimizer, manifest.get("loss_scale"))
     if manifest.get("lr_scheduler") and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
     # A scheduler sets the groups' lr when it steps, not when it loads: restore the lr the next step must use.
-    for group, lr in zip(base.param_groups, manifest.get("param_group_lrs", [])):
+    for group, lr in zip(compat.base_optimizer(engine.optimizer).param_groups, manifest.get("param_group_lrs", [])):
         group["lr"] = lr
-    engine.global_steps = manifest["step"]
-    engine.global_samples = manifest.get("global_samples", 0)
+    compat.set_global_steps(engine, manifest["step"], manifest.get("global_samples", 0))

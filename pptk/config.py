@@ -84,20 +84,29 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name, value in (("micro_batch_size", self.parallel.micro_batch_size), ("pp", self.parallel.pp),
-                            ("log_every", self.output.log_every), ("eval_every", self.output.eval_every),
-                            ("eval_batches", self.output.eval_batches), ("save_every", self.output.save_every)):
+        for name, value in (
+            ("micro_batch_size", self.parallel.micro_batch_size),
+            ("pp", self.parallel.pp),
+            ("log_every", self.output.log_every),
+            ("eval_every", self.output.eval_every),
+            ("eval_batches", self.output.eval_batches),
+            ("save_every", self.output.save_every),
+        ):
             if value < 1:
                 problems.append(f"{name} must be at least 1, got {value}")
-        for name, value in (("max_steps", self.optim.max_steps), ("epochs", self.optim.epochs),
-                            ("warmup_steps", self.optim.warmup_steps)):
+        for name, value in (
+            ("max_steps", self.optim.max_steps),
+            ("epochs", self.optim.epochs),
+            ("warmup_steps", self.optim.warmup_steps),
+        ):
             if value is not None and value < 1:
                 problems.append(f"{name} must be at least 1, got {value}")
         if self.optim.max_steps is None and self.optim.epochs is None:
             problems.append("give max_steps or epochs")
         if self.parallel.activation_checkpoint_interval < 0:
-            problems.append(f"activation_checkpoint_interval must be >= 0, got "
-                            f"{self.parallel.activation_checkpoint_interval}")
+            problems.append(
+                f"activation_checkpoint_interval must be >= 0, got {self.parallel.activation_checkpoint_interval}"
+            )
         if problems:
             raise PptkError("invalid run configuration: " + "; ".join(problems))
 
@@ -107,6 +116,7 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """JSON-ready: paths as strings, the data section tagged with its class name."""
+
         def plain(value: Any) -> Any:
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}

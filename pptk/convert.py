@@ -12,14 +12,23 @@ from transformers import AutoConfig
 
 from pptk.checkpoint import MANIFEST, _write_atomically, find_checkpoint, layer_file, manifest_for, read_manifest
 from pptk.errors import PptkError
-from pptk.models.common import init_layer_like_hf
 from pptk.models import PipeLayer, first_tied_index
+from pptk.models.common import init_layer_like_hf
 from pptk.pipeline import ModelSource, plan_pipeline, resolve_model
 from pptk.tasks import hf_model_class
 from pptk.weights import HFCheckpoint, TensorSource, load_stage_weights, write_safetensors
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def _one_layer(layers: list[PipeLayer], index: int) -> nn.Module:
@@ -33,11 +42,19 @@ def _one_layer(layers: list[PipeLayer], index: int) -> nn.Module:
     return holder
 
 
-def hf_to_ds(src: str | Path, dst: str | Path, *, pp: int = 1, task: str = "causal-lm",
-             partition_method: str = "compute", seed: int = 1234) -> Path:
+def hf_to_ds(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    pp: int = 1,
+    task: str | None = None,
+    partition_method: str = "compute",
+    seed: int = 1234,
+) -> Path:
     """Write a pipeline checkpoint (tag ``step0``) that recipes resume from with ``--resume-from DST``.
 
-    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest.
+    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest. ``task``
+    defaults to the one ``config.architectures`` names (pptk.tasks.infer_task).
     """
     source = resolve_model(src)
     if source.pretrained_dir is None:
@@ -59,8 +76,9 @@ def hf_to_ds(src: str | Path, dst: str | Path, *, pp: int = 1, task: str = "caus
         holder = _one_layer(plan.layers, index)
         for module in holder.children():
             init_layer_like_hf(module, config=plan.config, hf_class=plan.hf_class, seed=seed + index)
-        load_stage_weights(holder, plan.layers, checkpoint, base_model_prefix=plan.hf_class.base_model_prefix,
-                           allow_missing=optional)
+        load_stage_weights(
+            holder, plan.layers, checkpoint, base_model_prefix=plan.hf_class.base_model_prefix, allow_missing=optional
+        )
         (module,) = holder.tied_modules.values() if layer.tied_key else holder.children()
         torch.save(module.state_dict(), layer_file(partial, index))
         del holder, module  # release this layer before the next one is built
@@ -97,8 +115,9 @@ def config_from_manifest(manifest: dict):
     return AutoConfig.for_model(model_type, **raw)
 
 
-def ds_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "2GB",
-             tokenizer: str | Path | None = None) -> Path:
+def ds_to_hf(
+    src: str | Path, dst: str | Path, *, max_shard_size: str | int = "2GB", tokenizer: str | Path | None = None
+) -> Path:
     """Export a pipeline checkpoint to a directory ``AutoModelFor<task>.from_pretrained`` loads.
 
     Streams layer files into safetensors shards (sharded with an index when over ``max_shard_size``), so memory
@@ -126,18 +145,27 @@ def ds_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "2
                 shards.append({})
                 shard_bytes = 0
             shards[-1][layer["hf_prefix"] + local] = TensorSource(
-                tuple(tensor.shape), tensor.dtype, partial(lambda p, k: _load_layer(p)[k], path, local))
+                tuple(tensor.shape), tensor.dtype, partial(lambda p, k: _load_layer(p)[k], path, local)
+            )
             shard_bytes += size
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for name, tensors in zip(names, shards):
         write_safetensors(dst / name, tensors, metadata={"format": "pt"})
     if len(shards) > 1:
         weight_map = {tensor: name for name, tensors in zip(names, shards) for tensor in tensors}
         total = sum((dst / name).stat().st_size for name in names)
         (dst / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     config.architectures = [hf_class.__name__]
+    # what the tensors are stored in (bf16 after a bf16 run), so from_pretrained's dtype="auto" loads them as such
+    floating = [t.dtype for shard in shards for t in shard.values() if t.dtype.is_floating_point]
+    if floating:
+        config.dtype = max(set(floating), key=floating.count)
     config.save_pretrained(dst)
     tokenizer_dir = Path(tokenizer) if tokenizer else tag_dir.parent.parent / "hf_config"
     for name in TOKENIZER_FILES:

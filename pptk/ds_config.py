@@ -9,24 +9,32 @@
 - pipe_zero1_cpu.json   CPU / gloo runs and tests: fp32, and "torch_adam": true so DeepSpeed builds
   torch.optim.AdamW instead of FusedAdam (which the CPU accelerator would JIT-compile as a C++ extension).
 
+They ship inside the package (``pptk.ds_configs``, mapped from the repository's ds_configs/ in pyproject.toml)
+and are found with importlib.resources, so an installed pptk (the Docker image) has them: `shipped_config`.
+bf16 also runs on CPU ranks, through the same BF16_Optimizer as on GPUs (slowly without bf16 instructions);
+fp16 runs on CPU only where DeepSpeed's CPU accelerator reports fp16 support (AVX512-FP16 / AMX-FP16).
+
 Batch sizes, ZeRO stage, learning rate, weight decay, warmup/total steps and gradient clipping are "auto" or
 owned by the recipe, so each has one source of truth: `fill_ds_config` writes them in and refuses any JSON value
 that disagrees. DeepSpeed itself silently drops "auto" inside its pydantic sections (an unfilled
 zero_optimization.stage "auto" would become stage 0), which is why an unfilled "auto" is an error here.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import os
+import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pptk.errors import PptkError
 from pptk.parallel import Layout
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 PRECISIONS = ("fp32", "bf16", "fp16")
+SHIPPED = {"fp32": "pipe_zero1_cpu.json", "bf16": "pipe_zero1_bf16.json", "fp16": "pipe_zero1_fp16.json"}
 AUTO = "auto"
 # "auto" values DeepSpeed resolves itself; everything else left "auto" is a bug.
 _NATIVE_AUTO = {"data_types.keep_in_fp32_modules", "pipeline.stages"}
@@ -43,21 +51,56 @@ def load_ds_config(path_or_dict: str | Path | dict) -> dict:
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict)
     path = Path(path_or_dict)
+    if not path.is_file() and _shipped_name(str(path_or_dict)) is not None and path.parent.name in ("", "ds_configs"):
+        # "bf16", "pipe_zero1_bf16.json" or ".../ds_configs/pipe_zero1_bf16.json" where there is no such folder (an
+        # installed pptk, run outside the repository): the copy shipped in the package, same name, same content
+        path = shipped_config(str(path_or_dict))
     if not path.is_file():
-        shipped = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
-        raise PptkError(f"DeepSpeed config {str(path)!r} does not exist; pass a JSON file such as one in "
-                        f"{DS_CONFIG_DIR}: {shipped}")
+        shipped = ", ".join(sorted(SHIPPED.values()))
+        raise PptkError(
+            f"DeepSpeed config {str(path)!r} does not exist; pass a JSON file, or a shipped config by "
+            f"name or precision ({', '.join(PRECISIONS)}): {shipped}"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
-        raise PptkError(f"{path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}; "
-                        "fix the file (JSON allows no comments and no trailing commas)") from None
+        raise PptkError(
+            f"{path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}; "
+            "fix the file (JSON allows no comments and no trailing commas)"
+        ) from None
     except _DuplicateKey as e:
         raise PptkError(f"{path} sets {e.args[0]!r} twice; keep one (DeepSpeed rejects duplicate keys)") from None
     if not isinstance(config, dict):
-        raise PptkError(f"{path} holds a JSON {type(config).__name__}, not an object; a DeepSpeed config is "
-                        '{"train_micro_batch_size_per_gpu": ..., ...}')
+        raise PptkError(
+            f"{path} holds a JSON {type(config).__name__}, not an object; a DeepSpeed config is "
+            '{"train_micro_batch_size_per_gpu": ..., ...}'
+        )
     return config
+
+
+def shipped_config(name: str) -> Path:
+    """The path of a config shipped with pptk, by precision ("bf16", "fp16", "fp32" or "cpu") or file name
+    ("pipe_zero1_bf16.json", or a path ending in it such as ds_configs/pipe_zero1_bf16.json)."""
+    file_name = _shipped_name(name)
+    if file_name is None:
+        raise PptkError(
+            f"{name!r} is not a shipped DeepSpeed config; choose a precision ({', '.join(PRECISIONS)}) "
+            f"or one of {', '.join(sorted(SHIPPED.values()))}"
+        )
+    return Path(str(resources.files("pptk.ds_configs").joinpath(file_name)))
+
+
+def default_ds_config(accelerator: str | None = None) -> Path:
+    """The shipped config a run uses without --ds-config: bf16 on GPUs, fp32 on CPU (DS_ACCELERATOR=cpu, no CUDA)."""
+    return shipped_config("fp32" if (accelerator or _detect_accelerator()) == "cpu" else "bf16")
+
+
+def _shipped_name(name: str) -> str | None:
+    key = "fp32" if name == "cpu" else name
+    if key in SHIPPED:
+        return SHIPPED[key]
+    base = Path(name).name
+    return base if base in SHIPPED.values() else None
 
 
 def fill_ds_config(
@@ -118,22 +161,29 @@ def fill_ds_config(
                 _set(config, key, precision == name)
         have = precision_of(config)
         if have != precision:
-            disagreements.append(f"bf16.enabled / fp16.enabled: JSON trains in {have}, argument precision="
-                                 f"{precision!r} (or use ds_configs/{_config_for(precision)})")
+            disagreements.append(
+                f"bf16.enabled / fp16.enabled: JSON trains in {have}, argument precision="
+                f"{precision!r} (or use ds_configs/{SHIPPED[precision]})"
+            )
 
     fillers = {key: arg_name for key, arg_name, _ in wanted}
-    fillers.update({key: "precision" for key in _PRECISION_KEYS})
-    unfilled = [f"{key}: pass {fillers[key]}=..." if key in fillers
-                else f"{key}: no pptk argument fills it; write a concrete value in the JSON"
-                for key in _auto_keys(config)]
+    fillers.update(dict.fromkeys(_PRECISION_KEYS, "precision"))
+    unfilled = [
+        f"{key}: pass {fillers[key]}=..."
+        if key in fillers
+        else f"{key}: no pptk argument fills it; write a concrete value in the JSON"
+        for key in _auto_keys(config)
+    ]
     problems = []
     if disagreements:
-        problems.append(f"the DeepSpeed config disagrees with the recipe on {len(disagreements)} setting(s); "
-                        "remove each from the JSON (or set it to \"auto\") or pass the same value:\n  "
-                        + "\n  ".join(disagreements))
+        problems.append(
+            f"the DeepSpeed config disagrees with the recipe on {len(disagreements)} setting(s); "
+            'remove each from the JSON (or set it to "auto") or pass the same value:\n  ' + "\n  ".join(disagreements)
+        )
     if unfilled:
-        problems.append(f"the DeepSpeed config has {len(unfilled)} \"auto\" value(s) nothing filled:\n  "
-                        + "\n  ".join(unfilled))
+        problems.append(
+            f'the DeepSpeed config has {len(unfilled)} "auto" value(s) nothing filled:\n  ' + "\n  ".join(unfilled)
+        )
     if problems:
         raise PptkError("\n".join(problems))
     return config
@@ -145,43 +195,67 @@ def validate_ds_config(config: dict, *, layout: Layout, accelerator: str | None 
     accelerator: "cuda", "cpu" or another DeepSpeed accelerator name; None detects this machine (DS_ACCELERATOR,
     then torch.cuda.is_available()). Pass "cuda" to check a GPU config from a machine without one.
     """
-    problems = [f"{key} is still \"auto\"; fill it with fill_ds_config first" for key in _auto_keys(config)]
+    problems = [f'{key} is still "auto"; fill it with fill_ds_config first' for key in _auto_keys(config)]
     stage = _get(config, "zero_optimization.stage", 0)
     zero = config.get("zero_optimization")
     zero = zero if isinstance(zero, dict) else {}
-    if stage != AUTO and stage != layout.zero_stage:
+    if stage not in (AUTO, layout.zero_stage):
         problems.append(f"zero_optimization.stage {stage!r} != layout zero_stage {layout.zero_stage}")
     if layout.pp > 1 and isinstance(stage, int) and stage >= 2:
-        problems.append(f"zero_optimization.stage {stage} with pp({layout.pp}) > 1: DeepSpeed's pipeline engine "
-                        "supports ZeRO stage 0 or 1 only; use stage 1 (optimizer-state sharding across the dp "
-                        "replicas) or pp=1")
-    offloads = [k for k in ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param")
-                if _offloads(zero.get(k))]
+        problems.append(
+            f"zero_optimization.stage {stage} with pp({layout.pp}) > 1: DeepSpeed's pipeline engine "
+            "supports ZeRO stage 0 or 1 only; use stage 1 (optimizer-state sharding across the dp "
+            "replicas) or pp=1"
+        )
+    offloads = [
+        k for k in ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param") if _offloads(zero.get(k))
+    ]
     if layout.pp > 1 and offloads:
-        problems.append(f"zero_optimization.{' and .'.join(offloads)} with pp({layout.pp}) > 1: pptk does not "
-                        "offload with pipelines (DeepSpeed's pipeline engine breaks with it, e.g. bf16 + "
-                        "offload_optimizer, deepspeedai/DeepSpeed#3866); remove the offload section or use pp=1")
+        problems.append(
+            f"zero_optimization.{' and .'.join(offloads)} with pp({layout.pp}) > 1: pptk does not "
+            "offload with pipelines (DeepSpeed's pipeline engine breaks with it, e.g. bf16 + "
+            "offload_optimizer, deepspeedai/DeepSpeed#3866); remove the offload section or use pp=1"
+        )
     bf16, fp16 = _enabled(config, "bf16"), _enabled(config, "fp16")
     if bf16 and fp16:
         problems.append("bf16.enabled and fp16.enabled are both true; enable one (DeepSpeed refuses both)")
     accelerator = accelerator or _detect_accelerator()
-    if (bf16 or fp16) and accelerator == "cpu":
-        problems.append(f"{'bf16' if bf16 else 'fp16'} is enabled but this run is on CPU (DS_ACCELERATOR="
-                        f"{os.environ.get('DS_ACCELERATOR', '')!r}, CUDA available: {_cuda_available()}); use the "
-                        f"fp32 config {DS_CONFIG_DIR / 'pipe_zero1_cpu.json'}")
+    if fp16 and accelerator == "cpu" and not cpu_supports("fp16"):
+        problems.append(
+            f"fp16 is enabled but this run is on CPU (DS_ACCELERATOR="
+            f"{os.environ.get('DS_ACCELERATOR', '')!r}, CUDA available: {_cuda_available()}) and "
+            "DeepSpeed's CPU accelerator supports fp16 only "
+            "on CPUs with AVX512-FP16/AMX-FP16, which this one lacks; use bf16 "
+            f"({shipped_config('bf16')}) or fp32 ({shipped_config('fp32')})"
+        )
+    if bf16 and accelerator == "cpu" and not cpu_supports("bf16"):
+        warnings.warn(
+            "bf16 on CPU ranks runs through DeepSpeed's BF16_Optimizer as on GPUs, but this CPU has no bf16 "
+            "instructions (AVX512-BF16/AMX): expect several times the fp32 step time; use "
+            f"{shipped_config('fp32')} for speed on CPU",
+            stacklevel=2,
+        )
+    if fp16 and stage == 0:
+        problems.append(
+            "fp16 with zero_optimization.stage 0 runs through DeepSpeed's FP16_Optimizer, whose optimizer "
+            "state pptk cannot checkpoint per layer (for resuming on another layout); use stage 1, as "
+            "ds_configs/pipe_zero1_fp16.json does"
+        )
     if bf16 and _get(config, "data_types.grad_accum_dtype") not in (None, "bf16") and stage == 0:
-        problems.append("bf16 with data_types.grad_accum_dtype fp32 needs zero_optimization.stage 1 (DeepSpeed's "
-                        "BF16_Optimizer); use stage 1 or remove data_types.grad_accum_dtype")
+        problems.append(
+            "bf16 with data_types.grad_accum_dtype fp32 needs zero_optimization.stage 1 (DeepSpeed's "
+            "BF16_Optimizer); use stage 1 or remove data_types.grad_accum_dtype"
+        )
     problems += _batch_problems(config, layout=layout)
     if problems:
         raise PptkError("the DeepSpeed config does not fit this run:\n  " + "\n  ".join(problems))
 
 
 def precision_of(config: dict) -> str:
-    """"fp32", "bf16" or "fp16": what DeepSpeed will train in with this config."""
+    """ "fp32", "bf16" or "fp16": what DeepSpeed will train in with this config."""
     for key in _PRECISION_KEYS:
         if _get(config, key) == AUTO:
-            raise PptkError(f"{key} is \"auto\"; fill it with fill_ds_config(precision=...) first")
+            raise PptkError(f'{key} is "auto"; fill it with fill_ds_config(precision=...) first')
     bf16, fp16 = _enabled(config, "bf16"), _enabled(config, "fp16")
     if bf16 and fp16:
         raise PptkError("bf16.enabled and fp16.enabled are both true; enable one (DeepSpeed refuses both)")
@@ -201,8 +275,10 @@ def _batch_problems(config: dict, *, layout: Layout) -> list[str]:
             problems.append(f"{key}({value}) != layout {name}({want})")
     numbers = (micro, accum, total)
     if all(isinstance(n, int) for n in numbers) and total != micro * accum * layout.dp:
-        problems.append(f"train_batch_size({total}) != train_micro_batch_size_per_gpu({micro}) * "
-                        f"gradient_accumulation_steps({accum}) * dp({layout.dp}) = {micro * accum * layout.dp}")
+        problems.append(
+            f"train_batch_size({total}) != train_micro_batch_size_per_gpu({micro}) * "
+            f"gradient_accumulation_steps({accum}) * dp({layout.dp}) = {micro * accum * layout.dp}"
+        )
     return problems
 
 
@@ -219,8 +295,18 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _config_for(precision: str) -> str:
-    return {"fp32": "pipe_zero1_cpu.json", "bf16": "pipe_zero1_bf16.json", "fp16": "pipe_zero1_fp16.json"}[precision]
+def cpu_supports(precision: str) -> bool:
+    """Whether DeepSpeed's CPU accelerator runs ``precision`` at speed on this CPU; DeepSpeed 0.19.8's
+    CpuAccelerator.is_fp16_supported asks oneDNN the same question (it always accepts bf16, fast or not)."""
+    import torch
+
+    probe = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}.get(precision)
+    if probe is None:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _enabled(config: dict, section: str) -> bool:

@@ -8,26 +8,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from pptk import deepspeed_compat
 from pptk.config import RunConfig
-from pptk.ds_config import fill_ds_config, load_ds_config, validate_ds_config
+from pptk.ds_config import default_ds_config, fill_ds_config, load_ds_config, validate_ds_config
 from pptk.errors import PptkError
 from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, build_pipeline_module
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
-
 
 def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
-
-
-def default_ds_config() -> Path:
-    """bf16 on GPUs, fp32 on CPU (DS_ACCELERATOR=cpu or no CUDA)."""
-    return CONFIG_DIR / ("pipe_zero1_cpu.json" if on_cpu() else "pipe_zero1_bf16.json")
 
 
 def world_size() -> int:
@@ -44,8 +37,14 @@ def resolve_layout(run: RunConfig, ds_config: dict) -> Layout:
     accum = parallel.grad_accum_steps
     if accum is None and parallel.global_batch_size is None:
         accum = 2 * parallel.pp  # enough micro-batches to keep the 1F1B bubble at a third or less
-    return Layout.from_world(world_size=world_size(), pp=parallel.pp, micro_batch_size=parallel.micro_batch_size,
-                             grad_accum_steps=accum, global_batch_size=parallel.global_batch_size, zero_stage=zero)
+    return Layout.from_world(
+        world_size=world_size(),
+        pp=parallel.pp,
+        micro_batch_size=parallel.micro_batch_size,
+        grad_accum_steps=accum,
+        global_batch_size=parallel.global_batch_size,
+        zero_stage=zero,
+    )
 
 
 def load_run_ds_config(run: RunConfig) -> dict:
@@ -56,8 +55,15 @@ def resolve_ds_config(run: RunConfig, raw: dict, layout: Layout, *, total_steps:
     """The DeepSpeed JSON with its "auto" values filled from the run, then checked against the layout."""
     optim = run.optim
     warmup = optim.warmup_steps or max(1, total_steps // 20)
-    config = fill_ds_config(raw, layout=layout, lr=optim.lr, weight_decay=optim.weight_decay, warmup_steps=warmup,
-                            total_steps=total_steps, grad_clip=optim.grad_clip)
+    config = fill_ds_config(
+        raw,
+        layout=layout,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        warmup_steps=warmup,
+        total_steps=total_steps,
+        grad_clip=optim.grad_clip,
+    )
     validate_ds_config(config, layout=layout)
     return config
 
@@ -71,21 +77,37 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else None, timeout=COLLECTIVE_TIMEOUT)
 
 
-def build_engine(plan: PipelinePlan, *, layout: Layout, ds_config: dict, seed: int, loss_fn: Callable,
-                 activation_checkpoint_interval: int = 0, dynamic_shape: bool = False):
+def build_engine(
+    plan: PipelinePlan,
+    *,
+    layout: Layout,
+    ds_config: dict,
+    seed: int,
+    loss_fn: Callable,
+    activation_checkpoint_interval: int = 0,
+    dynamic_shape: bool = False,
+):
     """This rank's stage on DeepSpeed's pp x dp grid, wrapped in its pipeline engine."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     if torch.distributed.get_world_size() != layout.world_size:
-        raise PptkError(f"the layout needs {layout.world_size} ranks but the process group has "
-                        f"{torch.distributed.get_world_size()}")
+        raise PptkError(
+            f"the layout needs {layout.world_size} ranks but the process group has {torch.distributed.get_world_size()}"
+        )
     # Reproducible dropout: each rank's generators are seeded by the run's seed and its global rank, so a rerun, or
     # the same layout spread over several nodes, draws the same masks.
-    deepspeed.runtime.utils.set_random_seed(seed + torch.distributed.get_rank())
+    deepspeed_compat.set_random_seed(seed + torch.distributed.get_rank())
     topology = PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp)
-    module = build_pipeline_module(plan, topology=topology, seed=seed, dynamic_shape=dynamic_shape,
-                                   activation_checkpoint_interval=activation_checkpoint_interval, loss_fn=loss_fn)
+    module = build_pipeline_module(
+        plan,
+        topology=topology,
+        seed=seed,
+        dynamic_shape=dynamic_shape,
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        loss_fn=loss_fn,
+    )
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
+    deepspeed_compat.after_initialize(engine)
     return engine

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import io
 import json
 import os
 import platform
@@ -63,8 +62,10 @@ def read_pins(constraints_path: Path) -> dict[str, str]:
     try:
         text = Path(constraints_path).read_text()
     except OSError as err:
-        raise PptkError(f"cannot read constraints file {constraints_path}: {err.strerror}. "
-                        "Pass --constraints PATH to an existing constraints.txt.") from err
+        raise PptkError(
+            f"cannot read constraints file {constraints_path}: {err.strerror}. "
+            "Pass --constraints PATH to an existing constraints.txt."
+        ) from err
     pins = {}
     for raw in text.splitlines():
         line = raw.split(" #", 1)[0].split(";", 1)[0].strip()
@@ -98,13 +99,17 @@ def find_constraints(explicit: Path | None = None) -> Path:
     if from_env:
         if Path(from_env).is_file():
             return Path(from_env)
-        raise PptkError(f"PPTK_CONSTRAINTS={from_env}: no such file. Point it at pptk's constraints.txt "
-                        "(in the pptk image: /opt/pptk/constraints.txt) or unset it.")
+        raise PptkError(
+            f"PPTK_CONSTRAINTS={from_env}: no such file. Point it at pptk's constraints.txt "
+            "(in the pptk image: /opt/pptk/constraints.txt) or unset it."
+        )
     if REPO_CONSTRAINTS.is_file() and (REPO_CONSTRAINTS.parent / "pyproject.toml").is_file():
         return REPO_CONSTRAINTS
-    raise PptkError(f"no constraints.txt to compare with: not in a source checkout ({REPO_CONSTRAINTS} is "
-                    "missing) and PPTK_CONSTRAINTS is not set. Pass --constraints PATH or set PPTK_CONSTRAINTS "
-                    "(the pptk image sets it to /opt/pptk/constraints.txt).")
+    raise PptkError(
+        f"no constraints.txt to compare with: not in a source checkout ({REPO_CONSTRAINTS} is "
+        "missing) and PPTK_CONSTRAINTS is not set. Pass --constraints PATH or set PPTK_CONSTRAINTS "
+        "(the pptk image sets it to /opt/pptk/constraints.txt)."
+    )
 
 
 def _dist_version(name: str) -> str | None:
@@ -156,15 +161,18 @@ def _torch_info() -> dict:
     info["device_count"] = count
     for index in range(count):
         props = torch.cuda.get_device_properties(index)
-        info["devices"].append({
-            "index": index,
-            "name": props.name,
-            "capability": f"{props.major}.{props.minor}",
-            "memory_gib": round(props.total_memory / 2**30, 1),
-        })
+        info["devices"].append(
+            {
+                "index": index,
+                "name": props.name,
+                "capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / 2**30, 1),
+            }
+        )
     if count > 1:
         info["p2p_all_pairs"] = all(
-            torch.cuda.can_device_access_peer(a, b) for a in range(count) for b in range(count) if a != b)
+            torch.cuda.can_device_access_peer(a, b) for a in range(count) for b in range(count) if a != b
+        )
     return info
 
 
@@ -172,35 +180,20 @@ def _deepspeed_info() -> dict:
     try:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from deepspeed.git_version_info import accelerator_name as built_for
-        from deepspeed.git_version_info import installed_ops, torch_info
     except ImportError:
         return {"version": None}
-    accelerator = get_accelerator()
-    current = getattr(accelerator, "_name", accelerator.device_name())
-    info = {
-        "version": deepspeed.__version__,
-        "accelerator": current,
-        "comm_backend": accelerator.communication_backend_name(),
-        "ops_built_for": built_for,
-        "ops_built_with": {"torch": torch_info.get("version"), "cuda": torch_info.get("cuda_version")},
-        "ops": {},
-    }
-    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+    from pptk.deepspeed_compat import op_build_report
 
-    # As `ds_report` does: probe whether each op could be JIT-compiled here, building nothing. Probes
-    # print warnings; keep them out of the report.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        for name, builder in ALL_OPS.items():
-            try:
-                compatible = bool(builder.is_compatible(verbose=False))
-            except Exception:  # a failing probe means "cannot build here", as in deepspeed's probe_is_compatible
-                compatible = False
-            info["ops"][name] = {
-                "prebuilt": bool(installed_ops.get(name)) and built_for == current,
-                "compatible": compatible,
-            }
-    return info
+    # As `ds_report` does: which ops are prebuilt, and which could be JIT-compiled here (probed, nothing built).
+    report = op_build_report()
+    return {
+        "version": deepspeed.__version__,
+        "accelerator": report["accelerator"],
+        "comm_backend": get_accelerator().communication_backend_name(),
+        "ops_built_for": report["ops_built_for"],
+        "ops_built_with": report["ops_built_with"],
+        "ops": report["ops"],
+    }
 
 
 def _nvcc_version() -> str | None:
@@ -216,8 +209,9 @@ def _nvcc_version() -> str | None:
 
 
 def _nvidia_smi_gpus() -> list[dict] | None:
-    out = _run(["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total,pci.bus_id",
-                "--format=csv,noheader,nounits"])
+    out = _run(
+        ["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total,pci.bus_id", "--format=csv,noheader,nounits"]
+    )
     if out is None:
         return None
     gpus = []
@@ -225,8 +219,15 @@ def _nvidia_smi_gpus() -> list[dict] | None:
         fields = [f.strip() for f in line.split(",")]
         if len(fields) == 5:
             index, name, driver, memory_mib, bus_id = fields
-            gpus.append({"index": index, "name": name, "driver": driver,
-                         "memory_mib": int(memory_mib) if memory_mib.isdigit() else None, "bus_id": bus_id})
+            gpus.append(
+                {
+                    "index": index,
+                    "name": name,
+                    "driver": driver,
+                    "memory_mib": int(memory_mib) if memory_mib.isdigit() else None,
+                    "bus_id": bus_id,
+                }
+            )
     return gpus
 
 
@@ -263,8 +264,9 @@ def _summarise_links(links: dict[str, str], parsed: bool) -> tuple[str, str]:
         return "NVLink", f"NVLink between every GPU pair ({', '.join(nvlink)})"
     if nvlink:
         linked = sum(1 for link in links.values() if link.startswith("NV"))
-        return "partial NVLink", (f"NVLink for {linked} of {len(links)} GPU pairs, "
-                                  f"the others over PCIe ({', '.join(kinds)})")
+        return "partial NVLink", (
+            f"NVLink for {linked} of {len(links)} GPU pairs, the others over PCIe ({', '.join(kinds)})"
+        )
     return "PCIe", f"PCIe only, no NVLink ({', '.join(kinds)}): stages exchange activations through the host"
 
 
@@ -318,8 +320,7 @@ def compare_with_pins(env: dict, pins: dict[str, str]) -> list[str]:
         pinned = pins.get(normalize_name(name))
         if pinned is None:
             continue
-        fix = (f"Fix: pip install -c constraints.txt {name}=={pinned} "
-               "(in the pptk image, rebuild it: docker/README.md).")
+        fix = f"Fix: pip install -c constraints.txt {name}=={pinned} (in the pptk image, rebuild it: docker/README.md)."
         if installed is None:
             mismatches.append(f"{name} is not installed; constraints.txt pins {pinned}. {fix}")
         elif not versions_equal(installed, pinned):
@@ -334,36 +335,46 @@ def check_runtime(env: dict, pins: dict[str, str]) -> list[str]:
     if python.get("requires"):
         with contextlib.suppress(InvalidSpecifier):
             if python["version"] not in SpecifierSet(python["requires"]):
-                problems.append(f"Python {python['version']} does not satisfy pptk's requires-python "
-                                f"{python['requires']}. Fix: create the venv with Python 3.11 (`make install`).")
+                problems.append(
+                    f"Python {python['version']} does not satisfy pptk's requires-python "
+                    f"{python['requires']}. Fix: create the venv with Python 3.11 (`make install`)."
+                )
     cuda_build = torch_env.get("cuda_build")
     tag = "cu" + cuda_build.replace(".", "") if cuda_build else "cpu"
     expected = os.environ.get("PPTK_EXPECT_TORCH_CUDA")
     if expected and torch_env.get("version") and tag != expected:
-        problems.append(f"torch {torch_env['version']} is a {tag} build but this image expects {expected}. "
-                        f"Fix: pip install --index-url https://download.pytorch.org/whl/{expected} "
-                        f"torch=={pins.get('torch', '<pin>')}+{expected}, or rebuild the image.")
+        problems.append(
+            f"torch {torch_env['version']} is a {tag} build but this image expects {expected}. "
+            f"Fix: pip install --extra-index-url <PyTorch's {expected} wheel index, the URL ending in "
+            f"/whl/{expected}> torch=={pins.get('torch', '<pin>')}+{expected}, or rebuild the image."
+        )
     gpus = env["nvidia_smi"]["gpus"] or []
     if gpus and torch_env.get("version") and not torch_env.get("cuda_available"):
         driver = gpus[0]["driver"]
         if cuda_build is None:
-            problems.append(f"nvidia-smi sees {len(gpus)} GPU(s) but torch {torch_env['version']} is a CPU-only "
-                            "build. Fix: install the CUDA build of the pinned torch, or use the pptk image.")
+            problems.append(
+                f"nvidia-smi sees {len(gpus)} GPU(s) but torch {torch_env['version']} is a CPU-only "
+                "build. Fix: install the CUDA build of the pinned torch, or use the pptk image."
+            )
         else:
             need = MIN_DRIVER_FOR_CUDA.get(int(cuda_build.split(".")[0]))
             hint = f"CUDA {cuda_build} needs driver {need} or newer" if need else "check the driver"
-            problems.append(f"nvidia-smi sees {len(gpus)} GPU(s) (driver {driver}) but torch {torch_env['version']} "
-                            f"cannot use them: {hint}, and containers need --gpus all. Fix: upgrade the driver "
-                            "or start the container with the GPUs.")
+            problems.append(
+                f"nvidia-smi sees {len(gpus)} GPU(s) (driver {driver}) but torch {torch_env['version']} "
+                f"cannot use them: {hint}, and containers need --gpus all. Fix: upgrade the driver "
+                "or start the container with the GPUs."
+            )
     ds = env["deepspeed"]
     if ds.get("ops") and any(op["prebuilt"] for op in ds["ops"].values()) and torch_env.get("version"):
         built = ds["ops_built_with"]
         torch_minor = ".".join(torch_env["version"].split("+")[0].split(".")[:2])
         cuda_minor = ".".join((cuda_build or "0.0").split(".")[:2])
         if (built["torch"], built["cuda"]) != (torch_minor, cuda_minor):
-            problems.append(f"DeepSpeed's prebuilt ops were compiled with torch {built['torch']} / CUDA "
-                            f"{built['cuda']} but torch {torch_minor} / CUDA {cuda_minor} is installed: they will "
-                            "fail to load. Fix: reinstall deepspeed after torch, or rebuild the image.")
+            problems.append(
+                f"DeepSpeed's prebuilt ops were compiled with torch {built['torch']} / CUDA "
+                f"{built['cuda']} but torch {torch_minor} / CUDA {cuda_minor} is installed: they will "
+                "fail to load. Fix: reinstall deepspeed after torch, or rebuild the image."
+            )
     return problems
 
 
@@ -372,14 +383,18 @@ def runtime_warnings(env: dict) -> list[str]:
     notes = []
     shm = env.get("shm_bytes")
     if shm is not None and shm < SMALL_SHM_BYTES and env["torch"].get("device_count", 0) > 1:
-        notes.append(f"/dev/shm is {shm / 2**20:.0f} MiB: NCCL and data loaders need more. "
-                     "Start the container with --ipc=host (or --shm-size=16g).")
+        notes.append(
+            f"/dev/shm is {shm / 2**20:.0f} MiB: NCCL and data loaders need more. "
+            "Start the container with --ipc=host (or --shm-size=16g)."
+        )
     ds = env["deepspeed"]
     if ds.get("accelerator") == "cuda":
         fused = ds.get("ops", {}).get("fused_adam")
         if fused and not fused["prebuilt"] and not env.get("nvcc"):
-            notes.append("DeepSpeed's fused_adam is not prebuilt and there is no nvcc to JIT-compile it: "
-                         "Adam(W) runs will fail. Use the pptk image or install the CUDA toolkit.")
+            notes.append(
+                "DeepSpeed's fused_adam is not prebuilt and there is no nvcc to JIT-compile it: "
+                "Adam(W) runs will fail. Use the pptk image or install the CUDA toolkit."
+            )
     return notes
 
 
@@ -395,13 +410,14 @@ def _versions_line(env: dict) -> str:
             gpus += f", {topology['kind']}"
     else:
         gpus = "no GPU"
-    return (f"Python {env['python']['version']}, torch {torch_env.get('version')} ({cuda}{nccl}), "
-            f"deepspeed {ds.get('version')} ({ds.get('accelerator')}), "
-            f"transformers {env['packages'].get('transformers')}; {gpus}")
+    return (
+        f"Python {env['python']['version']}, torch {torch_env.get('version')} ({cuda}{nccl}), "
+        f"deepspeed {ds.get('version')} ({ds.get('accelerator')}), "
+        f"transformers {env['packages'].get('transformers')}; {gpus}"
+    )
 
 
-def format_report(env: dict, pins: dict[str, str], constraints: Path, problems: list[str],
-                  warnings: list[str]) -> str:
+def format_report(env: dict, pins: dict[str, str], constraints: Path, problems: list[str], warnings: list[str]) -> str:
     torch_env, ds, smi = env["torch"], env["deepspeed"], env["nvidia_smi"]
     out = [f"pptk environment (pins from {constraints})", ""]
     out.append(f"Python        {env['python']['version']}  ({env['python']['executable']})")
@@ -415,15 +431,18 @@ def format_report(env: dict, pins: dict[str, str], constraints: Path, problems: 
     out.append("")
     if torch_env.get("cuda_build"):
         cudnn = torch_env.get("cudnn") or "-"
-        out.append(f"CUDA          torch built for CUDA {torch_env['cuda_build']}, cuDNN {cudnn}, "
-                   f"NCCL {torch_env.get('nccl') or '-'}; nvcc {env.get('nvcc') or 'not found'}")
+        out.append(
+            f"CUDA          torch built for CUDA {torch_env['cuda_build']}, cuDNN {cudnn}, "
+            f"NCCL {torch_env.get('nccl') or '-'}; nvcc {env.get('nvcc') or 'not found'}"
+        )
     else:
         out.append("CUDA          torch is a CPU-only build")
     devices = torch_env.get("devices") or []
     if devices:
         for dev in devices:
-            out.append(f"GPU {dev['index']:<9} {dev['name']}, compute capability {dev['capability']}, "
-                       f"{dev['memory_gib']} GiB")
+            out.append(
+                f"GPU {dev['index']:<9} {dev['name']}, compute capability {dev['capability']}, {dev['memory_gib']} GiB"
+            )
     else:
         out.append("GPUs          none usable by torch")
     if smi["gpus"] is not None:
@@ -441,8 +460,10 @@ def format_report(env: dict, pins: dict[str, str], constraints: Path, problems: 
         out.append("Interconnect  unknown (no nvidia-smi topo -m)")
     out.append("")
     if ds.get("version"):
-        out.append(f"DeepSpeed     {ds['version']}: accelerator {ds['accelerator']} ({ds['comm_backend']}); "
-                   f"prebuilt ops target {ds['ops_built_for'] or '-'}")
+        out.append(
+            f"DeepSpeed     {ds['version']}: accelerator {ds['accelerator']} ({ds['comm_backend']}); "
+            f"prebuilt ops target {ds['ops_built_for'] or '-'}"
+        )
         out.append(f"  {'op':<28}{'prebuilt':<10}JIT-compatible")
         ordered = [op for op in PIPELINE_OPS if op in ds["ops"]] + sorted(set(ds["ops"]) - set(PIPELINE_OPS))
         for name in ordered:
@@ -479,8 +500,18 @@ def env_main(*, json_output: bool, quiet: bool, constraints: Path | None) -> int
     problems = compare_with_pins(env, pins) + check_runtime(env, pins)
     warnings = runtime_warnings(env)
     if json_output:
-        print(json.dumps({"ok": not problems, "constraints": str(constraints_path), "problems": problems,
-                          "warnings": warnings, "env": env}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "ok": not problems,
+                    "constraints": str(constraints_path),
+                    "problems": problems,
+                    "warnings": warnings,
+                    "env": env,
+                },
+                indent=2,
+            )
+        )
     elif quiet:
         if problems:
             print(f"pptk env: {len(problems)} problem(s) (pins from {constraints_path}):")
@@ -496,8 +527,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `pptk env`."""
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="one line when OK, otherwise only the problems")
-    parser.add_argument("--constraints", type=Path, default=None, metavar="PATH",
-                        help="constraints file to compare with (default: $PPTK_CONSTRAINTS, then the checkout's)")
+    parser.add_argument(
+        "--constraints",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="constraints file to compare with (default: $PPTK_CONSTRAINTS, then the checkout's)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -5,10 +5,10 @@ import os
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -41,11 +41,12 @@ def _environment(values: dict[str, str]):
 
 
 def _rank_entry(rank: int, world_size: int, log_dir: str, worker: Callable, args: tuple) -> None:
-    log = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
+    log = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115 (stays open as this rank's stdout)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size)
+    )
     try:
         worker(rank, *args)
     except BaseException as err:
@@ -55,8 +56,9 @@ def _rank_entry(rank: int, world_size: int, log_dir: str, worker: Callable, args
         raise
 
 
-def run_ranks(worker: Callable, *, world_size: int, args: tuple = (), log_dir: str | Path,
-              timeout_s: float = 600.0) -> None:
+def run_ranks(
+    worker: Callable, *, world_size: int, args: tuple = (), log_dir: str | Path, timeout_s: float = 600.0
+) -> None:
     """Run ``worker(rank, *args)`` in ``world_size`` fresh processes wired for torch.distributed.
 
     Each rank's output goes to ``log_dir/rank{r}.log``. If any rank fails, the others are terminated at once (no
@@ -64,13 +66,21 @@ def run_ranks(worker: Callable, *, world_size: int, args: tuple = (), log_dir: s
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     with _environment(env):
-        context = mp.start_processes(_rank_entry, args=(world_size, str(log_dir), worker, args),
-                                     nprocs=world_size, join=False, start_method="spawn")
+        context = mp.start_processes(
+            _rank_entry,
+            args=(world_size, str(log_dir), worker, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         deadline_hits = 0
         try:
             while not context.join(timeout=5):

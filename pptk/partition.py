@@ -66,7 +66,7 @@ class StagePlan:
         return len(self.boundaries) - 1
 
     def stage_layers(self, stage: int) -> tuple[LayerCost, ...]:
-        return self.costs[self.boundaries[stage]:self.boundaries[stage + 1]]
+        return self.costs[self.boundaries[stage] : self.boundaries[stage + 1]]
 
     def stage_of(self, layer_index: int) -> int:
         return next(s for s in range(self.num_stages) if layer_index < self.boundaries[s + 1])
@@ -75,13 +75,15 @@ class StagePlan:
         rows = []
         for s in range(self.num_stages):
             held = self.stage_layers(s)
-            rows.append({
-                "stage": s,
-                "layers": [f"{c.index}:{c.name}" for c in held],
-                "blocks": sum(c.role == "block" for c in held),
-                "params": sum(c.params for c in held),
-                "gflops_per_token": sum(c.flops_per_token for c in held) / 1e9,
-            })
+            rows.append(
+                {
+                    "stage": s,
+                    "layers": [f"{c.index}:{c.name}" for c in held],
+                    "blocks": sum(c.role == "block" for c in held),
+                    "params": sum(c.params for c in held),
+                    "gflops_per_token": sum(c.flops_per_token for c in held) / 1e9,
+                }
+            )
         return rows
 
     def describe(self) -> str:
@@ -90,8 +92,10 @@ class StagePlan:
         lines = [f"{'stage':>5}  {'blocks':>6}  {'params':>12}  {'GFLOP/token':>11}  {'load':>5}  layers"]
         for r in rows:
             names = ", ".join(r["layers"])
-            lines.append(f"{r['stage']:>5}  {r['blocks']:>6}  {r['params']:>12,}  {r['gflops_per_token']:>11.4f}  "
-                         f"{r['gflops_per_token'] / peak:>5.0%}  {names}")
+            lines.append(
+                f"{r['stage']:>5}  {r['blocks']:>6}  {r['params']:>12,}  {r['gflops_per_token']:>11.4f}  "
+                f"{r['gflops_per_token'] / peak:>5.0%}  {names}"
+            )
         return "\n".join(lines)
 
 
@@ -103,7 +107,7 @@ def _weights(costs: list[LayerCost], method: str) -> list[float]:
     if method == "uniform":
         return [1.0 if c.role == "block" else 0.0 for c in costs]
     if method.startswith("type:"):
-        pattern = re.compile(method[len("type:"):], re.IGNORECASE)
+        pattern = re.compile(method[len("type:") :], re.IGNORECASE)
         weights = [1.0 if pattern.search(c.name) else 0.0 for c in costs]
         if not any(weights):
             names = sorted({c.name for c in costs})

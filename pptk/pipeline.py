@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from pptk.deepspeed_compat import partition_by_boundaries
 from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index, get_adapter, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
 from pptk.partition import StagePlan, layer_costs, plan_stages
-from pptk.tasks import get_task, hf_model_class
+from pptk.tasks import get_task, hf_model_class, infer_task
 from pptk.weights import HFCheckpoint, load_stage_weights
 
 
@@ -52,7 +53,7 @@ def resolve_model(model: str | Path | PretrainedConfig) -> ModelSource:
         except json.JSONDecodeError as err:
             raise PptkError(f"{path} is not valid JSON: {err}") from None
         if "model_type" not in raw:
-            raise PptkError(f"{path} has no \"model_type\"; it is not a Hugging Face config.json")
+            raise PptkError(f'{path} has no "model_type"; it is not a Hugging Face config.json')
         get_adapter(raw["model_type"])
         config = AutoConfig.for_model(**raw)
         return ModelSource(config, None, str(path))
@@ -62,12 +63,13 @@ def resolve_model(model: str | Path | PretrainedConfig) -> ModelSource:
     raise PptkError(
         f"{name!r} is not a local model directory, a config.json, or a supported model type "
         f"({', '.join(supported_model_types())}). pptk reads only local files: fetch hub models first, e.g. "
-        f"`huggingface-cli download {name} --local-dir models/{name.split('/')[-1]}`"
+        f"`huggingface-cli download {name} --local-dir models/{name.rsplit('/', maxsplit=1)[-1]}`"
     )
 
 
-def prepare_config(config: PretrainedConfig, *, attn_implementation: str = "sdpa",
-                   dropout: bool = True) -> PretrainedConfig:
+def prepare_config(
+    config: PretrainedConfig, *, attn_implementation: str = "sdpa", dropout: bool = True
+) -> PretrainedConfig:
     """A copy of the config with the attention kernel chosen and, for exact comparisons, dropout switched off."""
     config = copy.deepcopy(config)
     config._attn_implementation = attn_implementation
@@ -100,12 +102,20 @@ class PipelinePlan:
         return get_task(self.task).loss(self.config)
 
 
-def plan_pipeline(model: str | Path | PretrainedConfig | ModelSource, *, num_stages: int, task: str = "causal-lm",
-                  partition_method: str = "compute", attn_implementation: str = "sdpa", dropout: bool = True,
-                  seq_len: int | None = None) -> PipelinePlan:
+def plan_pipeline(
+    model: str | Path | PretrainedConfig | ModelSource,
+    *,
+    num_stages: int,
+    task: str | None = None,
+    partition_method: str = "compute",
+    attn_implementation: str = "sdpa",
+    dropout: bool = True,
+    seq_len: int | None = None,
+) -> PipelinePlan:
+    """task: None reads it from config.architectures (see pptk.tasks.infer_task); a name overrides that."""
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     config = prepare_config(source.config, attn_implementation=attn_implementation, dropout=dropout)
-    get_task(task)
+    task = infer_task(config, task, source=source.label)
     layers = layers_for(config, task)
     positions = max_positions(config) or 2048
     costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=min(seq_len or positions, positions))
@@ -122,12 +132,7 @@ class PlannedPipelineModule(PipelineModule):
         super().__init__(layers, **kwargs)
 
     def _partition_layers(self, method: str = "uniform") -> None:
-        if len(self._pptk_boundaries) != self.num_stages + 1:
-            raise PptkError(f"the stage plan has {len(self._pptk_boundaries) - 1} stages but the topology has "
-                            f"{self.num_stages}; plan with num_stages={self.num_stages}")
-        self.parts = self._pptk_boundaries
-        stage_id = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+        partition_by_boundaries(self, self._pptk_boundaries)  # DeepSpeed's private hook: see deepspeed_compat
 
 
 class SequentialPipe(nn.Module):
@@ -175,13 +180,24 @@ def initialise_weights(module: nn.Module, plan: PipelinePlan, *, seed: int = 123
         init_layer_like_hf(layer_module, config=plan.config, hf_class=plan.hf_class, seed=seed + index)
     if plan.source.pretrained_dir is not None:
         optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)
-        load_stage_weights(module, plan.layers, HFCheckpoint(plan.source.pretrained_dir),
-                           base_model_prefix=plan.hf_class.base_model_prefix, allow_missing=optional)
+        load_stage_weights(
+            module,
+            plan.layers,
+            HFCheckpoint(plan.source.pretrained_dir),
+            base_model_prefix=plan.hf_class.base_model_prefix,
+            allow_missing=optional,
+        )
 
 
-def build_pipeline_module(plan: PipelinePlan, *, topology=None, activation_checkpoint_interval: int = 0,
-                          dynamic_shape: bool = False, seed: int = 1234,
-                          loss_fn: Callable | None = None) -> PlannedPipelineModule:
+def build_pipeline_module(
+    plan: PipelinePlan,
+    *,
+    topology=None,
+    activation_checkpoint_interval: int = 0,
+    dynamic_shape: bool = False,
+    seed: int = 1234,
+    loss_fn: Callable | None = None,
+) -> PlannedPipelineModule:
     """Build this rank's stage (only its own layers) and fill it. Needs torch.distributed to be initialised.
 
     loss_fn: what the last stage computes from (logits, labels); default the task's Hugging Face loss.

@@ -44,26 +44,26 @@ class StageTensors:
     position_ids: torch.Tensor
 
     @classmethod
-    def from_tuple(cls, inputs: tuple[torch.Tensor, ...]) -> "StageTensors":
+    def from_tuple(cls, inputs: tuple[torch.Tensor, ...]) -> StageTensors:
         if not isinstance(inputs, tuple) or len(inputs) != 3:
             raise TypeError(
                 f"stage protocol: expected (hidden_states, attention_mask, position_ids), got {_describe(inputs)}"
             )
         hidden, mask, positions = inputs
         if not hidden.is_floating_point() or hidden.dim() != 3:
-            raise TypeError(f"stage protocol: hidden_states must be float [batch, seq, hidden], got {_describe(hidden)}")
+            raise TypeError(
+                f"stage protocol: hidden_states must be float [batch, seq, hidden], got {_describe(hidden)}"
+            )
         for name, t in (("attention_mask", mask), ("position_ids", positions)):
             if t.dtype != torch.long or tuple(t.shape) != tuple(hidden.shape[:2]):
-                raise TypeError(
-                    f"stage protocol: {name} must be int64 {list(hidden.shape[:2])}, got {_describe(t)}"
-                )
+                raise TypeError(f"stage protocol: {name} must be int64 {list(hidden.shape[:2])}, got {_describe(t)}")
         return cls(hidden, mask, positions)
 
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # DeepSpeed's p2p send needs contiguous tensors; a no-op for those that already are.
         return (self.hidden_states.contiguous(), self.attention_mask.contiguous(), self.position_ids.contiguous())
 
-    def with_hidden(self, hidden_states: torch.Tensor) -> "StageTensors":
+    def with_hidden(self, hidden_states: torch.Tensor) -> StageTensors:
         return replace(self, hidden_states=hidden_states)
 
 
@@ -109,14 +109,20 @@ def attention_mask_for(kind: str, config, stage: StageTensors) -> torch.Tensor |
 
     hidden = stage.hidden_states
     if kind == "bidirectional":
-        return masking_utils.create_bidirectional_mask(config=config, inputs_embeds=hidden,
-                                                       attention_mask=stage.attention_mask)
+        return masking_utils.create_bidirectional_mask(
+            config=config, inputs_embeds=hidden, attention_mask=stage.attention_mask
+        )
     build = {
         "causal": masking_utils.create_causal_mask,
         "sliding_window": masking_utils.create_sliding_window_causal_mask,
     }[kind]
-    return build(config=config, inputs_embeds=hidden, attention_mask=stage.attention_mask, past_key_values=None,
-                 position_ids=stage.position_ids)
+    return build(
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=stage.attention_mask,
+        past_key_values=None,
+        position_ids=stage.position_ids,
+    )
 
 
 class StageMasks:
@@ -132,8 +138,7 @@ class StageMasks:
         self._last: dict[str, tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, kind: str, config, stage: StageTensors) -> torch.Tensor | None:
-        key = (id(config), config._attn_implementation, tuple(stage.hidden_states.shape[:2]),
-               stage.hidden_states.dtype)
+        key = (id(config), config._attn_implementation, tuple(stage.hidden_states.shape[:2]), stage.hidden_states.dtype)
         cached = self._last.get(kind)
         if cached is not None:
             cached_key, cached_mask, cached_positions, mask = cached

@@ -26,8 +26,17 @@ def wandb_mode(requested: str | None) -> str:
 class MetricsLog:
     """metrics.jsonl (one JSON object per record), W&B and a progress bar; a no-op on every rank but rank 0."""
 
-    def __init__(self, *, output_dir: Path, active: bool, run_config: dict, total_steps: int, start_step: int,
-                 wandb_project: str, requested_wandb_mode: str | None):
+    def __init__(
+        self,
+        *,
+        output_dir: Path,
+        active: bool,
+        run_config: dict,
+        total_steps: int,
+        start_step: int,
+        wandb_project: str,
+        requested_wandb_mode: str | None,
+    ):
         self.active = active
         self.path = output_dir / "metrics.jsonl"
         self.run = None
@@ -39,8 +48,13 @@ class MetricsLog:
         if mode != "disabled":
             import wandb
 
-            self.run = wandb.init(project=wandb_project, dir=str(output_dir), mode=mode, config=run_config,
-                                  settings=wandb.Settings(silent=True))
+            self.run = wandb.init(
+                project=wandb_project,
+                dir=str(output_dir),
+                mode=mode,
+                config=run_config,
+                settings=wandb.Settings(silent=True),
+            )
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=2.0)
@@ -92,20 +106,33 @@ class Summary:
         return self.evaluations[-1].get("eval_loss") if self.evaluations else None
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "first_loss": self.first_loss, "last_loss": self.last_loss, "steps": self.steps,
-                "tokens_per_s": round(self.tokens_per_s, 1), "eval_loss": self.eval_loss,
-                "evaluations": self.evaluations, "checkpoints": self.checkpoints, "metrics": self.metrics,
-                "wandb": self.wandb, "export_hf": self.export_hf, **self.extra}
+        return {
+            "task": self.task,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "steps": self.steps,
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "eval_loss": self.eval_loss,
+            "evaluations": self.evaluations,
+            "checkpoints": self.checkpoints,
+            "metrics": self.metrics,
+            "wandb": self.wandb,
+            "export_hf": self.export_hf,
+            **self.extra,
+        }
 
     def write(self, output_dir: Path) -> None:
         (output_dir / "summary.json").write_text(json.dumps(self.to_dict(), indent=2))
-        lines = ["", "== pptk summary ==",
-                 f"loss {self.first_loss:.3f} -> {self.last_loss:.3f} over {self.steps} steps"
-                 + (f", eval loss {self.eval_loss:.3f}" if self.eval_loss is not None else ""),
-                 f"throughput   {self.tokens_per_s:,.0f} tokens/s",
-                 f"checkpoints  {self.checkpoints}",
-                 f"metrics      {self.metrics}",
-                 f"W&B run      {self.wandb or 'disabled'}"]
+        lines = [
+            "",
+            "== pptk summary ==",
+            f"loss {self.first_loss:.3f} -> {self.last_loss:.3f} over {self.steps} steps"
+            + (f", eval loss {self.eval_loss:.3f}" if self.eval_loss is not None else ""),
+            f"throughput   {self.tokens_per_s:,.0f} tokens/s",
+            f"checkpoints  {self.checkpoints}",
+            f"metrics      {self.metrics}",
+            f"W&B run      {self.wandb or 'disabled'}",
+        ]
         if self.export_hf:
             lines.append(f"HF export    {self.export_hf}  (AutoModelFor*.from_pretrained loads it)")
         for key, value in self.extra.items():
@@ -119,6 +146,9 @@ class Summary:
 def format_evaluation(record: dict, report: str | None) -> str:
     """One line for the log (and the report below it, if the task has one)."""
     where = f"step {record['step']}" + (f", epoch {record['epoch']}" if "epoch" in record else "")
-    shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in record.items()
-                      if k.startswith("eval_") and isinstance(v, float))
+    shown = ", ".join(
+        f"{k.removeprefix('eval_')} {v:.4f}"
+        for k, v in record.items()
+        if k.startswith("eval_") and isinstance(v, float)
+    )
     return f"== evaluation at {where}: {shown}" + (f"\n{report}" if report else "")

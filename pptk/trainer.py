@@ -64,14 +64,17 @@ def plan_steps(run: RunConfig, *, num_examples: int, layout: Layout) -> StepPlan
     if run.optim.epochs is None:
         assert run.optim.max_steps is not None  # RunConfig requires one of them
         return StepPlan(run.optim.max_steps, run.output.eval_every, run.output.save_every)
-    shard = Shard(dp_rank=0, dp_size=layout.dp, micro_batch_size=layout.micro_batch_size,
-                  grad_accum_steps=layout.grad_accum_steps)
+    shard = Shard(
+        dp_rank=0, dp_size=layout.dp, micro_batch_size=layout.micro_batch_size, grad_accum_steps=layout.grad_accum_steps
+    )
     try:
         per_epoch = micro_batches_per_epoch(num_examples, shard, whole_steps=True) // layout.grad_accum_steps
     except PptkError:
-        raise PptkError(f"{num_examples} training examples are fewer than one step's global batch of "
-                        f"{layout.global_batch_size}; lower --micro-batch-size or --grad-accum-steps, or give more "
-                        "data") from None
+        raise PptkError(
+            f"{num_examples} training examples are fewer than one step's global batch of "
+            f"{layout.global_batch_size}; lower --micro-batch-size or --grad-accum-steps, or give more "
+            "data"
+        ) from None
     max_steps = run.optim.max_steps or run.optim.epochs * per_epoch
     return StepPlan(max_steps, run.output.eval_every, run.output.save_every, steps_per_epoch=per_epoch)
 
@@ -99,36 +102,68 @@ class Trainer:
         layout = resolve_layout(run, raw_ds_config)
         steps = plan_steps(run, num_examples=task.num_train_examples, layout=layout)
         ds_config = resolve_ds_config(run, raw_ds_config, layout, total_steps=steps.max_steps)
-        plan = plan_pipeline(task.source, num_stages=layout.pp, task=task.task,
-                             partition_method=run.parallel.partition_method, seq_len=task.seq_len,
-                             attn_implementation=run.model.attn_implementation, dropout=run.model.dropout)
+        plan = plan_pipeline(
+            task.source,
+            num_stages=layout.pp,
+            task=task.task,
+            partition_method=run.parallel.partition_method,
+            seq_len=task.seq_len,
+            attn_implementation=run.model.attn_implementation,
+            dropout=run.model.dropout,
+        )
         start_step = self._check_resume(plan, layout, steps)
 
         init_distributed()
         rank = dist.get_rank()
-        engine = build_engine(plan, layout=layout, ds_config=ds_config, seed=run.seed, loss_fn=task.loss_fn(plan),
-                              activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
-                              dynamic_shape=task.dynamic_shape)
+        engine = build_engine(
+            plan,
+            layout=layout,
+            ds_config=ds_config,
+            seed=run.seed,
+            loss_fn=task.loss_fn(plan),
+            activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
+            dynamic_shape=task.dynamic_shape,
+        )
         if run.output.resume_from is not None:
             from pptk.checkpoint import resume
 
             resume(engine, plan, layout=layout, path=run.output.resume_from)
-        shard = Shard(dp_rank=engine.grid.get_data_parallel_rank(), dp_size=layout.dp,
-                      micro_batch_size=layout.micro_batch_size, grad_accum_steps=layout.grad_accum_steps)
+        shard = Shard(
+            dp_rank=engine.grid.get_data_parallel_rank(),
+            dp_size=layout.dp,
+            micro_batch_size=layout.micro_batch_size,
+            grad_accum_steps=layout.grad_accum_steps,
+        )
         if rank == 0:
-            log.info(f"{task.source.label}: {layout.describe()}; {task.describe()}; {steps.max_steps} steps"
-                     + (f", {steps.steps_per_epoch} per epoch" if steps.steps_per_epoch else "")
-                     + f"\n{plan.stages.describe()}")
+            log.info(
+                f"{task.source.label}: {layout.describe()}; {task.describe()}; {steps.max_steps} steps"
+                + (f", {steps.steps_per_epoch} per epoch" if steps.steps_per_epoch else "")
+                + f"\n{plan.stages.describe()}"
+            )
             hf_config = run.output.output_dir / "hf_config"  # what a later export needs
             hf_config.mkdir(parents=True, exist_ok=True)
             plan.config.save_pretrained(hf_config)
             task.tokenizer.save_pretrained(hf_config)
-        metrics = MetricsLog(output_dir=run.output.output_dir, active=rank == 0,
-                             run_config={**run.to_dict(), "layout": layout.describe()},
-                             total_steps=steps.max_steps, start_step=start_step,
-                             wandb_project=run.output.wandb_project, requested_wandb_mode=run.output.wandb_mode)
-        loop = _Loop(run=run, task=task, plan=plan, layout=layout, steps=steps, engine=engine, shard=shard,
-                     metrics=metrics, rank=rank)
+        metrics = MetricsLog(
+            output_dir=run.output.output_dir,
+            active=rank == 0,
+            run_config={**run.to_dict(), "layout": layout.describe()},
+            total_steps=steps.max_steps,
+            start_step=start_step,
+            wandb_project=run.output.wandb_project,
+            requested_wandb_mode=run.output.wandb_mode,
+        )
+        loop = _Loop(
+            run=run,
+            task=task,
+            plan=plan,
+            layout=layout,
+            steps=steps,
+            engine=engine,
+            shard=shard,
+            metrics=metrics,
+            rank=rank,
+        )
         try:
             summary = loop.train(start_step)
         finally:
@@ -144,8 +179,10 @@ class Trainer:
         same_layout(manifest, plan, layout)  # raises when the model, task or global batch differ
         step = manifest["step"]
         if step >= steps.max_steps:
-            raise PptkError(f"the checkpoint is at step {step} and the run ends at step {steps.max_steps}; raise "
-                            "--max-steps (or --epochs)")
+            raise PptkError(
+                f"the checkpoint is at step {step} and the run ends at step {steps.max_steps}; raise "
+                "--max-steps (or --epochs)"
+            )
         return step
 
     def _finish(self, task: PreparedTask, summary: Summary, rank: int) -> Summary | None:
@@ -185,8 +222,9 @@ class _Loop:
         if self.steps.steps_per_epoch is not None:
             per_epoch = self.steps.steps_per_epoch * self.layout.grad_accum_steps
         start = start_step * self.layout.grad_accum_steps
-        indices = train_indices(self.task.num_train_examples, self.shard, seed=self.run.seed, start=start,
-                                per_epoch=per_epoch)
+        indices = train_indices(
+            self.task.num_train_examples, self.shard, seed=self.run.seed, start=start, per_epoch=per_epoch
+        )
         for number, chosen in enumerate(indices, start):
             yield self.task.train_batch(chosen, number, self.shard)
 
@@ -203,8 +241,7 @@ class _Loop:
 
     def train(self, start_step: int) -> Summary:
         run, steps, engine = self.run, self.steps, self.engine
-        summary = Summary(task=self.task.task, checkpoints=str(run.checkpoints_dir),
-                          metrics=str(self.metrics.path))
+        summary = Summary(task=self.task.task, checkpoints=str(run.checkpoints_dir), metrics=str(self.metrics.path))
         if run.output.eval_at_start and start_step == 0:
             self.evaluate(0, summary)
         data = self.batches(start_step)
@@ -223,14 +260,27 @@ class _Loop:
             self.metrics.advance(loss=loss)
             if step % run.output.log_every == 0 or step == steps.max_steps:
                 samples_per_s = samples_per_step * window_steps / window_time
-                self.metrics.log({"step": step, "loss": loss, "lr": engine.get_lr()[0],
-                                  "tokens_per_s": samples_per_s * tokens_per_sample, "samples_per_s": samples_per_s})
+                self.metrics.log(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "lr": engine.get_lr()[0],
+                        "tokens_per_s": samples_per_s * tokens_per_sample,
+                        "samples_per_s": samples_per_s,
+                    }
+                )
                 window_time, window_steps = 0.0, 0
             if steps.evaluates(step):
                 self.evaluate(step, summary)
             if steps.saves(step):
-                save_checkpoint(engine, self.plan, layout=self.layout, checkpoints_dir=run.checkpoints_dir,
-                                step=step, extra={"run_config": run.to_dict()})
+                save_checkpoint(
+                    engine,
+                    self.plan,
+                    layout=self.layout,
+                    checkpoints_dir=run.checkpoints_dir,
+                    step=step,
+                    extra={"run_config": run.to_dict()},
+                )
         summary.steps = steps.max_steps - start_step
         if train_time:
             summary.tokens_per_s = samples_per_step * tokens_per_sample * summary.steps / train_time

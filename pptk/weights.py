@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -16,9 +16,20 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
@@ -44,8 +55,9 @@ class SafetensorsFile:
                     raise ValueError(f"implausible header length {header_len}")
                 header = json.loads(f.read(header_len))
         except (OSError, ValueError, UnicodeDecodeError) as err:
-            raise PptkError(f"cannot read {path}: {err}; the file is corrupt or truncated, re-download or re-save "
-                            "it") from None
+            raise PptkError(
+                f"cannot read {path}: {err}; the file is corrupt or truncated, re-download or re-save it"
+            ) from None
         header.pop("__metadata__", None)
         self.data_start = 8 + header_len
         self.entries = header
@@ -76,14 +88,18 @@ class SafetensorsFile:
         return tensor
 
 
-def write_safetensors(path: Path, tensors: dict[str, "TensorSource"], *, metadata: dict | None = None) -> None:
+def write_safetensors(path: Path, tensors: dict[str, TensorSource], *, metadata: dict | None = None) -> None:
     """Write a .safetensors file tensor by tensor; each value is a zero-argument callable returning the tensor, so
     only one tensor needs to be in memory at a time. ``shapes`` come from ``TensorSource``."""
     header, offset = {}, 0
     for name in sorted(tensors):
         source = tensors[name]
         size = source.numel * source.dtype.itemsize
-        header[name] = {"dtype": _NAMES[source.dtype], "shape": list(source.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _NAMES[source.dtype],
+            "shape": list(source.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     if metadata:
         header["__metadata__"] = metadata
@@ -127,11 +143,14 @@ class HFCheckpoint:
                 raise PptkError(f"{index} is not a valid safetensors index ({err}); re-save the model") from None
             self._shard_of = dict(weight_map)
         elif single.is_file():
-            self._shard_of = {name: SINGLE_FILE for name in self._file(SINGLE_FILE).entries}
+            self._shard_of = dict.fromkeys(self._file(SINGLE_FILE).entries, SINGLE_FILE)
         else:
             found = sorted(p.name for p in self.directory.glob("*")) if self.directory.is_dir() else []
-            hint = ("it has PyTorch .bin weights: re-save with `model.save_pretrained(dir)` (safetensors is the "
-                    "default)") if any(n.endswith(".bin") for n in found) else "point to a Hugging Face model directory"
+            hint = (
+                ("it has PyTorch .bin weights: re-save with `model.save_pretrained(dir)` (safetensors is the default)")
+                if any(n.endswith(".bin") for n in found)
+                else "point to a Hugging Face model directory"
+            )
             raise PptkError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory} (found: {found[:8]}); {hint}")
 
     def _file(self, shard: str) -> SafetensorsFile:
@@ -151,7 +170,9 @@ class HFCheckpoint:
     def _entry(self, name: str) -> SafetensorsFile:
         file = self._file(self._shard_of[name])
         if name not in file.entries:
-            raise PptkError(f"{INDEX_FILE} places {name} in {file.path.name}, which does not hold it; re-save the model")
+            raise PptkError(
+                f"{INDEX_FILE} places {name} in {file.path.name}, which does not hold it; re-save the model"
+            )
         return file
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -186,20 +207,27 @@ def hf_names(module: nn.Module, layers: list[PipeLayer]) -> dict[str, str]:
 
 
 def resolve_name(name: str, checkpoint: HFCheckpoint, *, base_model_prefix: str) -> str | None:
-    """Find ``name`` in a checkpoint saved from the task model ("transformer.h.0...") or the bare base model ("h.0...")."""
+    """Find ``name`` in a checkpoint saved from the task model ("transformer.h.0...") or the bare base model
+    ("h.0...")."""
     if name in checkpoint:
         return name
     prefix = base_model_prefix + "."
-    if name.startswith(prefix) and name[len(prefix):] in checkpoint:
-        return name[len(prefix):]
+    if name.startswith(prefix) and name[len(prefix) :] in checkpoint:
+        return name[len(prefix) :]
     if prefix + name in checkpoint:
         return prefix + name
     return None
 
 
 @torch.no_grad()
-def load_stage_weights(module: nn.Module, layers: list[PipeLayer], checkpoint: HFCheckpoint, *,
-                       base_model_prefix: str, allow_missing: tuple[str, ...] = ()) -> list[str]:
+def load_stage_weights(
+    module: nn.Module,
+    layers: list[PipeLayer],
+    checkpoint: HFCheckpoint,
+    *,
+    base_model_prefix: str,
+    allow_missing: tuple[str, ...] = (),
+) -> list[str]:
     """Copy this stage's tensors from the checkpoint; returns the HF names that were absent but allowed.
 
     Every tensor is checked (present, same shape) before anything is copied, so a bad checkpoint leaves the module
@@ -219,13 +247,17 @@ def load_stage_weights(module: nn.Module, layers: list[PipeLayer], checkpoint: H
         plan.append((state[key], found))
     problems = []
     if missing:
-        problems.append(f"missing from {checkpoint.directory}: {', '.join(missing[:10])}"
-                        + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+        problems.append(
+            f"missing from {checkpoint.directory}: {', '.join(missing[:10])}"
+            + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        )
     if mismatched:
         problems.append("shape mismatch: " + "; ".join(mismatched[:10]))
     if problems:
-        raise PptkError(" | ".join(problems) + " -- the checkpoint does not match this config "
-                        "(wrong model type or size?); load the config.json saved with those weights")
+        raise PptkError(
+            " | ".join(problems) + " -- the checkpoint does not match this config "
+            "(wrong model type or size?); load the config.json saved with those weights"
+        )
     for target, name in plan:
         checkpoint.read_into(name, target)  # straight into the parameter's storage
     return allowed

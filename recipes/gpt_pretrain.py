@@ -1,4 +1,5 @@
-"""Causal-LM pretraining of a Hugging Face decoder on DeepSpeed's pipeline engine: pipeline stages x ZeRO-1 data parallelism.
+"""Causal-LM pretraining of a Hugging Face decoder on DeepSpeed's pipeline engine: pipeline stages x ZeRO-1 data
+parallelism.
 
 Text files are tokenized, joined with end-of-text tokens and packed into fixed --seq-len blocks.
 
@@ -35,15 +36,15 @@ from pptk.tasks import causal_lm
 from pptk.trainer import Trainer
 
 # --demo: what `make demo` trains; any flag given explicitly still wins.
-PRESETS = {"demo": dict(max_steps=300, lr=2e-3, micro_batch_size=4, warmup_steps=20, eval_every=100,
-                        save_every=150)}
+PRESETS = {"demo": dict(max_steps=300, lr=2e-3, micro_batch_size=4, warmup_steps=20, eval_every=100, save_every=150)}
 DEMO_PROMPT = "Return the"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None,
-                        help="local HF dir, config.json, or model type (e.g. gpt2); with --demo, a model type")
+    parser.add_argument(
+        "--model", default=None, help="local HF dir, config.json, or model type (e.g. gpt2); with --demo, a model type"
+    )
     parser.add_argument("--data", nargs="*", type=Path, default=[], help="text files to train on")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the model dir)")
     parser.add_argument("--seq-len", type=int, default=None, help="block length (default: the model's positions)")
@@ -59,10 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(argv: list[str] | None = None) -> tuple[RunConfig, Callable[[RunConfig], Any]]:
     """The run this command line asks for, and the task that prepares its data."""
     args = parse_args(argv)
-    data = causal_lm.CausalLMData(files=tuple(args.data), seq_len=args.seq_len, eval_fraction=args.eval_fraction,
-                                  demo=args.demo)
-    run = run_config(args, data=data, task="causal-lm", preset="demo" if args.demo else None,
-                     sample_prompt=DEMO_PROMPT if args.demo else None)
+    data = causal_lm.CausalLMData(
+        files=tuple(args.data), seq_len=args.seq_len, eval_fraction=args.eval_fraction, demo=args.demo
+    )
+    run = run_config(
+        args,
+        data=data,
+        task="causal-lm",
+        preset="demo" if args.demo else None,
+        sample_prompt=DEMO_PROMPT if args.demo else None,
+    )
     if args.demo and run.output.export_hf is None:  # the demo ends in a Hugging Face directory
         from dataclasses import replace
 

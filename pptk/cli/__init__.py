@@ -10,15 +10,30 @@ from pptk.errors import PptkError
 from pptk.partition import METHODS
 
 MODEL_HELP = "a local Hugging Face dir, a config.json, or a model type (e.g. gpt2) meaning a small random config"
+TASK_HELP = (
+    "causal-lm | masked-lm | sequence-classification | token-classification; default: the task "
+    "config.architectures names (e.g. BertForMaskedLM: masked-lm), or the family's only task"
+)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from pptk.verify import verify
 
-    result = verify(args.model, pp=args.pp, dp=args.dp, task=args.task, micro_batch_size=args.micro_batch_size,
-                    micro_batches=args.micro_batches, seq_len=args.seq_len, zero_stage=args.zero_stage,
-                    partition_method=args.partition_method, attn_implementation=args.attn,
-                    tolerance=args.tolerance, seed=args.seed)
+    result = verify(
+        args.model,
+        pp=args.pp,
+        dp=args.dp,
+        task=args.task,
+        micro_batch_size=args.micro_batch_size,
+        micro_batches=args.micro_batches,
+        seq_len=args.seq_len,
+        zero_stage=args.zero_stage,
+        partition_method=args.partition_method,
+        attn_implementation=args.attn,
+        precision=args.precision,
+        tolerance=args.tolerance,
+        seed=args.seed,
+    )
     print(result.to_json() if args.json else result.describe())
     return 0 if result.passed else 1
 
@@ -34,21 +49,37 @@ def bytes_per_param(precision: str, *, dp: int, zero_stage: int) -> float:
 def cmd_plan(args: argparse.Namespace) -> int:
     from pptk.pipeline import plan_pipeline
 
-    plan = plan_pipeline(args.model, num_stages=args.pp, task=args.task, partition_method=args.partition_method,
-                         seq_len=args.seq_len)
+    plan = plan_pipeline(
+        args.model, num_stages=args.pp, task=args.task, partition_method=args.partition_method, seq_len=args.seq_len
+    )
     per_param = bytes_per_param(args.precision, dp=args.dp, zero_stage=args.zero_stage)
     rows = plan.stages.summary()
     for row in rows:
         row["train_state_gib"] = row["params"] * per_param / 2**30
     if args.json:
-        print(json.dumps({"model": plan.source.label, "pp": args.pp, "dp": args.dp, "method": args.partition_method,
-                          "precision": args.precision, "stages": rows}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": plan.source.label,
+                    "pp": args.pp,
+                    "dp": args.dp,
+                    "method": args.partition_method,
+                    "precision": args.precision,
+                    "stages": rows,
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"{plan.source.label}: {plan.config.model_type}, {plan.task}, pp={args.pp} dp={args.dp} "
-          f"(world size {args.pp * args.dp}), partition method {args.partition_method!r}")
+    print(
+        f"{plan.source.label}: {plan.config.model_type}, {plan.task}, pp={args.pp} dp={args.dp} "
+        f"(world size {args.pp * args.dp}), partition method {args.partition_method!r}"
+    )
     print(plan.stages.describe())
-    print(f"weights+grads+Adam per rank ({args.precision}, ZeRO-{args.zero_stage} over dp={args.dp}), "
-          "activations not included:")
+    print(
+        f"weights+grads+Adam per rank ({args.precision}, ZeRO-{args.zero_stage} over dp={args.dp}), "
+        "activations not included:"
+    )
     for row in rows:
         gib = row["train_state_gib"]
         print(f"  stage {row['stage']}: " + (f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"))
@@ -60,7 +91,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.direction == "hf-to-ds":
         tag_dir = hf_to_ds(args.src, args.dst, pp=args.pp, task=args.task, partition_method=args.partition_method)
-        print(f"wrote {tag_dir} (resume with --resume-from {args.dst})")
+        task = json.loads((tag_dir / "pptk.json").read_text())["task"]
+        print(f"wrote {tag_dir} ({task}; resume with --resume-from {args.dst})")
     else:
         out = ds_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
         print(f"wrote {out} (load with AutoModelFor*.from_pretrained({str(out)!r}))")
@@ -82,8 +114,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _common_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--pp", type=int, required=True, help="pipeline stages")
-    parser.add_argument("--task", default="causal-lm",
-                        help="causal-lm | masked-lm | sequence-classification | token-classification")
+    parser.add_argument("--task", default=None, help=TASK_HELP)
     parser.add_argument("--partition-method", default="compute", help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -100,7 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--tolerance", type=float, default=1e-5)
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="bf16: the shipped bf16 config (BF16_Optimizer) vs Hugging Face in bf16",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="default 1e-5 (fp32, absolute) or 2^-5 (bf16, relative to each gradient's norm)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_verify)
 
@@ -117,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="hf-to-ds: a Hugging Face dir; ds-to-hf: runs/x/checkpoints or .../stepN")
     p.add_argument("dst")
     p.add_argument("--pp", type=int, default=1, help="hf-to-ds: stages to plan for (layer files fit any pp)")
-    p.add_argument("--task", default="causal-lm")
+    p.add_argument("--task", default=None, help="hf-to-ds: " + TASK_HELP)
     p.add_argument("--partition-method", default="compute")
     p.add_argument("--max-shard-size", default="2GB", help="ds-to-hf: shard size, e.g. 500MB (index when sharded)")
     p.add_argument("--tokenizer", default=None, help="ds-to-hf: tokenizer dir (default: the run's hf_config/)")

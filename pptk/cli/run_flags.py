@@ -10,10 +10,16 @@ from pptk.config import ModelConfig, OptimConfig, OutputConfig, ParallelConfig, 
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("layout and optimisation (batch sizes, lr and ZeRO stage fill the JSON's \"auto\")")
+    g = parser.add_argument_group('layout and optimisation (batch sizes, lr and ZeRO stage fill the JSON\'s "auto")')
     g.add_argument("--pp", type=int, default=2, help="pipeline stages; data-parallel replicas = world size / pp")
-    g.add_argument("--ds-config", "--deepspeed_config", dest="ds_config", type=Path, default=None,
-                   help="DeepSpeed JSON (default: ds_configs/pipe_zero1_bf16.json on GPU, pipe_zero1_cpu.json on CPU)")
+    g.add_argument(
+        "--ds-config",
+        "--deepspeed_config",
+        dest="ds_config",
+        type=Path,
+        default=None,
+        help="DeepSpeed JSON (default: ds_configs/pipe_zero1_bf16.json on GPU, pipe_zero1_cpu.json on CPU)",
+    )
     g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch per rank")
     g.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per step (default 2*pp)")
     g.add_argument("--global-batch-size", type=int, default=None, help="alternative to --grad-accum-steps")
@@ -28,28 +34,46 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-checkpoint-interval", type=int, default=0, help="blocks per checkpoint; 0 = off")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention kernel")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--no-dropout", action="store_true",
-                   help="dropout off (deterministic across layouts: resuming on another pp/dp continues the curve)")
+    g.add_argument(
+        "--no-dropout",
+        action="store_true",
+        help="dropout off (deterministic across layouts: resuming on another pp/dp continues the curve)",
+    )
     g = parser.add_argument_group("checkpoints and output")
-    g.add_argument("--output-dir", type=Path, required=True, help="checkpoints, metrics.jsonl, W&B (shared by all nodes)")
-    g.add_argument("--resume-from", type=Path, default=None,
-                   help="a pptk checkpoint (runs/x/checkpoints or .../step200); any pp/dp if the global batch is kept")
-    g.add_argument("--export-hf", type=Path, default=None,
-                   help="after training, export the last checkpoint to this Hugging Face directory")
+    g.add_argument(
+        "--output-dir", type=Path, required=True, help="checkpoints, metrics.jsonl, W&B (shared by all nodes)"
+    )
+    g.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        help="a pptk checkpoint (runs/x/checkpoints or .../step200); any pp/dp if the global batch is kept",
+    )
+    g.add_argument(
+        "--export-hf",
+        type=Path,
+        default=None,
+        help="after training, export the last checkpoint to this Hugging Face directory",
+    )
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--eval-every", type=int, default=200, help="steps between evaluations (epoch runs: every epoch)")
     g.add_argument("--eval-batches", type=int, default=8, help="micro-batches per evaluation (causal-LM)")
     g.add_argument("--eval-at-start", action="store_true", help="also evaluate before training (step 0)")
     g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints; the last step is saved")
     g.add_argument("--wandb-project", default="pptk")
-    g.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
-                   help="default: online when a W&B key is configured, else offline")
+    g.add_argument(
+        "--wandb-mode",
+        default=None,
+        choices=["online", "offline", "disabled"],
+        help="default: online when a W&B key is configured, else offline",
+    )
     g.add_argument("--log-all-ranks", action="store_true", help="every rank logs, each line prefixed by its rank")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
 
-def parse_with_presets(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-                       presets: dict[str, dict[str, Any]]) -> argparse.Namespace:
+def parse_with_presets(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, presets: dict[str, dict[str, Any]]
+) -> argparse.Namespace:
     """Parse, letting a preset flag (``--demo``) replace the defaults first: flags given explicitly still win."""
     known, _ = parser.parse_known_args(argv)
     for name, defaults in presets.items():
@@ -58,25 +82,56 @@ def parse_with_presets(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     return parser.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, *, data: Any, task: str | None = None, preset: str | None = None,
-               sample_prompt: str | None = None) -> RunConfig:
+def run_config(
+    args: argparse.Namespace,
+    *,
+    data: Any,
+    task: str | None = None,
+    preset: str | None = None,
+    sample_prompt: str | None = None,
+) -> RunConfig:
     """The RunConfig of a recipe's parsed flags; ``data`` is the task's own data dataclass."""
     return RunConfig(
-        model=ModelConfig(model=getattr(args, "model", None), task=task, tokenizer=getattr(args, "tokenizer", None),
-                          attn_implementation=args.attn, dropout=not args.no_dropout),
+        model=ModelConfig(
+            model=getattr(args, "model", None),
+            task=task,
+            tokenizer=getattr(args, "tokenizer", None),
+            attn_implementation=args.attn,
+            dropout=not args.no_dropout,
+        ),
         data=data,
-        parallel=ParallelConfig(pp=args.pp, micro_batch_size=args.micro_batch_size,
-                                grad_accum_steps=args.grad_accum_steps, global_batch_size=args.global_batch_size,
-                                zero_stage=args.zero_stage, partition_method=args.partition_method,
-                                activation_checkpoint_interval=args.activation_checkpoint_interval),
-        optim=OptimConfig(ds_config=args.ds_config, lr=args.lr, weight_decay=args.weight_decay,
-                          warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, max_steps=args.max_steps,
-                          epochs=args.epochs),
-        output=OutputConfig(output_dir=args.output_dir, resume_from=args.resume_from, export_hf=args.export_hf,
-                            log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                            eval_at_start=args.eval_at_start, save_every=args.save_every,
-                            wandb_project=args.wandb_project, wandb_mode=args.wandb_mode,
-                            log_all_ranks=args.log_all_ranks, sample_prompt=sample_prompt),
+        parallel=ParallelConfig(
+            pp=args.pp,
+            micro_batch_size=args.micro_batch_size,
+            grad_accum_steps=args.grad_accum_steps,
+            global_batch_size=args.global_batch_size,
+            zero_stage=args.zero_stage,
+            partition_method=args.partition_method,
+            activation_checkpoint_interval=args.activation_checkpoint_interval,
+        ),
+        optim=OptimConfig(
+            ds_config=args.ds_config,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
+            grad_clip=args.grad_clip,
+            max_steps=args.max_steps,
+            epochs=args.epochs,
+        ),
+        output=OutputConfig(
+            output_dir=args.output_dir,
+            resume_from=args.resume_from,
+            export_hf=args.export_hf,
+            log_every=args.log_every,
+            eval_every=args.eval_every,
+            eval_batches=args.eval_batches,
+            eval_at_start=args.eval_at_start,
+            save_every=args.save_every,
+            wandb_project=args.wandb_project,
+            wandb_mode=args.wandb_mode,
+            log_all_ranks=args.log_all_ranks,
+            sample_prompt=sample_prompt,
+        ),
         seed=args.seed,
         preset=preset,
     )

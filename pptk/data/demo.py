@@ -19,25 +19,194 @@ from pptk.errors import PptkError
 EOS = "<|endoftext|>"
 # Fixed and sorted so the corpus is the same on every run of one Python build. Modules that open windows, print,
 # or do work on import (antigravity, this, idlelib, tkinter, turtle*) are deliberately absent.
-DEMO_MODULES = tuple(sorted("""
-    abc argparse array ast asyncio asyncio.base_events asyncio.events asyncio.futures asyncio.locks asyncio.queues
-    asyncio.streams asyncio.tasks base64 bdb binascii bisect builtins bz2 calendar cmath cmd code codecs collections
-    collections.abc colorsys concurrent.futures configparser contextlib contextvars copy csv ctypes dataclasses
-    datetime decimal difflib dis doctest email.charset email.header email.headerregistry email.message email.parser
-    email.policy email.utils enum errno filecmp fileinput fnmatch fractions ftplib functools gc getopt gettext glob
-    graphlib gzip hashlib heapq hmac html html.parser http.client http.cookiejar http.cookies http.server imaplib
-    importlib importlib.abc importlib.metadata importlib.resources importlib.util inspect io ipaddress itertools json
-    json.decoder json.encoder keyword linecache locale logging logging.config logging.handlers lzma mailbox marshal
-    math mimetypes mmap modulefinder multiprocessing multiprocessing.managers multiprocessing.pool
-    multiprocessing.shared_memory numbers operator optparse os os.path pathlib pdb pickle pickletools pkgutil
-    platform plistlib poplib pprint profile pstats queue quopri random re reprlib runpy sched secrets select
-    selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 ssl stat statistics string struct
-    subprocess symtable sys sysconfig tabnanny tarfile tempfile textwrap threading time timeit token tokenize tomllib
-    trace traceback tracemalloc types typing unicodedata unittest unittest.case unittest.mock urllib.parse
-    urllib.request urllib.robotparser uuid warnings wave weakref wsgiref.handlers wsgiref.validate xml.dom.minidom
-    xml.dom.pulldom xml.etree.ElementTree xml.sax xml.sax.saxutils xmlrpc.client xmlrpc.server zipapp zipfile
-    zipimport zlib zoneinfo
-""".split()))
+DEMO_MODULES = tuple(
+    sorted(
+        [
+            "abc",
+            "argparse",
+            "array",
+            "ast",
+            "asyncio",
+            "asyncio.base_events",
+            "asyncio.events",
+            "asyncio.futures",
+            "asyncio.locks",
+            "asyncio.queues",
+            "asyncio.streams",
+            "asyncio.tasks",
+            "base64",
+            "bdb",
+            "binascii",
+            "bisect",
+            "builtins",
+            "bz2",
+            "calendar",
+            "cmath",
+            "cmd",
+            "code",
+            "codecs",
+            "collections",
+            "collections.abc",
+            "colorsys",
+            "concurrent.futures",
+            "configparser",
+            "contextlib",
+            "contextvars",
+            "copy",
+            "csv",
+            "ctypes",
+            "dataclasses",
+            "datetime",
+            "decimal",
+            "difflib",
+            "dis",
+            "doctest",
+            "email.charset",
+            "email.header",
+            "email.headerregistry",
+            "email.message",
+            "email.parser",
+            "email.policy",
+            "email.utils",
+            "enum",
+            "errno",
+            "filecmp",
+            "fileinput",
+            "fnmatch",
+            "fractions",
+            "ftplib",
+            "functools",
+            "gc",
+            "getopt",
+            "gettext",
+            "glob",
+            "graphlib",
+            "gzip",
+            "hashlib",
+            "heapq",
+            "hmac",
+            "html",
+            "html.parser",
+            "http.client",
+            "http.cookiejar",
+            "http.cookies",
+            "http.server",
+            "imaplib",
+            "importlib",
+            "importlib.abc",
+            "importlib.metadata",
+            "importlib.resources",
+            "importlib.util",
+            "inspect",
+            "io",
+            "ipaddress",
+            "itertools",
+            "json",
+            "json.decoder",
+            "json.encoder",
+            "keyword",
+            "linecache",
+            "locale",
+            "logging",
+            "logging.config",
+            "logging.handlers",
+            "lzma",
+            "mailbox",
+            "marshal",
+            "math",
+            "mimetypes",
+            "mmap",
+            "modulefinder",
+            "multiprocessing",
+            "multiprocessing.managers",
+            "multiprocessing.pool",
+            "multiprocessing.shared_memory",
+            "numbers",
+            "operator",
+            "optparse",
+            "os",
+            "os.path",
+            "pathlib",
+            "pdb",
+            "pickle",
+            "pickletools",
+            "pkgutil",
+            "platform",
+            "plistlib",
+            "poplib",
+            "pprint",
+            "profile",
+            "pstats",
+            "queue",
+            "quopri",
+            "random",
+            "re",
+            "reprlib",
+            "runpy",
+            "sched",
+            "secrets",
+            "select",
+            "selectors",
+            "shelve",
+            "shlex",
+            "shutil",
+            "signal",
+            "smtplib",
+            "socket",
+            "socketserver",
+            "sqlite3",
+            "ssl",
+            "stat",
+            "statistics",
+            "string",
+            "struct",
+            "subprocess",
+            "symtable",
+            "sys",
+            "sysconfig",
+            "tabnanny",
+            "tarfile",
+            "tempfile",
+            "textwrap",
+            "threading",
+            "time",
+            "timeit",
+            "token",
+            "tokenize",
+            "tomllib",
+            "trace",
+            "traceback",
+            "tracemalloc",
+            "types",
+            "typing",
+            "unicodedata",
+            "unittest",
+            "unittest.case",
+            "unittest.mock",
+            "urllib.parse",
+            "urllib.request",
+            "urllib.robotparser",
+            "uuid",
+            "warnings",
+            "wave",
+            "weakref",
+            "wsgiref.handlers",
+            "wsgiref.validate",
+            "xml.dom.minidom",
+            "xml.dom.pulldom",
+            "xml.etree.ElementTree",
+            "xml.sax",
+            "xml.sax.saxutils",
+            "xmlrpc.client",
+            "xmlrpc.server",
+            "zipapp",
+            "zipfile",
+            "zipimport",
+            "zlib",
+            "zoneinfo",
+        ]
+    )
+)
 _TOKENIZER_META = "pptk_tokenizer.json"
 
 
@@ -81,8 +250,8 @@ def demo_documents() -> list[str]:
                     continue
                 add(f"{name}.{attr}", obj)
                 if inspect.isclass(obj):
-                    for member, value in sorted(vars(obj).items()):
-                        value = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+                    for member, raw in sorted(vars(obj).items()):
+                        value = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
                         if not member.startswith("_") and (inspect.isroutine(value) or isinstance(value, property)):
                             add(f"{name}.{attr}.{member}", value)
         topics = _quiet_import("pydoc_data.topics")
@@ -120,8 +289,10 @@ def train_demo_tokenizer(*, text: str, vocab_size: int = 4096, out_dir: Path) ->
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 257:
-        raise PptkError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 bytes plus {EOS}; "
-                        "use at least 257 (4096 is a good demo size)")
+        raise PptkError(
+            f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 bytes plus {EOS}; "
+            "use at least 257 (4096 is a good demo size)"
+        )
     if not text:
         raise PptkError("cannot train a tokenizer on empty text; pass the corpus, e.g. demo_corpus()")
     out_dir = Path(out_dir)
@@ -141,8 +312,9 @@ def train_demo_tokenizer(*, text: str, vocab_size: int = 4096, out_dir: Path) ->
         show_progress=False,
     )
     tokenizer.train_from_iterator([text], trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                      pad_token=EOS)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
     # Written beside out_dir and renamed into place, so ranks racing on one out_dir never see half a tokenizer.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -154,8 +326,10 @@ def train_demo_tokenizer(*, text: str, vocab_size: int = 4096, out_dir: Path) ->
     except OSError:
         shutil.rmtree(staging)
         if not _cached_tokenizer(out_dir, meta=meta):
-            raise PptkError(f"could not move the trained tokenizer into {out_dir}: it is a non-empty directory "
-                            "without a tokenizer; pass another out_dir or empty it") from None
+            raise PptkError(
+                f"could not move the trained tokenizer into {out_dir}: it is a non-empty directory "
+                "without a tokenizer; pass another out_dir or empty it"
+            ) from None
     return out_dir
 
 
@@ -166,10 +340,14 @@ def _cached_tokenizer(out_dir: Path, *, meta: dict) -> bool:
         found = json.loads(meta_path.read_text())
         if found == meta:
             return True
-        raise PptkError(f"{out_dir} already holds a tokenizer trained on other text or another vocab_size "
-                        f"({found.get('vocab_size')}, wanted {meta['vocab_size']}); pass another out_dir or "
-                        "delete that one")
+        raise PptkError(
+            f"{out_dir} already holds a tokenizer trained on other text or another vocab_size "
+            f"({found.get('vocab_size')}, wanted {meta['vocab_size']}); pass another out_dir or "
+            "delete that one"
+        )
     if (out_dir / "tokenizer.json").is_file():
-        raise PptkError(f"{out_dir} holds a tokenizer pptk did not train (no {_TOKENIZER_META}); pass another "
-                        "out_dir or delete that one")
+        raise PptkError(
+            f"{out_dir} holds a tokenizer pptk did not train (no {_TOKENIZER_META}); pass another "
+            "out_dir or delete that one"
+        )
     return False

@@ -19,30 +19,42 @@ def _check_lengths(lengths: Sequence[int], wheres: Sequence[str], *, max_len: in
     if over:
         n, where = over[0]
         more = f" (and {len(over) - 1} more examples)" if len(over) > 1 else ""
-        raise PptkError(f"{where}: {n} tokens, longer than --max-seq-len {max_len}{more}; pass --truncate to cut "
-                        "examples to --max-seq-len, or raise --max-seq-len (up to the model's positions)")
+        raise PptkError(
+            f"{where}: {n} tokens, longer than --max-seq-len {max_len}{more}; pass --truncate to cut "
+            "examples to --max-seq-len, or raise --max-seq-len (up to the model's positions)"
+        )
 
 
-def encode_classification(examples: Sequence[TextExample], tokenizer, label_map: LabelMap, *, max_len: int,
-                          truncate: bool) -> list[dict]:
+def encode_classification(
+    examples: Sequence[TextExample], tokenizer, label_map: LabelMap, *, max_len: int, truncate: bool
+) -> list[dict]:
     """Features {input_ids, token_type_ids, labels: int}; a text pair gets token type 1, as BERT was trained."""
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
-    encoded = tokenizer(texts, pairs, truncation="longest_first" if truncate else False, max_length=max_len,
-                        verbose=False)
+    encoded = tokenizer(
+        texts, pairs, truncation="longest_first" if truncate else False, max_length=max_len, verbose=False
+    )
     if not truncate:
         _check_lengths([len(ids) for ids in encoded["input_ids"]], [e.where for e in examples], max_len=max_len)
-    return [{"input_ids": ids, "token_type_ids": types, "labels": label_map.id(e.label, e.where)}
-            for ids, types, e in zip(encoded["input_ids"], encoded["token_type_ids"], examples)]
+    return [
+        {"input_ids": ids, "token_type_ids": types, "labels": label_map.id(e.label, e.where)}
+        for ids, types, e in zip(encoded["input_ids"], encoded["token_type_ids"], examples)
+    ]
 
 
-def encode_tagging(sentences: Sequence[TaggedSentence], tokenizer, label_map: LabelMap, *, max_len: int,
-                   truncate: bool) -> list[dict]:
+def encode_tagging(
+    sentences: Sequence[TaggedSentence], tokenizer, label_map: LabelMap, *, max_len: int, truncate: bool
+) -> list[dict]:
     """Features {input_ids, token_type_ids, labels: list}; a word's label sits on its first sub-token, every other
     position is IGNORE. With truncation, words past max_len are dropped (and so not scored)."""
     tag_ids = [[label_map.id(tag, s.where) for tag in s.tags] for s in sentences]
-    encoded = tokenizer([list(s.words) for s in sentences], is_split_into_words=True, truncation=truncate,
-                        max_length=max_len, verbose=False)
+    encoded = tokenizer(
+        [list(s.words) for s in sentences],
+        is_split_into_words=True,
+        truncation=truncate,
+        max_length=max_len,
+        verbose=False,
+    )
     if not truncate:
         _check_lengths([len(ids) for ids in encoded["input_ids"]], [s.where for s in sentences], max_len=max_len)
     features = []
@@ -55,11 +67,15 @@ def encode_tagging(sentences: Sequence[TaggedSentence], tokenizer, label_map: La
     return features
 
 
-
 def encode_lines(lines: Sequence[tuple[str, str]], tokenizer, *, max_len: int, truncate: bool) -> list[dict]:
     """Features {input_ids, token_type_ids, special_tokens_mask} for masked-LM (labels come from the masking)."""
-    encoded = tokenizer([text for text, _ in lines], truncation=truncate, max_length=max_len,
-                        return_special_tokens_mask=True, verbose=False)
+    encoded = tokenizer(
+        [text for text, _ in lines],
+        truncation=truncate,
+        max_length=max_len,
+        return_special_tokens_mask=True,
+        verbose=False,
+    )
     if not truncate:
         _check_lengths([len(ids) for ids in encoded["input_ids"]], [where for _, where in lines], max_len=max_len)
     keys = ("input_ids", "token_type_ids", "special_tokens_mask")
@@ -79,8 +95,11 @@ def pad_batch(features: Sequence[dict], *, pad_id: int) -> Batch:
     mask = torch.zeros((len(features), length), dtype=torch.long)
     types = torch.zeros((len(features), length), dtype=torch.long)
     per_token = isinstance(features[0]["labels"], list)
-    labels = torch.full((len(features), length), IGNORE, dtype=torch.long) if per_token else \
-        torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    labels = (
+        torch.full((len(features), length), IGNORE, dtype=torch.long)
+        if per_token
+        else torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    )
     for row, f in enumerate(features):
         n = len(f["input_ids"])
         ids[row, :n] = torch.tensor(f["input_ids"])
@@ -89,4 +108,3 @@ def pad_batch(features: Sequence[dict], *, pad_id: int) -> Batch:
         if per_token:
             labels[row, :n] = torch.tensor(f["labels"])
     return (ids, mask, types), labels
-

@@ -11,12 +11,16 @@ import torch
 
 from pptk.errors import PptkError
 
+
 def tokenize_texts(texts: Sequence[str], tokenizer: Any) -> np.ndarray:
     """Token ids of each text followed by the eos token, concatenated (int32)."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise PptkError(f"tokenizer {type(tokenizer).__name__} has no eos token, so documents cannot be separated; "
-                        f"set one (tokenizer.eos_token = ...) or use pptk.data.demo.train_demo_tokenizer, whose eos is <|endoftext|>")
+        raise PptkError(
+            f"tokenizer {type(tokenizer).__name__} has no eos token, so documents cannot be separated; "
+            "set one (tokenizer.eos_token = ...) or use pptk.data.demo.train_demo_tokenizer, whose eos is "
+            "<|endoftext|>"
+        )
     if not texts:
         return np.zeros(0, dtype=np.int32)
     # One batched call (fast tokenizers encode it in parallel); verbose=False because whole documents are longer
@@ -47,8 +51,10 @@ def pack_tokens(token_ids: list[int] | np.ndarray, *, block_size: int) -> torch.
     ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).flatten()
     n_blocks = ids.numel() // block_size
     if n_blocks == 0:
-        raise PptkError(f"{ids.numel()} tokens are fewer than one block of block_size {block_size}; "
-                        "give more text or use a smaller block_size")
+        raise PptkError(
+            f"{ids.numel()} tokens are fewer than one block of block_size {block_size}; "
+            "give more text or use a smaller block_size"
+        )
     return ids[: n_blocks * block_size].reshape(n_blocks, block_size).clone()
 
 
@@ -59,9 +65,11 @@ def check_token_ids(ids: Any, *, vocab_size: int) -> None:
         return
     low, high = int(ids.min()), int(ids.max())
     if high >= vocab_size or low < 0:
-        raise PptkError(f"token ids span [{low}, {high}] but the model's vocab_size is {vocab_size}: the tokenizer "
-                        "and the model disagree; use the tokenizer the model was trained with, or resize the model's "
-                        "embeddings to len(tokenizer)")
+        raise PptkError(
+            f"token ids span [{low}, {high}] but the model's vocab_size is {vocab_size}: the tokenizer "
+            "and the model disagree; use the tokenizer the model was trained with, or resize the model's "
+            "embeddings to len(tokenizer)"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,8 +80,10 @@ class LMBlocks:
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2 or self.tokens.dtype != torch.long:
-            raise PptkError(f"LMBlocks needs a 2-D int64 tensor [N, block_size], got {self.tokens.dtype} "
-                            f"{tuple(self.tokens.shape)}; build it with LMBlocks.from_tokens")
+            raise PptkError(
+                f"LMBlocks needs a 2-D int64 tensor [N, block_size], got {self.tokens.dtype} "
+                f"{tuple(self.tokens.shape)}; build it with LMBlocks.from_tokens"
+            )
 
     @classmethod
     def from_tokens(cls, token_ids: list[int] | np.ndarray, *, block_size: int) -> LMBlocks:
@@ -96,9 +106,11 @@ def split_train_eval(blocks: LMBlocks, *, eval_fraction: float, seed: int) -> tu
         raise PptkError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     n_eval = round(len(blocks) * eval_fraction)
     if not 0 < n_eval < len(blocks):
-        raise PptkError(f"eval_fraction {eval_fraction} of {len(blocks)} blocks leaves {n_eval} for eval and "
-                        f"{len(blocks) - n_eval} for training; both need at least one: give more text, a smaller "
-                        "block_size, or another eval_fraction")
+        raise PptkError(
+            f"eval_fraction {eval_fraction} of {len(blocks)} blocks leaves {n_eval} for eval and "
+            f"{len(blocks) - n_eval} for training; both need at least one: give more text, a smaller "
+            "block_size, or another eval_fraction"
+        )
     order = np.random.default_rng([seed]).permutation(len(blocks))
     eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
     return LMBlocks(blocks.tokens[torch.from_numpy(train_idx)]), LMBlocks(blocks.tokens[torch.from_numpy(eval_idx)])

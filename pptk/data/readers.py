@@ -32,8 +32,9 @@ class TaggedSentence:
 # ---------------------------------------------------------------------------------------------------- readers
 
 
-def read_text_classification(path: str | Path, *, text_column: str = "text", label_column: str = "label",
-                             text_pair_column: str | None = None) -> list[TextExample]:
+def read_text_classification(
+    path: str | Path, *, text_column: str = "text", label_column: str = "label", text_pair_column: str | None = None
+) -> list[TextExample]:
     """Rows of a .csv/.tsv (header line first) or .jsonl (one object per line) file."""
     path = Path(path)
     if not path.is_file():
@@ -62,8 +63,10 @@ def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict]]:
         header = reader.fieldnames or []
         missing = [c for c in columns if c not in header]
         if missing:
-            raise PptkError(f"{path}:1: no column {', '.join(map(repr, missing))} in the header {header}; pass "
-                            "--text-column / --label-column / --text-pair-column with the names this file uses")
+            raise PptkError(
+                f"{path}:1: no column {', '.join(map(repr, missing))} in the header {header}; pass "
+                "--text-column / --label-column / --text-pair-column with the names this file uses"
+            )
         for row in reader:
             yield f"{path}:{reader.line_num}", row
 
@@ -82,8 +85,10 @@ def _jsonl_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict]]:
                 raise PptkError(f"{where}: expected a JSON object, got {type(row).__name__}")
             missing = [c for c in columns if c not in row]
             if missing:
-                raise PptkError(f"{where}: no key {', '.join(map(repr, missing))} (keys: {sorted(row)}); pass "
-                                "--text-column / --label-column / --text-pair-column with the names this file uses")
+                raise PptkError(
+                    f"{where}: no key {', '.join(map(repr, missing))} (keys: {sorted(row)}); pass "
+                    "--text-column / --label-column / --text-pair-column with the names this file uses"
+                )
             yield where, row
 
 
@@ -111,11 +116,14 @@ def read_conll(path: str | Path) -> list[TaggedSentence]:
                 continue
             where = f"{path}:{number}"
             if len(fields) < 2:
-                raise PptkError(f"{where}: malformed CoNLL line {line.strip()!r}: expected 'token tag' (whitespace "
-                                "separated), or a blank line between sentences")
+                raise PptkError(
+                    f"{where}: malformed CoNLL line {line.strip()!r}: expected 'token tag' (whitespace "
+                    "separated), or a blank line between sentences"
+                )
             if not IOB_TAG.match(fields[-1]):
-                raise PptkError(f"{where}: tag {fields[-1]!r} is not an IOB tag (O, B-TYPE, I-TYPE); convert the "
-                                "file to IOB tags")
+                raise PptkError(
+                    f"{where}: tag {fields[-1]!r} is not an IOB tag (O, B-TYPE, I-TYPE); convert the file to IOB tags"
+                )
             if not words:
                 start = where
             words.append(fields[0])
@@ -125,7 +133,6 @@ def read_conll(path: str | Path) -> list[TaggedSentence]:
     if not sentences:
         raise PptkError(f"{path} has no sentences; fill it or point to another file")
     return sentences
-
 
 
 def read_lines(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
@@ -141,4 +148,3 @@ def read_lines(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
     if not lines:
         raise PptkError(f"no text in {', '.join(map(str, paths))}; every non-empty line is an example")
     return lines
-

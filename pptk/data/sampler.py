@@ -51,15 +51,18 @@ def micro_batches_per_epoch(num_examples: int, shard: Shard, *, whole_steps: boo
         per_epoch -= per_epoch % shard.grad_accum_steps
     if per_epoch == 0:
         need = shard.examples_per_micro_batch * (shard.grad_accum_steps if whole_steps else 1)
-        raise PptkError(f"{num_examples} training examples cannot give each of dp_size({shard.dp_size}) replicas "
-                        f"{'one step' if whole_steps else 'one micro-batch'} of micro_batch_size "
-                        f"{shard.micro_batch_size}: need at least {need}; give more data or use a smaller "
-                        "micro-batch size (or block size)")
+        raise PptkError(
+            f"{num_examples} training examples cannot give each of dp_size({shard.dp_size}) replicas "
+            f"{'one step' if whole_steps else 'one micro-batch'} of micro_batch_size "
+            f"{shard.micro_batch_size}: need at least {need}; give more data or use a smaller "
+            "micro-batch size (or block size)"
+        )
     return per_epoch
 
 
-def train_indices(num_examples: int, shard: Shard, *, seed: int, start: int = 0,
-                  per_epoch: int | None = None) -> Iterator[np.ndarray]:
+def train_indices(
+    num_examples: int, shard: Shard, *, seed: int, start: int = 0, per_epoch: int | None = None
+) -> Iterator[np.ndarray]:
     """Endless example indices, one array of ``micro_batch_size`` per micro-batch, for this replica.
 
     start: micro-batches to skip (counted from the first epoch) without computing them, for exact resume.
@@ -69,18 +72,20 @@ def train_indices(num_examples: int, shard: Shard, *, seed: int, start: int = 0,
         raise PptkError(f"seed ({seed}) and start ({start}) must be >= 0")
     per_epoch = per_epoch or micro_batches_per_epoch(num_examples, shard)
     # Validation above runs at call time; the generator below only starts on the first next().
-    return _indices(num_examples, shard, seed=seed, epoch=start // per_epoch, first=start % per_epoch,
-                    per_epoch=per_epoch)
+    return _indices(
+        num_examples, shard, seed=seed, epoch=start // per_epoch, first=start % per_epoch, per_epoch=per_epoch
+    )
 
 
-def _indices(num_examples: int, shard: Shard, *, seed: int, epoch: int, first: int,
-             per_epoch: int) -> Iterator[np.ndarray]:
+def _indices(
+    num_examples: int, shard: Shard, *, seed: int, epoch: int, first: int, per_epoch: int
+) -> Iterator[np.ndarray]:
     size = shard.micro_batch_size
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(num_examples)
         for i in range(first, per_epoch):
             begin = (i * shard.dp_size + shard.dp_rank) * size
-            yield order[begin:begin + size]
+            yield order[begin : begin + size]
         epoch, first = epoch + 1, 0
 
 
@@ -91,9 +96,11 @@ def eval_indices(lengths: list[int], shard: Shard) -> list[np.ndarray]:
     micro-batches (DeepSpeed's eval_batch needs that), holding micro_batch_size examples or a few more.
     """
     if len(lengths) < shard.dp_size:
-        raise PptkError(f"{len(lengths)} evaluation examples cannot be shared by {shard.dp_size} data-parallel "
-                        "replicas; give more evaluation data")
+        raise PptkError(
+            f"{len(lengths)} evaluation examples cannot be shared by {shard.dp_size} data-parallel "
+            "replicas; give more evaluation data"
+        )
     by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    mine = np.array(by_length[shard.dp_rank::shard.dp_size])
+    mine = np.array(by_length[shard.dp_rank :: shard.dp_size])
     count = min(-(-len(lengths) // shard.examples_per_micro_batch), len(lengths) // shard.dp_size)
     return list(np.array_split(mine, count))

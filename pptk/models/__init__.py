@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 

@@ -62,9 +62,11 @@ class BertEmbeddingsPipe(nn.Module):
         token_type_ids = rest[0] if rest else torch.zeros_like(position_ids)  # as BertEmbeddings' zero buffer
         types = self.token_type_embeddings.num_embeddings
         if token_type_ids.numel() and (int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= types):
-            raise PptkError(f"token_type_ids span [{int(token_type_ids.min())}, {int(token_type_ids.max())}] but "
-                            f"the model has type_vocab_size {types}; use segment ids 0..{types - 1} (the model's "
-                            "own tokenizer produces them)")
+            raise PptkError(
+                f"token_type_ids span [{int(token_type_ids.min())}, {int(token_type_ids.max())}] but "
+                f"the model has type_vocab_size {types}; use segment ids 0..{types - 1} (the model's "
+                "own tokenizer produces them)"
+            )
         hidden = words + self.token_type_embeddings(token_type_ids.long())
         hidden = hidden + self.position_embeddings(position_ids)
         return stage.with_hidden(self.dropout(self.LayerNorm(hidden))).as_tuple()
@@ -129,9 +131,16 @@ class BertClassifierPipe(nn.Linear):
 
 def _word_embeddings(config: BertConfig, **kwargs) -> TiedLayerSpec:
     # Both copies are built from identical arguments; padding_idx matters: HF's lookup gives the pad row no gradient.
-    return TiedLayerSpec(WORD_EMBEDDINGS, TokenEmbeddingPipe, config.vocab_size, config.hidden_size,
-                         padding_idx=config.pad_token_id, max_positions=config.max_position_embeddings,
-                         tied_weight_attr="weight", **kwargs)
+    return TiedLayerSpec(
+        WORD_EMBEDDINGS,
+        TokenEmbeddingPipe,
+        config.vocab_size,
+        config.hidden_size,
+        padding_idx=config.pad_token_id,
+        max_positions=config.max_position_embeddings,
+        tied_weight_attr="weight",
+        **kwargs,
+    )
 
 
 def encoder_layers(config: BertConfig) -> list[PipeLayer]:
@@ -148,7 +157,8 @@ def encoder_layers(config: BertConfig) -> list[PipeLayer]:
 
 
 def masked_lm_layers(config: BertConfig) -> list[PipeLayer]:
-    return encoder_layers(config) + [
+    return [
+        *encoder_layers(config),
         PipeLayer(LayerSpec(BertMLMTransformPipe, config), "head", "cls.predictions.transform.", optional=True),
         PipeLayer(_word_embeddings(config, forward_fn=tied_lm_logits), "head", PREFIX + "embeddings.word_embeddings."),
         PipeLayer(LayerSpec(BertMLMBiasPipe, config.vocab_size), "head", "cls.predictions.", optional=True),
@@ -156,32 +166,44 @@ def masked_lm_layers(config: BertConfig) -> list[PipeLayer]:
 
 
 def sequence_classification_layers(config: BertConfig) -> list[PipeLayer]:
-    return encoder_layers(config) + [
+    return [
+        *encoder_layers(config),
         PipeLayer(LayerSpec(BertPoolerPipe, config), "head", PREFIX + "pooler.", optional=True),
         PipeLayer(LayerSpec(BertClassifierPipe, config), "head", "classifier.", optional=True),
     ]
 
 
 def token_classification_layers(config: BertConfig) -> list[PipeLayer]:
-    return encoder_layers(config) + [
+    return [
+        *encoder_layers(config),
         PipeLayer(LayerSpec(BertClassifierPipe, config), "head", "classifier.", optional=True),
     ]
 
 
 def small_config() -> BertConfig:
-    return BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      intermediate_size=128, max_position_embeddings=64, type_vocab_size=2, num_labels=3)
+    return BertConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=3,
+    )
 
 
-register(Adapter(
-    model_type="bert",
-    tasks={
-        "masked-lm": masked_lm_layers,
-        "sequence-classification": sequence_classification_layers,
-        "token-classification": token_classification_layers,
-    },
-    small_config=small_config,
-    input_names=("input_ids", "attention_mask", "token_type_ids"),
-    # BertLMHeadModel (causal BERT) and encoder-decoder use need a causal mask or cross-attention inputs
-    unsupported={"is_decoder": bool, "add_cross_attention": bool},
-))
+register(
+    Adapter(
+        model_type="bert",
+        tasks={
+            "masked-lm": masked_lm_layers,
+            "sequence-classification": sequence_classification_layers,
+            "token-classification": token_classification_layers,
+        },
+        small_config=small_config,
+        input_names=("input_ids", "attention_mask", "token_type_ids"),
+        # BertLMHeadModel (causal BERT) and encoder-decoder use need a causal mask or cross-attention inputs
+        unsupported={"is_decoder": bool, "add_cross_attention": bool},
+    )
+)

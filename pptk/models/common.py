@@ -18,8 +18,9 @@ class TokenEmbeddingPipe(nn.Embedding):
     extra (token_type_ids for BERT) is consumed by the next embedding layer on the same stage.
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, *, padding_idx: int | None = None,
-                 max_positions: int | None = None):
+    def __init__(
+        self, vocab_size: int, hidden_size: int, *, padding_idx: int | None = None, max_positions: int | None = None
+    ):
         super().__init__(vocab_size, hidden_size, padding_idx=padding_idx)
         self.max_positions = max_positions
 

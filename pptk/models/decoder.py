@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,14 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from pptk.errors import PptkError
 from pptk.models import Adapter, PipeLayer, register
-from pptk.models.common import (WORD_EMBEDDINGS, FinalNormPipe, LMHeadPipe, TokenEmbeddingPipe, init_layer_like_hf,
-                                tied_lm_logits)
+from pptk.models.common import (
+    WORD_EMBEDDINGS,
+    FinalNormPipe,
+    LMHeadPipe,
+    TokenEmbeddingPipe,
+    init_layer_like_hf,
+    tied_lm_logits,
+)
 from pptk.protocol import StageMasks, StageTensors
 from pptk.tasks import hf_model_class
 
@@ -54,8 +60,15 @@ MASK_KINDS = {"full_attention": "causal", "sliding_attention": "sliding_window"}
 # Config fields that mean a mixture-of-experts block: its router outputs and auxiliary loss have no pipeline form here.
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # The keyword arguments <Family>Model.forward passes each layer; a layer that requires anything else is not covered.
-LAYER_ARGUMENTS = {"hidden_states", "attention_mask", "position_ids", "past_key_values", "use_cache",
-                   "position_embeddings", "cache_position"}
+LAYER_ARGUMENTS = {
+    "hidden_states",
+    "attention_mask",
+    "position_ids",
+    "past_key_values",
+    "use_cache",
+    "position_embeddings",
+    "cache_position",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,8 +99,10 @@ def decoder_parts(config: PretrainedConfig) -> DecoderParts:
     causal_lm = hf_model_class(config, "causal-lm")
     plan = list(getattr(config, "base_model_pp_plan", None) or {})
     if plan != PIPELINE_SHAPE:
-        raise PptkError(f"{config.model_type}: transformers' base_model_pp_plan is {plan or 'missing'}, not "
-                        f"{PIPELINE_SHAPE}; the decoder adapter covers only families of that shape")
+        raise PptkError(
+            f"{config.model_type}: transformers' base_model_pp_plan is {plan or 'missing'}, not "
+            f"{PIPELINE_SHAPE}; the decoder adapter covers only families of that shape"
+        )
     try:
         base_class = AutoModel._model_mapping[type(config)]
     except KeyError:
@@ -102,18 +117,24 @@ def decoder_parts(config: PretrainedConfig) -> DecoderParts:
     with torch.device("meta"):
         shell = base_class(shell_config)
     if not hasattr(shell, "rotary_emb"):
-        raise PptkError(f"{config.model_type}: {base_class.__name__} has no model-level rotary_emb; the decoder "
-                        "adapter covers only families whose rotary tables are computed once per model")
+        raise PptkError(
+            f"{config.model_type}: {base_class.__name__} has no model-level rotary_emb; the decoder "
+            "adapter covers only families whose rotary tables are computed once per model"
+        )
     layer_class = type(shell.layers[0])
     declared_layers = [name for name in (causal_lm._no_split_modules or []) if name.endswith("DecoderLayer")]
     if declared_layers != [layer_class.__name__]:
-        raise PptkError(f"{config.model_type}: expected one decoder-layer class, transformers declares "
-                        f"{declared_layers}; per-layer block types are not covered by the decoder adapter")
+        raise PptkError(
+            f"{config.model_type}: expected one decoder-layer class, transformers declares "
+            f"{declared_layers}; per-layer block types are not covered by the decoder adapter"
+        )
     embed = shell.embed_tokens
     embed_scale = getattr(embed, "scalar_embed_scale", None)
     if type(embed) is not nn.Embedding and embed_scale is None:
-        raise PptkError(f"{config.model_type}: unknown embedding module {type(embed).__name__}; the decoder adapter "
-                        "covers nn.Embedding and the Gemma-style scaled embedding")
+        raise PptkError(
+            f"{config.model_type}: unknown embedding module {type(embed).__name__}; the decoder adapter "
+            "covers nn.Embedding and the Gemma-style scaled embedding"
+        )
     rotary_class = type(shell.rotary_emb)
     return DecoderParts(
         causal_lm_class=causal_lm,
@@ -134,17 +155,23 @@ def layer_mask_kinds(config: PretrainedConfig) -> list[str]:
     if "layer_types" in declared:
         layer_types = getattr(config, "layer_types", None)
         if layer_types is None or len(layer_types) != n:
-            raise PptkError(f"{config.model_type} config: layer_types has {len(layer_types or [])} entries for "
-                            f"{n} layers; give one per layer (full_attention or sliding_attention)")
+            raise PptkError(
+                f"{config.model_type} config: layer_types has {len(layer_types or [])} entries for "
+                f"{n} layers; give one per layer (full_attention or sliding_attention)"
+            )
         unknown = sorted(set(layer_types) - set(MASK_KINDS))
         if unknown:
-            raise PptkError(f"{config.model_type} config: layer types {unknown} are not supported by the pipeline; "
-                            f"supported: {', '.join(MASK_KINDS)}")
+            raise PptkError(
+                f"{config.model_type} config: layer types {unknown} are not supported by the pipeline; "
+                f"supported: {', '.join(MASK_KINDS)}"
+            )
         if "sliding_attention" in layer_types and not window:
-            raise PptkError(f"{config.model_type} config: layer_types has sliding_attention layers but "
-                            f"sliding_window={window!r} (use_sliding_window="
-                            f"{getattr(config, 'use_sliding_window', None)!r}); set sliding_window (and "
-                            "use_sliding_window=true) or make every layer full_attention")
+            raise PptkError(
+                f"{config.model_type} config: layer_types has sliding_attention layers but "
+                f"sliding_window={window!r} (use_sliding_window="
+                f"{getattr(config, 'use_sliding_window', None)!r}); set sliding_window (and "
+                "use_sliding_window=true) or make every layer full_attention"
+            )
         return [MASK_KINDS[t] for t in layer_types]
     if "sliding_window" in declared and window is not None:
         return ["sliding_window"] * n
@@ -162,26 +189,36 @@ def check_supported(config: PretrainedConfig, parts: DecoderParts) -> None:
     """Refuse, naming the setting, what the pipeline cannot reproduce exactly."""
     kind = config._attn_implementation
     if kind == "sdpa" and not parts.causal_lm_class._supports_sdpa:
-        raise PptkError(f"{config.model_type} cannot run with sdpa attention in transformers "
-                        f"({parts.causal_lm_class.__name__}._supports_sdpa is False, e.g. attention soft-capping); "
-                        "use attn_implementation='eager' (pptk verify --attn eager)")
+        raise PptkError(
+            f"{config.model_type} cannot run with sdpa attention in transformers "
+            f"({parts.causal_lm_class.__name__}._supports_sdpa is False, e.g. attention soft-capping); "
+            "use attn_implementation='eager' (pptk verify --attn eager)"
+        )
     unsupported = sorted(_rope_types(config) - set(SUPPORTED_ROPE_TYPES))
     if unsupported:
-        raise PptkError(f"{config.model_type} config: rope_type {', '.join(unsupported)} is not verified with "
-                        f"pptk's pipeline; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise PptkError(
+            f"{config.model_type} config: rope_type {', '.join(unsupported)} is not verified with "
+            f"pptk's pipeline; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     for name in MOE_FIELDS:
         if getattr(config, name, None):
-            raise PptkError(f"{config.model_type} config sets {name}={getattr(config, name)!r}: mixture-of-experts "
-                            "blocks are not supported by the decoder adapter")
+            raise PptkError(
+                f"{config.model_type} config sets {name}={getattr(config, name)!r}: mixture-of-experts "
+                "blocks are not supported by the decoder adapter"
+            )
     required = {
-        name for name, p in inspect.signature(parts.layer_class.forward).parameters.items()
-        if name != "self" and p.default is inspect.Parameter.empty
+        name
+        for name, p in inspect.signature(parts.layer_class.forward).parameters.items()
+        if name != "self"
+        and p.default is inspect.Parameter.empty
         and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     }
     missing = sorted(required - LAYER_ARGUMENTS)
     if missing:
-        raise PptkError(f"{config.model_type}: {parts.layer_class.__name__} requires {missing}, which the decoder "
-                        "adapter does not provide")
+        raise PptkError(
+            f"{config.model_type}: {parts.layer_class.__name__} requires {missing}, which the decoder "
+            "adapter does not provide"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,8 +263,16 @@ class DecoderLayerPipe(nn.Module):
     """Placed before the family's decoder layer in a generated subclass (``LlamaDecoderLayerPipe``, ...), so the
     parameters, the initialisation and the forward are Hugging Face's; this adds only the stage protocol."""
 
-    def __init__(self, config: PretrainedConfig, layer_idx: int, *, mask_kind: str, masks: StageMasks,
-                 rotary: RotaryTables, layer_type: str | None):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layer_idx: int,
+        *,
+        mask_kind: str,
+        masks: StageMasks,
+        rotary: RotaryTables,
+        layer_type: str | None,
+    ):
         super().__init__(config, layer_idx)
         self.pipe_config = config
         self.mask_kind = mask_kind
@@ -244,8 +289,10 @@ class DecoderLayerPipe(nn.Module):
             position_embeddings=self.rotary(stage, self.rotary_layer_type),
         )
         if not isinstance(hidden, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: the decoder layer returned {type(hidden).__name__}, expected the "
-                            "hidden states tensor (transformers 5.x layers return a tensor)")
+            raise TypeError(
+                f"{type(self).__name__}: the decoder layer returned {type(hidden).__name__}, expected the "
+                "hidden states tensor (transformers 5.x layers return a tensor)"
+            )
         return stage.with_hidden(hidden).as_tuple()
 
 
@@ -254,8 +301,11 @@ def layer_pipe_class(layer_class: type) -> type:
     DeepSpeed's ``type:`` partitioning and activation checkpointing select blocks by name. Made per layer list (the
     blocks of one model share it); nothing is registered process-wide."""
     name = f"{layer_class.__name__}Pipe"
-    return type(name, (DecoderLayerPipe, layer_class), {"__module__": __name__, "__qualname__": name,
-                                                        "__doc__": f"{layer_class.__name__} on the pipeline."})
+    return type(
+        name,
+        (DecoderLayerPipe, layer_class),
+        {"__module__": __name__, "__qualname__": name, "__doc__": f"{layer_class.__name__} on the pipeline."},
+    )
 
 
 class DecoderEmbeddingPipe(TokenEmbeddingPipe):
@@ -265,8 +315,17 @@ class DecoderEmbeddingPipe(TokenEmbeddingPipe):
     Granite's embedding_multiplier otherwise (a Python float, as Hugging Face multiplies it).
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, *, padding_idx: int | None, max_positions: int | None,
-                 scale: float | None = None, scale_in_weight_dtype: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        *,
+        padding_idx: int | None,
+        max_positions: int | None,
+        scale: float | None = None,
+        scale_in_weight_dtype: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__(vocab_size, hidden_size, padding_idx=padding_idx, max_positions=max_positions)
         self.scale = scale
         self.scale_in_weight_dtype = scale_in_weight_dtype
@@ -327,83 +386,154 @@ class Family:
 
 # hidden 64, 4 layers, 4 heads (2 key/value heads: grouped-query attention), windows of 8 tokens where the family has
 # them (shorter than the tests' 32), a vocabulary of 256; tie_word_embeddings alternates so both heads are tested.
-SMALL_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                    eos_token_id=2, initializer_range=0.05)
+SMALL_COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.05,
+)
 WINDOW = 8
 ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
-                   low_freq_factor=1.0, high_freq_factor=4.0)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=16,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(small=dict(tie_word_embeddings=False, attention_bias=True)),
     "mistral": Family(small=dict(tie_word_embeddings=False, sliding_window=WINDOW)),
-    "qwen2": Family(small=dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW,
-                               max_window_layers=2)),
+    "qwen2": Family(
+        small=dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)
+    ),
     "qwen3": Family(small=dict(tie_word_embeddings=False)),
     "phi3": Family(small=dict(tie_word_embeddings=True, sliding_window=WINDOW)),
     "gemma": Family(small=dict(tie_word_embeddings=True)),
     "gemma2": Family(
-        small=dict(tie_word_embeddings=True, sliding_window=WINDOW, query_pre_attn_scalar=16,
-                   final_logit_softcapping=0.5, attn_logit_softcapping=2.0),
+        small=dict(
+            tie_word_embeddings=True,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=16,
+            final_logit_softcapping=0.5,
+            attn_logit_softcapping=2.0,
+        ),
         logits=(("softcap", "final_logit_softcapping"),),
     ),
     "olmo2": Family(small=dict(tie_word_embeddings=False)),
     "granite": Family(
-        small=dict(tie_word_embeddings=True, embedding_multiplier=3.0, residual_multiplier=0.5,
-                   attention_multiplier=0.2, logits_scaling=4.0),
+        small=dict(
+            tie_word_embeddings=True,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=4.0,
+        ),
         embedding_multiplier="embedding_multiplier",
         logits=(("div", "logits_scaling"),),
     ),
     "gemma3_text": Family(
-        small=dict(tie_word_embeddings=True, sliding_window=WINDOW, layer_types=ALTERNATING, query_pre_attn_scalar=16,
-                   final_logit_softcapping=0.5, attn_logit_softcapping=None,
-                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
-                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        small=dict(
+            tie_word_embeddings=True,
+            sliding_window=WINDOW,
+            layer_types=ALTERNATING,
+            query_pre_attn_scalar=16,
+            final_logit_softcapping=0.5,
+            attn_logit_softcapping=None,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
         logits=(("softcap", "final_logit_softcapping"),),
         unsupported={"use_bidirectional_attention": bool},
     ),
     "vaultgemma": Family(
-        small=dict(tie_word_embeddings=True, sliding_window=WINDOW, query_pre_attn_scalar=16,
-                   final_logit_softcapping=0.5, attn_logit_softcapping=2.0),
+        small=dict(
+            tie_word_embeddings=True,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=16,
+            final_logit_softcapping=0.5,
+            attn_logit_softcapping=2.0,
+        ),
         logits=(("softcap", "final_logit_softcapping"),),
     ),
     "olmo": Family(small=dict(tie_word_embeddings=True, clip_qkv=0.5)),
     "olmo3": Family(small=dict(tie_word_embeddings=False, sliding_window=WINDOW)),
-    "cohere": Family(small=dict(tie_word_embeddings=True, logit_scale=0.5, use_qk_norm=True),
-                     logits=(("mul", "logit_scale"),)),
-    "cohere2": Family(small=dict(tie_word_embeddings=True, logit_scale=0.5, sliding_window=WINDOW,
-                                 layer_types=ALTERNATING),
-                      logits=(("mul", "logit_scale"),)),
-    "starcoder2": Family(small=dict(tie_word_embeddings=False, sliding_window=WINDOW, use_bias=True),
-                         embedding_dropout="embedding_dropout"),
+    "cohere": Family(
+        small=dict(tie_word_embeddings=True, logit_scale=0.5, use_qk_norm=True), logits=(("mul", "logit_scale"),)
+    ),
+    "cohere2": Family(
+        small=dict(tie_word_embeddings=True, logit_scale=0.5, sliding_window=WINDOW, layer_types=ALTERNATING),
+        logits=(("mul", "logit_scale"),),
+    ),
+    "starcoder2": Family(
+        small=dict(tie_word_embeddings=False, sliding_window=WINDOW, use_bias=True),
+        embedding_dropout="embedding_dropout",
+    ),
     "helium": Family(small=dict(tie_word_embeddings=False)),
     "glm": Family(small=dict(tie_word_embeddings=False)),
     "glm4": Family(small=dict(tie_word_embeddings=True)),
-    "smollm3": Family(small=dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW,
-                                 no_rope_layer_interval=2)),
+    "smollm3": Family(
+        small=dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW, no_rope_layer_interval=2)
+    ),
     "ministral": Family(small=dict(tie_word_embeddings=False, sliding_window=WINDOW, layer_types=ALTERNATING)),
-    "ministral3": Family(small=dict(
-        tie_word_embeddings=True, sliding_window=WINDOW,
-        # YaRN over 16 original positions, and Llama 4's query scaling that grows every 16 positions
-        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
-                             beta_fast=32.0, beta_slow=1.0, llama_4_scaling_beta=0.1))),
+    "ministral3": Family(
+        small=dict(
+            tie_word_embeddings=True,
+            sliding_window=WINDOW,
+            # YaRN over 16 original positions, and Llama 4's query scaling that grows every 16 positions
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=16,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                llama_4_scaling_beta=0.1,
+            ),
+        )
+    ),
     "seed_oss": Family(small=dict(tie_word_embeddings=False, attention_bias=True)),
     "arcee": Family(small=dict(tie_word_embeddings=True)),
     "exaone4": Family(small=dict(tie_word_embeddings=False, sliding_window=WINDOW, sliding_window_pattern=2)),
     "ernie4_5": Family(small=dict(tie_word_embeddings=True, use_bias=True)),
     "hyperclovax": Family(
-        small=dict(tie_word_embeddings=False, embedding_multiplier=3.0, residual_multiplier=0.5,
-                   attention_multiplier=0.2, logits_scaling=0.25),
+        small=dict(
+            tie_word_embeddings=False,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=0.25,
+        ),
         embedding_multiplier="embedding_multiplier",
         logits=(("mul", "logits_scaling"),),
     ),
     "apertus": Family(small=dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
     "jais2": Family(small=dict(tie_word_embeddings=True)),
     "cwm": Family(small=dict(tie_word_embeddings=False, sliding_window=WINDOW, rope_parameters=LLAMA3_ROPE)),
-    "youtu": Family(small=dict(  # multi-head latent attention (low-rank q and kv, a rotary slice of each head)
-        tie_word_embeddings=True, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=16, head_dim=8, num_key_value_heads=4)),
+    "youtu": Family(
+        small=dict(  # multi-head latent attention (low-rank q and kv, a rotary slice of each head)
+            tie_word_embeddings=True,
+            kv_lora_rank=32,
+            q_lora_rank=48,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            head_dim=8,
+            num_key_value_heads=4,
+        )
+    ),
 }
 
 
@@ -430,17 +560,25 @@ def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
     masks = StageMasks()
     block = layer_pipe_class(parts.layer_class)
     layers += [
-        PipeLayer(LayerSpec(block, config, i, mask_kind=mask_kinds[i], masks=masks, rotary=rotary,
-                            layer_type=layer_types[i]),
-                  "block", f"{PREFIX}layers.{i}.")
+        PipeLayer(
+            LayerSpec(block, config, i, mask_kind=mask_kinds[i], masks=masks, rotary=rotary, layer_type=layer_types[i]),
+            "block",
+            f"{PREFIX}layers.{i}.",
+        )
         for i in range(config.num_hidden_layers)
     ]
 
     final_norm = LayerSpec(FinalNormPipe, materialise_norm, parts.norm, config=config, hf_class=hf_class, attr="norm")
     layers.append(PipeLayer(final_norm, "head", PREFIX))
     if config.tie_word_embeddings:
-        head = TiedLayerSpec(WORD_EMBEDDINGS, DecoderEmbeddingPipe, *embed_args, **embed_kwargs,
-                             tied_weight_attr="weight", forward_fn=tied_lm_logits)
+        head = TiedLayerSpec(
+            WORD_EMBEDDINGS,
+            DecoderEmbeddingPipe,
+            *embed_args,
+            **embed_kwargs,
+            tied_weight_attr="weight",
+            forward_fn=tied_lm_logits,
+        )
         layers.append(PipeLayer(head, "head", PREFIX + "embed_tokens."))
     else:
         layers.append(PipeLayer(LayerSpec(LMHeadPipe, config.hidden_size, config.vocab_size), "head", ""))
@@ -458,9 +596,11 @@ def small_config_of(model_type: str) -> Callable[[], PretrainedConfig]:
 
 
 for _model_type, _family in FAMILIES.items():
-    register(Adapter(
-        model_type=_model_type,
-        tasks={"causal-lm": causal_lm_layers},
-        small_config=small_config_of(_model_type),
-        unsupported=_family.unsupported,
-    ))
+    register(
+        Adapter(
+            model_type=_model_type,
+            tasks={"causal-lm": causal_lm_layers},
+            small_config=small_config_of(_model_type),
+            unsupported=_family.unsupported,
+        )
+    )

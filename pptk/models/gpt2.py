@@ -45,8 +45,12 @@ class GPT2BlockPipe(GPT2Block):
 
 def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
     embed = TiedLayerSpec(
-        WORD_EMBEDDINGS, TokenEmbeddingPipe, config.vocab_size, config.hidden_size,
-        max_positions=config.max_position_embeddings, tied_weight_attr="weight",
+        WORD_EMBEDDINGS,
+        TokenEmbeddingPipe,
+        config.vocab_size,
+        config.hidden_size,
+        max_positions=config.max_position_embeddings,
+        tied_weight_attr="weight",
     )
     layers = [
         PipeLayer(embed, "embed", PREFIX + "wte."),
@@ -60,9 +64,15 @@ def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
     final_norm = LayerSpec(FinalNormPipe, nn.LayerNorm, config.hidden_size, eps=config.layer_norm_epsilon, attr="ln_f")
     layers.append(PipeLayer(final_norm, "head", PREFIX))
     if config.tie_word_embeddings:
-        head = TiedLayerSpec(WORD_EMBEDDINGS, TokenEmbeddingPipe, config.vocab_size, config.hidden_size,
-                             max_positions=config.max_position_embeddings, tied_weight_attr="weight",
-                             forward_fn=tied_lm_logits)
+        head = TiedLayerSpec(
+            WORD_EMBEDDINGS,
+            TokenEmbeddingPipe,
+            config.vocab_size,
+            config.hidden_size,
+            max_positions=config.max_position_embeddings,
+            tied_weight_attr="weight",
+            forward_fn=tied_lm_logits,
+        )
         layers.append(PipeLayer(head, "head", PREFIX + "wte."))
     else:
         layers.append(PipeLayer(LayerSpec(LMHeadPipe, config.hidden_size, config.vocab_size), "head", ""))
@@ -73,9 +83,11 @@ def small_config() -> GPT2Config:
     return GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0)
 
 
-register(Adapter(
-    model_type="gpt2",
-    tasks={"causal-lm": causal_lm_layers},
-    small_config=small_config,
-    unsupported={"add_cross_attention": bool},  # encoder-decoder use of GPT-2 has no pipeline form here
-))
+register(
+    Adapter(
+        model_type="gpt2",
+        tasks={"causal-lm": causal_lm_layers},
+        small_config=small_config,
+        unsupported={"add_cross_attention": bool},  # encoder-decoder use of GPT-2 has no pipeline form here
+    )
+)

@@ -36,8 +36,9 @@ def demo_config(vocab_size: int, model_type: str | None):
     from transformers import GPT2Config
 
     if model_type in (None, "gpt2"):
-        return GPT2Config(n_positions=DEMO_SEQ_LEN, bos_token_id=0, eos_token_id=0,
-                          **{**DEMO_MODEL, "vocab_size": vocab_size})
+        return GPT2Config(
+            n_positions=DEMO_SEQ_LEN, bos_token_id=0, eos_token_id=0, **{**DEMO_MODEL, "vocab_size": vocab_size}
+        )
     config = get_adapter(model_type).small_config()
     config.vocab_size = vocab_size
     config.max_position_embeddings = max(DEMO_SEQ_LEN, getattr(config, "max_position_embeddings", 0) or 0)
@@ -55,12 +56,16 @@ def _model_and_tokens(run: RunConfig) -> tuple[ModelSource, Any, np.ndarray]:
         if run.model.model is not None:
             get_adapter(run.model.model)  # --demo --model llama: the embedded default with another family
         # Every rank trains the same tokenizer (deterministic, a second or two) and renames it into place atomically.
-        tokenizer_dir = train_demo_tokenizer(text=demo_corpus(), vocab_size=DEMO_MODEL["vocab_size"],
-                                             out_dir=run.output.output_dir / "tokenizer")
+        tokenizer_dir = train_demo_tokenizer(
+            text=demo_corpus(), vocab_size=DEMO_MODEL["vocab_size"], out_dir=run.output.output_dir / "tokenizer"
+        )
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         config = demo_config(len(tokenizer), run.model.model)
-        return ModelSource(config, None, f"demo {config.model_type}"), tokenizer, tokenize_texts(demo_documents(),
-                                                                                                 tokenizer)
+        return (
+            ModelSource(config, None, f"demo {config.model_type}"),
+            tokenizer,
+            tokenize_texts(demo_documents(), tokenizer),
+        )
     if run.model.model is None or not data.files:
         raise PptkError("give --model and --data (or --demo for the embedded default)")
     missing = [str(p) for p in data.files if not Path(p).is_file()]
@@ -79,13 +84,20 @@ def prepare(run: RunConfig) -> PreparedCausalLM:
     if seq_len is None:
         raise PptkError(f"{source.label} declares no max_position_embeddings; pass --seq-len")
     if positions is not None and seq_len > positions:
-        raise PptkError(f"--seq-len {seq_len} is longer than the model's {positions} positions; use --seq-len "
-                        f"{positions} or less")
+        raise PptkError(
+            f"--seq-len {seq_len} is longer than the model's {positions} positions; use --seq-len {positions} or less"
+        )
     check_token_ids(tokens, vocab_size=source.config.vocab_size)
     blocks = LMBlocks.from_tokens(tokens, block_size=seq_len)
     train, evaluation = split_train_eval(blocks, eval_fraction=run.data.eval_fraction, seed=run.seed)
-    return PreparedCausalLM(source=source, tokenizer=tokenizer, seq_len=seq_len, train=train, eval=evaluation,
-                            sample_prompt=run.output.sample_prompt)
+    return PreparedCausalLM(
+        source=source,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        train=train,
+        eval=evaluation,
+        sample_prompt=run.output.sample_prompt,
+    )
 
 
 @dataclass
@@ -152,6 +164,11 @@ def greedy_sample(model_dir: Path, prompt: str, *, new_tokens: int = 40) -> str:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     room = (getattr(model.config, "max_position_embeddings", None) or 1 << 30) - ids.shape[1]
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(0, min(new_tokens, room)),
-                             do_sample=False, pad_token_id=tokenizer.eos_token_id or 0)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max(0, min(new_tokens, room)),
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id or 0,
+        )
     return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -16,7 +16,9 @@ from pptk.data.encode import IGNORE, encode_classification, encode_tagging, pad_
 from pptk.data.labels import LabelMap, class_label_names, config_with_labels, resolve_labels, tag_label_names
 from pptk.data.readers import read_conll, read_text_classification
 from pptk.data.sampler import Shard
-from pptk.pipeline import ModelSource, PipelinePlan
+from pptk.errors import PptkError
+from pptk.pipeline import ModelSource, PipelinePlan, resolve_model
+from pptk.tasks import infer_task
 from pptk.tasks.base import Batch, Evaluation, replica_mean
 from pptk.tasks.encoder import eval_micro_batches, resolve_encoder, select
 from pptk.tasks.metrics import classification_metrics, tagging_metrics
@@ -38,6 +40,16 @@ class ClassificationData:
     truncate: bool = False
 
 
+def task_for(model: str | Path, requested: str | None) -> str:
+    """--task, or the classification task the checkpoint's config.architectures names (checked before any rank
+    starts: a base model, which names none, needs --task)."""
+    source = resolve_model(model)
+    task = infer_task(source.config, requested, source=source.label)
+    if task not in TASKS:
+        raise PptkError(f"{source.label} is a {task} model; bert_finetune trains {' or '.join(TASKS)}: pass --task")
+    return task
+
+
 def prepare(run: RunConfig, task: str) -> PreparedClassification:
     """Everything that can be wrong with the input, checked before any process group exists."""
     data: ClassificationData = run.data
@@ -46,19 +58,28 @@ def prepare(run: RunConfig, task: str) -> PreparedClassification:
         train_raw, eval_raw = read_conll(data.train), read_conll(data.eval)
         data_names = tag_label_names([t for s in train_raw for t in s.tags])
     else:
-        columns = dict(text_column=data.text_column, label_column=data.label_column,
-                       text_pair_column=data.text_pair_column)
+        columns = dict(
+            text_column=data.text_column, label_column=data.label_column, text_pair_column=data.text_pair_column
+        )
         train_raw = read_text_classification(data.train, **columns)
         eval_raw = read_text_classification(data.eval, **columns)
         data_names = class_label_names([e.label for e in train_raw])
-    label_map = resolve_labels(source.config, data_names, explicit=data.labels, num_labels=data.num_labels,
-                               head_rows=_classifier_rows(source))
+    label_map = resolve_labels(
+        source.config, data_names, explicit=data.labels, num_labels=data.num_labels, head_rows=_classifier_rows(source)
+    )
     encode = encode_tagging if task == "token-classification" else encode_classification
     train = encode(train_raw, tokenizer, label_map, max_len=max_len, truncate=data.truncate)  # type: ignore[arg-type]
     evaluation = encode(eval_raw, tokenizer, label_map, max_len=max_len, truncate=data.truncate)  # type: ignore[arg-type]
     source = ModelSource(config_with_labels(source.config, label_map), source.pretrained_dir, source.label)
-    return PreparedClassification(task=task, source=source, tokenizer=tokenizer, seq_len=max_len,
-                                  label_map=label_map, train=train, eval=evaluation)
+    return PreparedClassification(
+        task=task,
+        source=source,
+        tokenizer=tokenizer,
+        seq_len=max_len,
+        label_map=label_map,
+        train=train,
+        eval=evaluation,
+    )
 
 
 def _classifier_rows(source: ModelSource) -> int | None:
@@ -136,8 +157,10 @@ class PreparedClassification:
         return len(self.train)
 
     def describe(self) -> str:
-        return (f"{self.task}, labels {list(self.label_map.names)}; {len(self.train)} train / {len(self.eval)} "
-                "eval examples")
+        return (
+            f"{self.task}, labels {list(self.label_map.names)}; {len(self.train)} train / {len(self.eval)} "
+            "eval examples"
+        )
 
     def tokens_per_example(self) -> float:
         return sum(len(f["input_ids"]) for f in self.train) / len(self.train)
@@ -164,8 +187,10 @@ class PreparedClassification:
         dist.all_gather_object(gathered, gold_and_predicted(records, per_token=self.per_token))  # last stages only
         pairs = [pair for part in gathered for pair in part]
         metrics, text = report(pairs, self.label_map, per_token=self.per_token)
-        return Evaluation({"eval_examples": len(pairs), "eval_loss": mean_loss,
-                           **{f"eval_{k}": v for k, v in metrics.items()}}, report=text)
+        return Evaluation(
+            {"eval_examples": len(pairs), "eval_loss": mean_loss, **{f"eval_{k}": v for k, v in metrics.items()}},
+            report=text,
+        )
 
     def summary_extra(self) -> dict[str, Any]:
         return {"labels": list(self.label_map.names), "train_seq_lens": sorted(self.lengths)}

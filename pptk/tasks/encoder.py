@@ -26,19 +26,24 @@ def resolve_encoder(run: RunConfig, *, max_seq_len: int | None, examples: str) -
     positions = max_positions(source.config)
     max_len = max_seq_len or positions
     if max_len > positions:
-        raise PptkError(f"--max-seq-len {max_len} is longer than the model's {positions} positions; use "
-                        f"--max-seq-len {positions} or less (with --truncate for longer {examples})")
+        raise PptkError(
+            f"--max-seq-len {max_len} is longer than the model's {positions} positions; use "
+            f"--max-seq-len {positions} or less (with --truncate for longer {examples})"
+        )
     if run.model.tokenizer is None and source.pretrained_dir is None:
-        raise PptkError(f"{run.model.model} has no weights and no tokenizer; point --model to a Hugging Face BERT "
-                        "directory, or pass --tokenizer for a from-scratch config")
+        raise PptkError(
+            f"{run.model.model} has no weights and no tokenizer; point --model to a Hugging Face BERT "
+            "directory, or pass --tokenizer for a from-scratch config"
+        )
     tokenizer_dir: Path = run.model.tokenizer or source.pretrained_dir  # type: ignore[assignment]
     return source, AutoTokenizer.from_pretrained(tokenizer_dir), max_len
 
 
 def eval_micro_batches(features: Sequence[dict], shard: Shard, collate: Callable[[list[dict]], Batch]) -> list[Batch]:
     """This replica's share of the whole evaluation set, every example used once (see ``eval_indices``)."""
-    return [collate([features[i] for i in chunk])
-            for chunk in eval_indices([len(f["input_ids"]) for f in features], shard)]
+    return [
+        collate([features[i] for i in chunk]) for chunk in eval_indices([len(f["input_ids"]) for f in features], shard)
+    ]
 
 
 def select(features: Sequence[dict], indices: np.ndarray) -> list[dict]:

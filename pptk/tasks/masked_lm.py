@@ -49,9 +49,14 @@ class MaskingCollator:
         ids, labels = batch["input_ids"], batch["labels"]
         if not (labels != IGNORE).any():
             special = batch.get("special_tokens_mask")
-            ordinary = ~torch.tensor(self.tokenizer.get_special_tokens_mask(ids[0].tolist(),
-                                                                            already_has_special_tokens=True),
-                                     dtype=torch.bool) if special is None else special[0] == 0
+            ordinary = (
+                ~torch.tensor(
+                    self.tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True),
+                    dtype=torch.bool,
+                )
+                if special is None
+                else special[0] == 0
+            )
             position = int(ordinary.nonzero()[0]) if ordinary.any() else 0
             labels[0, position] = ids[0, position]
             ids[0, position] = self.tokenizer.mask_token_id
@@ -82,9 +87,15 @@ def prepare(run: RunConfig) -> PreparedMaskedLM:
         train_lines = [lines[i] for i in sorted(order[n_eval:])]
         eval_lines = [lines[i] for i in sorted(order[:n_eval])]
     encode = dict(tokenizer=tokenizer, max_len=max_len, truncate=data.truncate)
-    return PreparedMaskedLM(source=source, tokenizer=tokenizer, seq_len=max_len,
-                            train=encode_lines(train_lines, **encode), eval=encode_lines(eval_lines, **encode),
-                            probability=data.mlm_probability, seed=run.seed)
+    return PreparedMaskedLM(
+        source=source,
+        tokenizer=tokenizer,
+        seq_len=max_len,
+        train=encode_lines(train_lines, **encode),
+        eval=encode_lines(eval_lines, **encode),
+        probability=data.mlm_probability,
+        seed=run.seed,
+    )
 
 
 @dataclass
@@ -115,16 +126,18 @@ class PreparedMaskedLM:
         return plan.loss_fn()
 
     def train_batch(self, indices: np.ndarray, number: int, shard: Shard) -> Batch:
-        collate = MaskingCollator(self.tokenizer, probability=self.probability,
-                                  seed=masking_seed(self.seed, shard.dp_rank, number))
+        collate = MaskingCollator(
+            self.tokenizer, probability=self.probability, seed=masking_seed(self.seed, shard.dp_rank, number)
+        )
         batch = collate(select(self.train, indices))
         self.lengths.add(int(batch[0][0].shape[1]))
         return batch
 
     def evaluate(self, engine, shard: Shard, *, max_micro_batches: int) -> Evaluation:
         if self._eval_batches is None:  # built once: the same masks at every evaluation, so the numbers compare
-            collate = MaskingCollator(self.tokenizer, probability=self.probability,
-                                      seed=masking_seed(self.seed, 10_000, shard.dp_rank))
+            collate = MaskingCollator(
+                self.tokenizer, probability=self.probability, seed=masking_seed(self.seed, 10_000, shard.dp_rank)
+            )
             self._eval_batches = eval_micro_batches(self.eval, shard, collate)
         batches = self._eval_batches
         loss = replica_mean(float(engine.eval_batch(iter(batches), num_micro_batches=len(batches))))

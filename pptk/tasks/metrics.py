@@ -21,9 +21,12 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: 
     width = max(12, *(len(n) for n in names))
     lines = [f"{'':>{width}}  precision     recall   f1-score    support", ""]
     lines += [f"{n:>{width}}  {p:>9.4f}  {r:>9.4f}  {f:>9.4f}  {s:>9}" for n, p, r, f, s in rows]
-    lines += ["", f"{'accuracy':>{width}}  {'':>9}  {'':>9}  {accuracy:>9.4f}  {len(y_true):>9}",
-              f"{'macro avg':>{width}}  {sum(r[1] for r in rows) / len(rows):>9.4f}  "
-              f"{sum(r[2] for r in rows) / len(rows):>9.4f}  {macro_f1:>9.4f}  {len(y_true):>9}"]
+    lines += [
+        "",
+        f"{'accuracy':>{width}}  {'':>9}  {'':>9}  {accuracy:>9.4f}  {len(y_true):>9}",
+        f"{'macro avg':>{width}}  {sum(r[1] for r in rows) / len(rows):>9.4f}  "
+        f"{sum(r[2] for r in rows) / len(rows):>9.4f}  {macro_f1:>9.4f}  {len(y_true):>9}",
+    ]
     return {"accuracy": accuracy, "f1_macro": macro_f1}, "\n".join(lines)
 
 
@@ -34,7 +37,11 @@ def tagging_metrics(y_true: list[list[str]], y_pred: list[list[str]]) -> tuple[d
 
     text = classification_report(y_true, y_pred, digits=4, zero_division=0)
     table = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
-    metrics = {"precision": table["micro avg"]["precision"], "recall": table["micro avg"]["recall"],
-               "f1": table["micro avg"]["f1-score"], "f1_macro": table["macro avg"]["f1-score"],
-               "f1_weighted": table["weighted avg"]["f1-score"]}
+    metrics = {
+        "precision": table["micro avg"]["precision"],
+        "recall": table["micro avg"]["recall"],
+        "f1": table["micro avg"]["f1-score"],
+        "f1_macro": table["macro avg"]["f1-score"],
+        "f1_weighted": table["weighted avg"]["f1-score"],
+    }
     return {k: float(v) for k, v in metrics.items()}, text

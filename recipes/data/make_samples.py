@@ -15,18 +15,118 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-FIRST = ["Maria", "John", "Aiko", "Lars", "Fatima", "Pedro", "Ingrid", "Omar", "Chen", "Olga", "Kwame", "Sofia",
-         "Rahul", "Elena", "Tomas", "Amara", "Yusuf", "Hanna", "Diego", "Mei", "Nils", "Leila", "Pavel", "Grace"]
-LAST = ["Santos", "Miller", "Tanaka", "Berg", "Haddad", "Alvarez", "Lund", "Farouk", "Wei", "Ivanova", "Mensah",
-        "Rossi", "Sharma", "Petrova", "Novak", "Okafor", "Demir", "Virtanen", "Morales", "Lin", "Holm", "Nasser"]
-ORG = ["Northwind Traders", "Bluepeak Labs", "Acme Corp", "Helios Energy", "Crescent Bank", "Orbital Systems",
-       "Greenfield Farms", "Pioneer Motors", "Silverline Airways", "Quantum Dynamics", "Riverside Hospital",
-       "Atlas Insurance", "Summit Media", "Ironclad Security", "Lumen Pharmaceuticals", "Harbor Logistics",
-       "Cobalt Mining", "Vertex Software", "Maple Foods", "Aurora University"]
-LOC = ["Paris", "Nairobi", "Lisbon", "Osaka", "New York", "Buenos Aires", "Oslo", "Cairo", "Toronto", "Hamburg",
-       "Mumbai", "Santiago", "Helsinki", "Lagos", "Melbourne", "Kraków", "Seoul", "Marseille", "Denver", "Porto"]
-MISC = ["French", "German", "Olympic", "Japanese", "Brazilian", "Nobel Prize", "World Cup", "Spanish", "Norwegian",
-        "Kenyan", "Euro", "Arabic", "Italian", "Korean", "Oscar", "Finnish"]
+FIRST = [
+    "Maria",
+    "John",
+    "Aiko",
+    "Lars",
+    "Fatima",
+    "Pedro",
+    "Ingrid",
+    "Omar",
+    "Chen",
+    "Olga",
+    "Kwame",
+    "Sofia",
+    "Rahul",
+    "Elena",
+    "Tomas",
+    "Amara",
+    "Yusuf",
+    "Hanna",
+    "Diego",
+    "Mei",
+    "Nils",
+    "Leila",
+    "Pavel",
+    "Grace",
+]
+LAST = [
+    "Santos",
+    "Miller",
+    "Tanaka",
+    "Berg",
+    "Haddad",
+    "Alvarez",
+    "Lund",
+    "Farouk",
+    "Wei",
+    "Ivanova",
+    "Mensah",
+    "Rossi",
+    "Sharma",
+    "Petrova",
+    "Novak",
+    "Okafor",
+    "Demir",
+    "Virtanen",
+    "Morales",
+    "Lin",
+    "Holm",
+    "Nasser",
+]
+ORG = [
+    "Northwind Traders",
+    "Bluepeak Labs",
+    "Acme Corp",
+    "Helios Energy",
+    "Crescent Bank",
+    "Orbital Systems",
+    "Greenfield Farms",
+    "Pioneer Motors",
+    "Silverline Airways",
+    "Quantum Dynamics",
+    "Riverside Hospital",
+    "Atlas Insurance",
+    "Summit Media",
+    "Ironclad Security",
+    "Lumen Pharmaceuticals",
+    "Harbor Logistics",
+    "Cobalt Mining",
+    "Vertex Software",
+    "Maple Foods",
+    "Aurora University",
+]
+LOC = [
+    "Paris",
+    "Nairobi",
+    "Lisbon",
+    "Osaka",
+    "New York",
+    "Buenos Aires",
+    "Oslo",
+    "Cairo",
+    "Toronto",
+    "Hamburg",
+    "Mumbai",
+    "Santiago",
+    "Helsinki",
+    "Lagos",
+    "Melbourne",
+    "Kraków",
+    "Seoul",
+    "Marseille",
+    "Denver",
+    "Porto",
+]
+MISC = [
+    "French",
+    "German",
+    "Olympic",
+    "Japanese",
+    "Brazilian",
+    "Nobel Prize",
+    "World Cup",
+    "Spanish",
+    "Norwegian",
+    "Kenyan",
+    "Euro",
+    "Arabic",
+    "Italian",
+    "Korean",
+    "Oscar",
+    "Finnish",
+]
 
 NER_TEMPLATES = [
     "{PER} works for {ORG} in {LOC} .",
@@ -49,12 +149,52 @@ NER_TEMPLATES = [
     "Heavy rain closed schools in {LOC} on Monday .",
 ]
 
-POSITIVE = ["great", "excellent", "wonderful", "fantastic", "reliable", "comfortable", "delightful", "superb",
-            "impressive", "lovely", "sturdy", "fast"]
-NEGATIVE = ["terrible", "awful", "disappointing", "broken", "flimsy", "useless", "noisy", "horrible", "slow",
-            "uncomfortable", "cheap", "faulty"]
-THINGS = ["phone", "laptop", "chair", "coffee maker", "jacket", "hotel room", "headset", "bicycle", "camera",
-          "kettle", "backpack", "keyboard", "tent", "blender", "lamp", "printer"]
+POSITIVE = [
+    "great",
+    "excellent",
+    "wonderful",
+    "fantastic",
+    "reliable",
+    "comfortable",
+    "delightful",
+    "superb",
+    "impressive",
+    "lovely",
+    "sturdy",
+    "fast",
+]
+NEGATIVE = [
+    "terrible",
+    "awful",
+    "disappointing",
+    "broken",
+    "flimsy",
+    "useless",
+    "noisy",
+    "horrible",
+    "slow",
+    "uncomfortable",
+    "cheap",
+    "faulty",
+]
+THINGS = [
+    "phone",
+    "laptop",
+    "chair",
+    "coffee maker",
+    "jacket",
+    "hotel room",
+    "headset",
+    "bicycle",
+    "camera",
+    "kettle",
+    "backpack",
+    "keyboard",
+    "tent",
+    "blender",
+    "lamp",
+    "printer",
+]
 CLS_TEMPLATES = [
     "The {thing} is {adj} .",
     "This {thing} turned out to be {adj} .",
@@ -79,8 +219,11 @@ def entity_sentence(template: str, pools: dict[str, list[str]], rng: random.Rand
     for token in template.split():
         if token.startswith("{") and token.endswith("}"):
             kind = token[1:-1]
-            name = (f"{rng.choice(pools['FIRST'])} {rng.choice(pools['LAST'])}" if kind == "PER"
-                    else rng.choice(pools[kind]))
+            name = (
+                f"{rng.choice(pools['FIRST'])} {rng.choice(pools['LAST'])}"
+                if kind == "PER"
+                else rng.choice(pools[kind])
+            )
             tagged += [(word, ("B-" if i == 0 else "I-") + kind) for i, word in enumerate(name.split())]
         else:
             tagged.append((token, "O"))
@@ -115,8 +258,10 @@ def write_cls(path: Path, count: int, rng: random.Random) -> list[str]:
 
 def main() -> None:
     rng = random.Random(20240611)
-    split = {kind: split_pool(pool, rng) for kind, pool in
-             {"FIRST": FIRST, "LAST": LAST, "ORG": ORG, "LOC": LOC, "MISC": MISC}.items()}
+    split = {
+        kind: split_pool(pool, rng)
+        for kind, pool in {"FIRST": FIRST, "LAST": LAST, "ORG": ORG, "LOC": LOC, "MISC": MISC}.items()
+    }
     train_pools = {kind: pair[0] for kind, pair in split.items()}
     dev_pools = {kind: pair[1] for kind, pair in split.items()}
     ner_train = write_ner(HERE / "ner_train.conll", 400, train_pools, rng)

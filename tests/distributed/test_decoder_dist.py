@@ -1,30 +1,26 @@
 # Every decoder family on real gloo ranks: one training step through DeepSpeed's pipeline engine at pp=2 and at an
-# uneven pp=3, compared with Hugging Face (loss and every parameter after an lr=1 SGD step). One launch per world size.
+# uneven pp=3, compared with Hugging Face (loss and every parameter after an lr=1 SGD step). pp=2 runs in the
+# session's shared pp=2 launch (conftest.verified_pp2), pp=3 in one launch of its own.
 import pytest
+from conftest import pp2_jobs
 
 from pptk.models.decoder import FAMILIES
-from pptk.verify import VerifyJob, verify_many
+from pptk.verify import verify_many
 
 pytestmark = pytest.mark.dist
 
-EAGER_ONLY = {"gemma2", "vaultgemma"}  # attention soft-capping: transformers has no SDPA path for them
 FAMILY_NAMES = sorted(FAMILIES)
 
 
-def jobs() -> list[VerifyJob]:
-    # sharded references: every rank loads its stage from a model.safetensors.index.json
-    return [VerifyJob(name, attn_implementation="eager" if name in EAGER_ONLY else "sdpa", max_shard_size="100KB")
-            for name in FAMILY_NAMES]
+@pytest.fixture(scope="module")
+def pp2(verified_pp2):
+    return {name: verified_pp2[("decoder", name)] for name in FAMILY_NAMES}
 
 
 @pytest.fixture(scope="module")
-def pp2():
-    return dict(zip(FAMILY_NAMES, verify_many(jobs(), pp=2)))
-
-
-@pytest.fixture(scope="module")
-def pp3():
-    return dict(zip(FAMILY_NAMES, verify_many(jobs(), pp=3)))
+def pp3(untied_gpt2_config):
+    jobs = pp2_jobs(untied_gpt2_config)  # the same decoder jobs, at pp=3
+    return dict(zip(FAMILY_NAMES, verify_many([jobs[("decoder", name)] for name in FAMILY_NAMES], pp=3)))
 
 
 def assert_matches_hugging_face(result):

@@ -5,28 +5,19 @@ import time
 
 import pytest
 import torch.distributed as dist
-from transformers import GPT2Config
+from conftest import VENV_BIN, run_recipe
 
 from pptk.errors import PptkError
 from pptk.launch import run_ranks
-from pptk.verify import VerifyJob, verify, verify_many
-
-from conftest import VENV_BIN, run_recipe
+from pptk.verify import verify
 
 pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
-def untied_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("untied") / "config.json"
-    GPT2Config(vocab_size=300, n_positions=40, n_embd=32, n_layer=3, n_head=2, tie_word_embeddings=False,
-               bos_token_id=0, eos_token_id=0).to_json_file(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def pp2(untied_config):
-    return verify_many([VerifyJob("gpt2"), VerifyJob(untied_config, seq_len=20, micro_batches=3)], pp=2)
+def pp2(verified_pp2):
+    """The tied default and an untied config with 3 micro-batches, from the session's shared pp=2 launch."""
+    return [verified_pp2[("gpt2", "tied")], verified_pp2[("gpt2", "untied")]]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +27,9 @@ def pp2_dp2():
 
 @pytest.fixture(scope="module")
 def pp4_cli():
-    out = subprocess.run([str(VENV_BIN / "pptk"), "verify", "gpt2", "--pp", "4", "--json"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(VENV_BIN / "pptk"), "verify", "gpt2", "--pp", "4", "--json"], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 

@@ -4,7 +4,6 @@ import json
 import threading
 
 import pytest
-
 from conftest import DEMO_ARGS, free_port, run_recipe
 
 pytestmark = pytest.mark.dist
@@ -23,8 +22,17 @@ def test_two_nodes_reproduce_the_single_node_losses(demo_run, tmp_path):
     results = {}
 
     def node(rank: int) -> None:
-        launcher = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-                    "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        launcher = [
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+        ]
         results[rank] = run_recipe("gpt_pretrain.py", DEMO_ARGS, output_dir=out_dir, launcher=launcher)
 
     threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]

@@ -9,7 +9,7 @@ import torch
 from pptk.errors import PptkError
 from pptk.models import get_adapter, supported_model_types
 from pptk.pipeline import build_sequential_module, count_parameters, plan_pipeline
-from pptk.verify import _synthetic_batch
+from pptk.verify_compare import synthetic_batch
 from pptk.weights import HFCheckpoint, hf_names, resolve_name
 
 TASKS = ("masked-lm", "sequence-classification", "token-classification")
@@ -44,7 +44,7 @@ def _hf_and_sequential(task: str, tmp_path: Path):
 def test_pp1_logits_loss_and_gradients_equal_hugging_face(task, tmp_path):
     plan, hf, module = _hf_and_sequential(task, tmp_path)
     # padding (rows of different lengths) and both token types, as verify generates them
-    inputs, labels = _synthetic_batch(plan, batch_size=4, seq_len=24, seed=3)
+    inputs, labels = synthetic_batch(plan, batch_size=4, seq_len=24, seed=3)
     assert (inputs["attention_mask"] == 0).any() and (inputs["token_type_ids"] == 1).any()
     inputs["input_ids"][0, 1] = plan.config.pad_token_id  # an attended [PAD]: HF's lookup gives its row no gradient
 
@@ -83,9 +83,14 @@ def test_real_minilm_weights_load_and_match_hugging_face(task, minilm):
 
     plan = plan_pipeline(minilm, num_stages=1, task=task, dropout=False)
     module = build_sequential_module(plan).eval()
-    auto = getattr(transformers, {"masked-lm": "AutoModelForMaskedLM",
-                                  "sequence-classification": "AutoModelForSequenceClassification",
-                                  "token-classification": "AutoModelForTokenClassification"}[task])
+    auto = getattr(
+        transformers,
+        {
+            "masked-lm": "AutoModelForMaskedLM",
+            "sequence-classification": "AutoModelForSequenceClassification",
+            "token-classification": "AutoModelForTokenClassification",
+        }[task],
+    )
     hf = auto.from_pretrained(minilm, config=plan.config).eval()
     checkpoint = HFCheckpoint(minilm)
     names = hf_names(module, plan.layers)
@@ -99,14 +104,20 @@ def test_real_minilm_weights_load_and_match_hugging_face(task, minilm):
                 param.copy_(theirs[name])
             else:
                 assert torch.equal(param, theirs[name]), f"{name} was not loaded from the checkpoint"
-    expected_fresh = {"masked-lm": "cls.predictions.", "sequence-classification": "classifier.",
-                      "token-classification": "classifier."}[task]
+    expected_fresh = {
+        "masked-lm": "cls.predictions.",
+        "sequence-classification": "classifier.",
+        "token-classification": "classifier.",
+    }[task]
     assert fresh and all(name.startswith(expected_fresh) for name in fresh)
 
     tokenizer = AutoTokenizer.from_pretrained(minilm)
-    batch = tokenizer(["Pipelines split a model into stages.", "Maria Santos works for Acme Corp in Lisbon."],
-                      ["Each stage runs on its own rank.", "She moved there in 2019."], padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        ["Pipelines split a model into stages.", "Maria Santos works for Acme Corp in Lisbon."],
+        ["Each stage runs on its own rank.", "She moved there in 2019."],
+        padding=True,
+        return_tensors="pt",
+    )
     batch["input_ids"][0, -1] = tokenizer.pad_token_id  # make the rows differ in length
     batch["attention_mask"][0, -1] = 0
     with torch.no_grad():
@@ -123,7 +134,7 @@ def test_decoder_bert_is_refused_with_the_setting_to_change():
 
 
 def test_token_type_outside_the_type_vocabulary_is_a_clear_error(tmp_path):
-    plan, _, module = _hf_and_sequential("token-classification", tmp_path)
+    _plan, _, module = _hf_and_sequential("token-classification", tmp_path)
     ids = torch.randint(0, 100, (1, 8))
     with pytest.raises(PptkError, match="type_vocab_size 2"):
         module((ids, torch.ones_like(ids), torch.full_like(ids, 2)))

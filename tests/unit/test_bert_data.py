@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pptk.errors import PptkError
 from pptk.data.encode import IGNORE, encode_classification, encode_tagging, pad_batch
 from pptk.data.labels import LabelMap, class_label_names, resolve_labels, tag_label_names
 from pptk.data.readers import TaggedSentence, TextExample, read_conll, read_text_classification
 from pptk.data.sampler import Shard
+from pptk.errors import PptkError
 from pptk.tasks.encoder import eval_micro_batches
 from pptk.tasks.masked_lm import MaskingCollator
 from pptk.tasks.metrics import classification_metrics, tagging_metrics
@@ -53,8 +53,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_conll_sentences_skip_docstart_and_take_the_last_column(tmp_path):
-    path = _write(tmp_path / "a.conll", "-DOCSTART- -X- -X- O\n\nMaria NNP B-NP B-PER\nSantos NNP I-NP I-PER\n"
-                                        "sings VBZ B-VP O\n\n\nParis B-LOC\n")
+    path = _write(
+        tmp_path / "a.conll",
+        "-DOCSTART- -X- -X- O\n\nMaria NNP B-NP B-PER\nSantos NNP I-NP I-PER\nsings VBZ B-VP O\n\n\nParis B-LOC\n",
+    )
     sentences = read_conll(path)
     assert [s.words for s in sentences] == [("Maria", "Santos", "sings"), ("Paris",)]
     assert [s.tags for s in sentences] == [("B-PER", "I-PER", "O"), ("B-LOC",)]
@@ -78,7 +80,9 @@ def test_csv_and_jsonl_rows_keep_their_line_numbers(tmp_path):
     jsonl = _write(tmp_path / "a.jsonl", '{"q": "a?", "a": "b", "y": 1}\n\n{"q": "c?", "a": "d", "y": 0}\n')
     examples = read_text_classification(jsonl, text_column="q", text_pair_column="a", label_column="y")
     assert [(e.text, e.text_pair, e.label, e.where) for e in examples] == [
-        ("a?", "b", "1", f"{jsonl}:1"), ("c?", "d", "0", f"{jsonl}:3")]
+        ("a?", "b", "1", f"{jsonl}:1"),
+        ("c?", "d", "0", f"{jsonl}:3"),
+    ]
 
 
 def test_reader_errors_say_which_column_or_line(tmp_path):
@@ -149,8 +153,13 @@ def test_over_long_examples_fail_unless_truncated(tokenizer):
 
 
 def test_sentence_pairs_get_token_type_one(tokenizer):
-    feature = encode_classification([TextExample("a question", "x", "f:1", "an answer")], tokenizer,
-                                    LabelMap(("x", "y")), max_len=32, truncate=False)[0]
+    feature = encode_classification(
+        [TextExample("a question", "x", "f:1", "an answer")],
+        tokenizer,
+        LabelMap(("x", "y")),
+        max_len=32,
+        truncate=False,
+    )[0]
     assert feature["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
 
 
@@ -169,11 +178,15 @@ def _toy(n: int) -> list[dict]:
     return [{"input_ids": [i] * (1 + i % 7), "token_type_ids": [0] * (1 + i % 7), "labels": i} for i in range(n)]
 
 
-@pytest.mark.parametrize("n, dp, mbs", [(80, 2, 8), (13, 2, 4), (5, 3, 1), (7, 1, 16)])
+@pytest.mark.parametrize(("n", "dp", "mbs"), [(80, 2, 8), (13, 2, 4), (5, 3, 1), (7, 1, 16)])
 def test_evaluation_uses_every_example_once_with_equal_micro_batch_counts(n, dp, mbs):
     features = _toy(n)
-    shares = [eval_micro_batches(features, Shard(dp_rank=r, dp_size=dp, micro_batch_size=mbs),
-                                 lambda fs: pad_batch(fs, pad_id=0)) for r in range(dp)]
+    shares = [
+        eval_micro_batches(
+            features, Shard(dp_rank=r, dp_size=dp, micro_batch_size=mbs), lambda fs: pad_batch(fs, pad_id=0)
+        )
+        for r in range(dp)
+    ]
     assert len({len(share) for share in shares}) == 1
     labels = sorted(label for share in shares for _, batch in share for label in batch.tolist())
     assert labels == list(range(n))
@@ -215,8 +228,17 @@ def test_shipped_samples_prepare_cleanly(minilm):
     assert data.label_map.names == ("O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER")
     assert data.source.config.num_labels == 9 and data.source.config.id2label[7] == "B-PER"
     assert len(data.train) == 400 and data.seq_len == 512
-    data = _prepared("bert_finetune", "--model", str(minilm), "--task", "sequence-classification",
-                     "--train", str(DATA / "cls_train.csv"), "--eval", str(DATA / "cls_dev.csv"))
+    data = _prepared(
+        "bert_finetune",
+        "--model",
+        str(minilm),
+        "--task",
+        "sequence-classification",
+        "--train",
+        str(DATA / "cls_train.csv"),
+        "--eval",
+        str(DATA / "cls_dev.csv"),
+    )
     assert data.label_map.names == ("negative", "positive")
 
 
@@ -239,8 +261,9 @@ def test_recipe_input_errors_before_any_rank_starts(minilm, tmp_path):
 def test_checkpoint_classifier_of_another_size_is_refused(minilm, tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
 
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, num_labels=4)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=4
+    )
     BertForTokenClassification(config).save_pretrained(tmp_path / "tuned")
     AutoTokenizer.from_pretrained(minilm).save_pretrained(tmp_path / "tuned")
     with pytest.raises(PptkError, match="classifier has 4 outputs but there are 9 labels"):
@@ -253,8 +276,8 @@ def test_mlm_masking_is_seeded_and_never_empty(minilm, tokenizer):
     one = MaskingCollator(tokenizer, probability=0.15, seed=7)
     two = MaskingCollator(tokenizer, probability=0.15, seed=7)
     for start in range(0, 64, 8):
-        (ids_a, mask_a, types_a), labels_a = one(data.train[start:start + 8])
-        (ids_b, _, _), labels_b = two(data.train[start:start + 8])
+        (ids_a, mask_a, types_a), labels_a = one(data.train[start : start + 8])
+        (ids_b, _, _), labels_b = two(data.train[start : start + 8])
         assert torch.equal(ids_a, ids_b) and torch.equal(labels_a, labels_b)  # every stage masks alike
         chosen = labels_a != IGNORE
         assert chosen.any() and not (chosen & (mask_a == 0)).any()

@@ -30,14 +30,32 @@ def test_models_lists_gpt2(capsys):
     assert {"model_type": "gpt2", "tasks": ["causal-lm"]} in json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["verify", "gpt2", "--pp", "9"], "pp=9 stages but the model has only 4 blocks"),
-    (["verify", "gpt2", "--pp", "2", "--zero-stage", "3"], "ZeRO stage 3 with pp=2"),
-    (["verify", "nosuchmodel", "--pp", "2"], "is not a local model directory, a config.json, or a supported"),
-    (["verify", "gpt2", "--pp", "2", "--seq-len", "65"], "--seq-len 65 is longer than the model's 64 positions"),
-    (["verify", "gpt2", "--pp", "2", "--task", "masked-lm"], "task 'masked-lm' is not supported for gpt2"),
-    (["plan", "gpt2", "--pp", "2", "--partition-method", "profile"], "unknown partition method 'profile'"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["verify", "gpt2", "--pp", "9"], "pp=9 stages but the model has only 4 blocks"),
+        (["verify", "gpt2", "--pp", "2", "--zero-stage", "3"], "ZeRO stage 3 with pp=2"),
+        (["verify", "nosuchmodel", "--pp", "2"], "is not a local model directory, a config.json, or a supported"),
+        (["verify", "gpt2", "--pp", "2", "--seq-len", "65"], "--seq-len 65 is longer than the model's 64 positions"),
+        (
+            ["verify", "gpt2", "--pp", "2", "--task", "masked-lm"],
+            "--task masked-lm conflicts with gpt2 (small random "
+            "config): no config.architectures, and gpt2 models "
+            "support causal-lm; use --task causal-lm",
+        ),
+        (
+            ["verify", "bert", "--pp", "2"],
+            "cannot tell the task of bert (small random config) (bert, no "
+            "config.architectures); pass --task masked-lm | sequence-classification | "
+            "token-classification",
+        ),
+        (
+            ["verify", "gpt2", "--pp", "2", "--precision", "fp16"],
+            "--precision 'fp16': verify runs fp32 or bf16; fp16 needs a GPU",
+        ),
+        (["plan", "gpt2", "--pp", "2", "--partition-method", "profile"], "unknown partition method 'profile'"),
+    ],
+)
 def test_bad_input_exits_2_before_any_rank_starts(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -33,8 +33,10 @@ def _tensors(directory):
     return tensors
 
 
-@pytest.mark.parametrize("model_type, task, tied", [("gpt2", "causal-lm", True), ("llama", "causal-lm", False),
-                                                   ("bert", "masked-lm", True)])
+@pytest.mark.parametrize(
+    ("model_type", "task", "tied"),
+    [("gpt2", "causal-lm", True), ("llama", "causal-lm", False), ("bert", "masked-lm", True)],
+)
 def test_hf_to_pipeline_to_hf_is_bitwise_identical(tmp_path, model_type, task, tied):
     model = _save_hf(tmp_path / "hf", model_type, task, tie_word_embeddings=tied)
     assert model.config.tie_word_embeddings is tied
@@ -52,8 +54,9 @@ def test_hf_to_pipeline_to_hf_is_bitwise_identical(tmp_path, model_type, task, t
     ids = torch.randint(1, reloaded.config.vocab_size, (2, 12))
     mask = torch.ones_like(ids)
     inputs = (ids, mask, torch.zeros_like(ids)) if model_type == "bert" else (ids, mask)
-    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, pipeline.eval()(inputs),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        reloaded(input_ids=ids, attention_mask=mask).logits, pipeline.eval()(inputs), rtol=0, atol=0
+    )
 
 
 def test_cli_convert_both_ways(tmp_path, capsys):
@@ -75,8 +78,8 @@ def test_bad_sources_get_clear_errors(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(PptkError, match="neither a pptk checkpoint tag"):
         ds_to_hf(tmp_path / "plain", tmp_path / "out")
+    _save_hf(tmp_path / "hf2", "gpt2")
     with pytest.raises(PptkError, match="pp=9 stages but the model has only 4 blocks"):
-        _save_hf(tmp_path / "hf2", "gpt2")
         hf_to_ds(tmp_path / "hf2", tmp_path / "ds2", pp=9)
 
 

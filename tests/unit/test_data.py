@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from pptk.data.demo import DEMO_MODULES, EOS, demo_corpus, demo_documents, train_demo_tokenizer
 from pptk.data.lm import LMBlocks, check_token_ids, pack_tokens, split_train_eval, tokenize_files, tokenize_texts
-from pptk.tasks.causal_lm import _lm_batch
 from pptk.errors import PptkError
+from pptk.tasks.causal_lm import _lm_batch
 
 VOCAB = 1024
 
@@ -42,6 +42,7 @@ def numbered_blocks(n, block_size=3):
 
 # --- demo corpus ----------------------------------------------------------------------------------------------
 
+
 def test_demo_corpus_is_deterministic_and_megabytes(corpus):
     assert demo_corpus() == corpus
     assert 1_000_000 < len(corpus) < 10_000_000
@@ -65,6 +66,7 @@ def test_demo_corpus_holds_stdlib_docstrings_in_module_order(corpus):
 
 def test_demo_corpus_ignores_what_other_libraries_patch_in(corpus):
     import transformers.utils.logging  # noqa: F401  adds logging.Logger.warning_once
+
     assert "logging.Logger.warning_once" not in corpus
     assert demo_corpus() == corpus
 
@@ -78,17 +80,21 @@ def test_demo_corpus_never_imports_side_effect_modules(corpus):
 
 # --- demo tokenizer -------------------------------------------------------------------------------------------
 
+
 def test_tokenizer_loads_with_auto_tokenizer(tokenizer):
     assert len(tokenizer) == VOCAB
     assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.pad_token == tokenizer.unk_token == EOS
     assert tokenizer.eos_token_id == 0
 
 
-@pytest.mark.parametrize("sample", [
-    "def f(x):\n    return x ** 2  # squared\n",
-    "Unicode: héllo wörld, ☃, 日本語, emoji 🚀.",
-    "   leading spaces and trailing tabs\t\t\n\n",
-])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        "def f(x):\n    return x ** 2  # squared\n",
+        "Unicode: héllo wörld, ☃, 日本語, emoji 🚀.",
+        "   leading spaces and trailing tabs\t\t\n\n",
+    ],
+)
 def test_tokenizer_round_trip(tokenizer, sample):
     ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == sample
@@ -115,8 +121,9 @@ def test_tokenizer_is_reused_when_cached(text, tokenizer_dir):
 
 
 def test_tokenizer_cache_refuses_a_different_tokenizer(text, tokenizer_dir):
-    with pytest.raises(PptkError, match="already holds a tokenizer trained on other text or another vocab_size "
-                                        "\\(1024, wanted 512\\)"):
+    with pytest.raises(
+        PptkError, match="already holds a tokenizer trained on other text or another vocab_size \\(1024, wanted 512\\)"
+    ):
         train_demo_tokenizer(text=text, vocab_size=512, out_dir=tokenizer_dir)
     with pytest.raises(PptkError, match="already holds a tokenizer trained on other text"):
         train_demo_tokenizer(text=text[:-1], vocab_size=VOCAB, out_dir=tokenizer_dir)
@@ -131,13 +138,14 @@ def test_tokenizer_bad_arguments(tmp_path):
 
 # --- tokenizing and packing -----------------------------------------------------------------------------------
 
+
 def test_tokenize_files_puts_eos_after_each_document(tokenizer, tmp_path):
     (tmp_path / "a.txt").write_text("first document")
     (tmp_path / "b.txt").write_text("second one\n")
     ids = tokenize_files([tmp_path / "a.txt", tmp_path / "b.txt"], tokenizer)
     a = tokenizer("first document", add_special_tokens=False)["input_ids"]
     b = tokenizer("second one\n", add_special_tokens=False)["input_ids"]
-    assert ids.tolist() == a + [0] + b + [0]
+    assert ids.tolist() == [*a, 0, *b, 0]
     assert ids.dtype == np.int32
     assert tokenize_texts(["first document", "second one\n"], tokenizer).tolist() == ids.tolist()
     assert tokenize_texts([], tokenizer).tolist() == []
@@ -171,8 +179,9 @@ def test_pack_tokens_drops_the_remainder(ids):
 def test_pack_tokens_errors():
     with pytest.raises(PptkError) as err:
         pack_tokens(list(range(5)), block_size=8)
-    assert str(err.value) == ("5 tokens are fewer than one block of block_size 8; "
-                              "give more text or use a smaller block_size")
+    assert str(err.value) == (
+        "5 tokens are fewer than one block of block_size 8; give more text or use a smaller block_size"
+    )
     with pytest.raises(PptkError, match="block_size must be a positive integer, got 0"):
         pack_tokens([1, 2], block_size=0)
 
@@ -190,14 +199,17 @@ def test_check_token_ids():
     check_token_ids([], vocab_size=10)
     with pytest.raises(PptkError) as err:
         check_token_ids(torch.tensor([[3, 50257], [7, 1]]), vocab_size=4096)
-    assert str(err.value) == ("token ids span [1, 50257] but the model's vocab_size is 4096: the tokenizer and the "
-                              "model disagree; use the tokenizer the model was trained with, or resize the model's "
-                              "embeddings to len(tokenizer)")
+    assert str(err.value) == (
+        "token ids span [1, 50257] but the model's vocab_size is 4096: the tokenizer and the "
+        "model disagree; use the tokenizer the model was trained with, or resize the model's "
+        "embeddings to len(tokenizer)"
+    )
     with pytest.raises(PptkError, match=r"token ids span \[-1, 3\]"):
         check_token_ids([-1, 3], vocab_size=10)
 
 
 # --- train/eval split -----------------------------------------------------------------------------------------
+
 
 def test_split_train_eval():
     blocks = numbered_blocks(20)
@@ -219,6 +231,7 @@ def test_split_train_eval_errors():
 
 
 # --- causal-LM micro-batches --------------------------------------------------------------------------------
+
 
 def test_lm_batch_shapes_and_types():
     blocks = LMBlocks(torch.randint(0, 100, (12, 5)))

@@ -11,8 +11,15 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForCaus
 
 from pptk.errors import PptkError
 from pptk.models import get_adapter, supported_model_types
-from pptk.models.decoder import (FAMILIES, LLAMA3_ROPE, SMALL_COMMON, WINDOW, RotaryTables, decoder_parts,
-                                 layer_mask_kinds)
+from pptk.models.decoder import (
+    FAMILIES,
+    LLAMA3_ROPE,
+    SMALL_COMMON,
+    WINDOW,
+    RotaryTables,
+    decoder_parts,
+    layer_mask_kinds,
+)
 from pptk.pipeline import build_sequential_module, plan_pipeline
 from pptk.weights import INDEX_FILE, HFCheckpoint, hf_names, load_stage_weights
 
@@ -69,7 +76,7 @@ def assert_parity(config, tmp_path, *, attn: str = "sdpa", tol: float = 1e-6):
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_every_family_matches_hugging_face_from_sharded_weights(model_type, tmp_path):
-    plan, out = assert_parity(get_adapter(model_type).small_config(), tmp_path, attn=attn_for(model_type))
+    _plan, out = assert_parity(get_adapter(model_type).small_config(), tmp_path, attn=attn_for(model_type))
     assert (tmp_path / INDEX_FILE).is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
     assert out.logits.abs().max() > 0.1  # a real signal, not a vanishing one
 
@@ -101,21 +108,34 @@ def test_each_stage_loads_its_own_tensors_from_the_shards(model_type, tmp_path):
     assert loaded == {name for name, _ in reference.named_parameters()}
 
 
-@pytest.mark.parametrize("rope", [
-    dict(rope_type="linear", factor=2.0, rope_theta=10000.0),
-    dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0),
-    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, rope_theta=10000.0),
-    LLAMA3_ROPE,
-], ids=lambda r: r["rope_type"])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_type="linear", factor=2.0, rope_theta=10000.0),
+        dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0),
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, rope_theta=10000.0),
+        LLAMA3_ROPE,
+    ],
+    ids=lambda r: r["rope_type"],
+)
 def test_rope_scaling_types_match(rope, tmp_path):
     assert_parity(AutoConfig.for_model("llama", **SMALL_COMMON, rope_parameters=rope), tmp_path)
 
 
 def test_longrope_switches_to_long_factors_like_hugging_face(tmp_path):
     # 32 positions > 16 original ones: Phi-3's rotary picks its long factors from the position ids on each stage
-    config = AutoConfig.for_model("phi3", **SMALL_COMMON, original_max_position_embeddings=16, rope_parameters=dict(
-        rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
-        short_factor=[1.0] * 8, long_factor=[1.0 + i for i in range(8)]))
+    config = AutoConfig.for_model(
+        "phi3",
+        **SMALL_COMMON,
+        original_max_position_embeddings=16,
+        rope_parameters=dict(
+            rope_type="longrope",
+            rope_theta=10000.0,
+            original_max_position_embeddings=16,
+            short_factor=[1.0] * 8,
+            long_factor=[1.0 + i for i in range(8)],
+        ),
+    )
     assert_parity(config, tmp_path)
 
 
@@ -162,7 +182,8 @@ def test_layers_map_to_hugging_face_names_and_heads_follow_tying():
         assert plan.layers[6].class_name == head
         assert prefixes[6] == ("" if head == "LMHeadPipe" else "model.embed_tokens.")
         assert {layer.class_name for layer in plan.layers if layer.role == "block"} == {
-            f"{model_type.capitalize()}DecoderLayerPipe"}
+            f"{model_type.capitalize()}DecoderLayerPipe"
+        }
         assert [len(plan.stages.stage_layers(s)) for s in range(3)] == [2, 2, 3]
     # Families whose causal-LM forward post-processes the logits get one parameter-free layer for it, last
     granite = plan_pipeline("granite", num_stages=2)
@@ -178,9 +199,9 @@ def test_rotary_tables_are_computed_once_per_stage_and_micro_batch():
         assert all(layer.spec.module_kwargs["rotary"] is rotary for layer in plan.layers if layer.role == "block")
         input_ids, attention_mask, _ = right_padded_batch(plan.config)
         pipe((input_ids, attention_mask))  # builds the rotary module on this device
-        calls = []
+        calls: list[int] = []
         (module,) = rotary._modules.values()
-        module.register_forward_hook(lambda *_: calls.append(1))
+        module.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         pipe((input_ids, attention_mask))
         assert len(calls) == expected_calls, model_type
         pipe((input_ids, attention_mask))  # a new micro-batch: new position ids, new tables
@@ -222,15 +243,24 @@ def test_soft_capped_gemma2_refuses_sdpa_with_the_fix():
     plan_pipeline("gemma2", num_stages=2, attn_implementation="eager")
 
 
-@pytest.mark.parametrize("model_type, override, match", [
-    ("llama", dict(rope_parameters=dict(rope_type="proportional", rope_theta=10000.0, partial_rotary_factor=0.5)),
-     "rope_type proportional"),
-    ("qwen2", dict(use_sliding_window=False, layer_types=["full_attention", "sliding_attention"] * 2),
-     "use_sliding_window=False"),
-    ("gemma2", dict(layer_types=["full_attention", "chunked_attention"] * 2), "chunked_attention"),
-    ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
-    ("llama", dict(num_local_experts=4), "mixture-of-experts"),
-])
+@pytest.mark.parametrize(
+    ("model_type", "override", "match"),
+    [
+        (
+            "llama",
+            dict(rope_parameters=dict(rope_type="proportional", rope_theta=10000.0, partial_rotary_factor=0.5)),
+            "rope_type proportional",
+        ),
+        (
+            "qwen2",
+            dict(use_sliding_window=False, layer_types=["full_attention", "sliding_attention"] * 2),
+            "use_sliding_window=False",
+        ),
+        ("gemma2", dict(layer_types=["full_attention", "chunked_attention"] * 2), "chunked_attention"),
+        ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+        ("llama", dict(num_local_experts=4), "mixture-of-experts"),
+    ],
+)
 def test_settings_the_pipeline_cannot_reproduce_are_refused(model_type, override, match):
     config = AutoConfig.for_model(model_type, **{**SMALL_COMMON, **FAMILIES[model_type].small, **override})
     with pytest.raises(PptkError, match=match):
@@ -239,8 +269,19 @@ def test_settings_the_pipeline_cannot_reproduce_are_refused(model_type, override
 
 # Config fields the model-level code (<Family>Model, <Family>ForCausalLM) reads that the adapter reproduces without
 # the family table: the shape itself, masks, padding, tying, and fields read only for generation.
-GENERIC_FIELDS = {"vocab_size", "hidden_size", "num_hidden_layers", "pad_token_id", "rms_norm_eps", "layer_norm_eps",
-                  "norm_epsilon", "layer_types", "sliding_window", "tie_word_embeddings", "get_text_config"}
+GENERIC_FIELDS = {
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "pad_token_id",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "norm_epsilon",
+    "layer_types",
+    "sliding_window",
+    "tie_word_embeddings",
+    "get_text_config",
+}
 GENERATION_ONLY = {"phi3": {"original_max_position_embeddings"}}
 
 

@@ -100,14 +100,17 @@ def test_every_version_the_dockerfile_shares_with_constraints_is_equal():
         if name.endswith("_VERSION") and normalize_name(name[: -len("_VERSION")]) in PINS:
             checked[f"ARG {name}"] = (normalize_name(name[: -len("_VERSION")]), value)
     for key, value in _labels().items():  # pptk.pin.torch, ...
-        if key.startswith("pptk.pin.") and normalize_name(key[len("pptk.pin."):]) in PINS:
-            checked[f"LABEL {key}"] = (normalize_name(key[len("pptk.pin."):]), value)
+        if key.startswith("pptk.pin.") and normalize_name(key[len("pptk.pin.") :]) in PINS:
+            checked[f"LABEL {key}"] = (normalize_name(key[len("pptk.pin.") :]), value)
     for run in _runs():  # any literal name==version left in a RUN
         for name, version in re.findall(r"(?<![\w.-])([A-Za-z][\w.-]*)==([0-9][\w.+!-]*)", run):
             if normalize_name(name) in PINS:
                 checked[f"RUN {name}=={version}"] = (normalize_name(name), version)
-    wrong = {where: (version, PINS[pkg]) for where, (pkg, version) in checked.items()
-             if not versions_equal(version, PINS[pkg])}
+    wrong = {
+        where: (version, PINS[pkg])
+        for where, (pkg, version) in checked.items()
+        if not versions_equal(version, PINS[pkg])
+    }
     assert not wrong, f"docker/Dockerfile disagrees with constraints.txt (found, pinned): {wrong}"
     assert {"torch", "deepspeed", "transformers", "accelerate", "wandb"} <= {pkg for pkg, _ in checked.values()}
 
@@ -131,8 +134,29 @@ def test_the_cuda_toolkit_matches_torchs_cuda_build():
     assert match, f"base image {base!r} is not an nvidia/cuda cudnn-devel tag"
     tag = f"cu{match.group(1)}{match.group(2)}"
     assert ARGS["TORCH_CUDA_TAG"] == tag, f"torch {ARGS['TORCH_CUDA_TAG']} build on a CUDA {base} toolkit"
-    assert ARGS["TORCH_INDEX_URL"] == f"https://download.pytorch.org/whl/{tag}"
     assert "PPTK_EXPECT_TORCH_CUDA=${TORCH_CUDA_TAG}" in DOCKERFILE.read_text()
+
+
+def test_pip_uses_its_default_index_plus_only_the_torch_index_build_argument():
+    """No index is written into the image: TORCH_INDEX_URL has no default and the build stops without it."""
+    assert any(ins.keyword == "ARG" and ins.args == "TORCH_INDEX_URL" for ins in INSTRUCTIONS)
+    assert "TORCH_INDEX_URL" not in ARGS  # no default value
+    pip_runs = [run for run in _runs() if "pip install" in run]
+    assert not [run for run in pip_runs if "--index-url" in run.replace("--extra-index-url", "")]
+    extra = [run for run in pip_runs if "--extra-index-url" in run]
+    assert len(extra) == 1 and '--extra-index-url "${TORCH_INDEX_URL}"' in extra[0]
+    assert re.search(r'test -n "\$\{TORCH_INDEX_URL\}"\s*\|\|', extra[0]), "the build must stop without it"
+    assert not re.search(r"https?://", "\n".join(pip_runs))
+
+
+def test_the_package_is_installed_with_its_shipped_configs():
+    """pptk.ds_configs is package data mapped from ds_configs/ (pyproject.toml): the image must copy it in."""
+    copies = [ins.args.split() for ins in INSTRUCTIONS if ins.keyword == "COPY"]
+    assert ["ds_configs", "/opt/pptk/src/ds_configs"] in copies
+    install = next(run for run in _runs() if "./src" in run)
+    copy_line = next(ins.line for ins in INSTRUCTIONS if ins.keyword == "COPY" and ins.args.startswith("ds_configs"))
+    install_line = next(ins.line for ins in INSTRUCTIONS if ins.keyword == "RUN" and "./src" in ins.args)
+    assert copy_line < install_line and "pip install" in install
 
 
 def test_the_python_version_satisfies_requires_python():
@@ -145,8 +169,10 @@ def _deepspeed_builders() -> tuple[set[str], set[str]]:
     spec = importlib.util.find_spec("deepspeed")
     op_dir = Path(next(iter(spec.submodule_search_locations))) / "ops" / "op_builder"
     text = "\n".join(path.read_text() for path in op_dir.rglob("*.py"))
-    return (set(re.findall(r"BUILD_VAR\s*=\s*[\"'](\w+)[\"']", text)),
-            set(re.findall(r"\bNAME\s*=\s*[\"'](\w+)[\"']", text)))
+    return (
+        set(re.findall(r"BUILD_VAR\s*=\s*[\"'](\w+)[\"']", text)),
+        set(re.findall(r"\bNAME\s*=\s*[\"'](\w+)[\"']", text)),
+    )
 
 
 def test_prebuilt_ops_exist_and_target_ampere_and_hopper():
@@ -204,7 +230,7 @@ def test_copied_files_exist_in_the_build_context():
 
 
 def test_runs_as_non_root_with_entrypoint_and_health_check():
-    final = INSTRUCTIONS[max(i for i, ins in enumerate(INSTRUCTIONS) if ins.keyword == "FROM"):]
+    final = INSTRUCTIONS[max(i for i, ins in enumerate(INSTRUCTIONS) if ins.keyword == "FROM") :]
     users = [substitute(ins.args, ARGS) for ins in final if ins.keyword == "USER"]
     entrypoint = next(ins for ins in final if ins.keyword == "ENTRYPOINT")
     last_user = next(ins for ins in reversed(final) if ins.keyword == "USER")
@@ -263,9 +289,13 @@ def _entrypoint(*command: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     ("env", "netrc", "mode"),
-    [({}, False, "offline"), ({"WANDB_API_KEY": "k"}, False, "unset"), ({}, True, "unset"),
-     ({"WANDB_MODE": "disabled"}, False, "disabled"),
-     ({"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}, False, "offline")],
+    [
+        ({}, False, "offline"),
+        ({"WANDB_API_KEY": "k"}, False, "unset"),
+        ({}, True, "unset"),
+        ({"WANDB_MODE": "disabled"}, False, "disabled"),
+        ({"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}, False, "offline"),
+    ],
 )
 def test_entrypoint_keeps_wandb_offline_without_a_key(env, netrc, mode, tmp_path):
     if netrc:  # what `wandb login` writes
@@ -277,7 +307,7 @@ def test_entrypoint_keeps_wandb_offline_without_a_key(env, netrc, mode, tmp_path
 def test_entrypoint_execs_the_command_and_the_env_check_never_blocks_it(tmp_path):
     assert _entrypoint("bash", "-c", "exit 7").returncode == 7
     fake_pptk = tmp_path / "pptk"
-    fake_pptk.write_text("#!/bin/sh\necho \"pptk $*\"\nexit 1\n")
+    fake_pptk.write_text('#!/bin/sh\necho "pptk $*"\nexit 1\n')
     fake_pptk.chmod(0o755)
     path = f"{tmp_path}:{os.environ['PATH']}"
     done = _entrypoint("echo", "ran", PPTK_ENV_CHECK="1", PATH=path, HOME=str(tmp_path))
@@ -308,7 +338,7 @@ def _deepspeed_flags(text: str, parser: argparse.ArgumentParser) -> list[list[st
     commands = []
     joined = re.sub(r"\\\n\s*", " ", text)
     for match in re.finditer(r"(?<![\w./-])deepspeed(?=\s+--)", joined):
-        tokens, flags = joined[match.end():].split(), []
+        tokens, flags = joined[match.end() :].split(), []
         i = 0
         while i < len(tokens) and tokens[i].startswith("--"):
             flag = tokens[i].split("=", 1)[0]
@@ -335,7 +365,8 @@ def test_documented_launcher_flags_exist_in_deepspeed(source, launcher_parser):
 
 def test_the_example_hostfile_is_read_by_deepspeed(runner):
     assert runner.fetch_hostfile(str(DOCKER / "hostfile.example")) == OrderedDict(
-        [("gpu-node-01", 8), ("gpu-node-02", 8)])
+        [("gpu-node-01", 8), ("gpu-node-02", 8)]
+    )
 
 
 def _fake_slurm(bin_dir: Path, log: Path) -> None:
@@ -370,9 +401,16 @@ def _run_sbatch(tmp_path: Path, runtime: str, task_nodes: str) -> tuple[subproce
     bin_dir.mkdir()
     _fake_slurm(bin_dir, log)
     env = _clean_env(
-        PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="node-[a-b]",
-        SLURM_NNODES="2", FAKE_JOB_NODES="node-a node-b", FAKE_TASK_NODES=task_nodes,
-        PPTK_SHARED=str(shared), PPTK_RUNTIME=runtime, PPTK_IMAGE="/images/pptk.sqsh", GPUS_PER_NODE="2",
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="42",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_NNODES="2",
+        FAKE_JOB_NODES="node-a node-b",
+        FAKE_TASK_NODES=task_nodes,
+        PPTK_SHARED=str(shared),
+        PPTK_RUNTIME=runtime,
+        PPTK_IMAGE="/images/pptk.sqsh",
+        GPUS_PER_NODE="2",
         HOME=str(tmp_path),
     )
     args = ["--pp", "2", "--demo", "--output-dir", f"{shared}/runs/with space"]
@@ -405,12 +443,13 @@ def test_sbatch_starts_one_no_ssh_launcher_per_node(tmp_path, runtime, runner, m
     # What DeepSpeed's launcher makes of node 1's line: a local launch of node 1's ranks only, rank 0 on node-a.
     started = []
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setattr(runner.subprocess, "Popen",
-                        lambda cmd, env=None: started.append(cmd) or mock.Mock(returncode=0))
+    monkeypatch.setattr(
+        runner.subprocess, "Popen", lambda cmd, env=None: started.append(cmd) or mock.Mock(returncode=0)
+    )
     runner.main(json.loads(launches[1])["argv"])
     [cmd] = started
     assert "--node_rank=1" in cmd and "--master_addr=node-a" in cmd and "--master_port=29500" in cmd
-    world = next(arg for arg in cmd if arg.startswith("--world_info="))[len("--world_info="):]
+    world = next(arg for arg in cmd if arg.startswith("--world_info="))[len("--world_info=") :]
     assert json.loads(base64.urlsafe_b64decode(world)) == {"node-a": [0, 1], "node-b": [0, 1]}
 
 

@@ -33,7 +33,8 @@ TOPO_NVLINK = (
     "\t\x1b[4mGPU0\tGPU1\tGPU2\tGPU3\tGPU4\tGPU5\tGPU6\tGPU7\tNIC0\tNIC1\tCPU Affinity\tNUMA Affinity\t"
     "GPU NUMA ID\x1b[0m\n"
     + "".join(
-        f"GPU{i}\t" + "\t".join(" X " if j == i else "NV18" for j in range(8))
+        f"GPU{i}\t"
+        + "\t".join(" X " if j == i else "NV18" for j in range(8))
         + f"\t{'PIX' if i < 4 else 'SYS'}\t{'SYS' if i < 4 else 'PIX'}\t{'0-55' if i < 4 else '56-111'}\t"
         + f"{0 if i < 4 else 1}\t\tN/A\n"
         for i in range(8)
@@ -221,8 +222,10 @@ def _env(prebuilt: bool = True, **torch_fields) -> dict:
         "python": {"version": "3.11.18", "requires": "<3.12,>=3.11"},
         "torch": torch_env,
         "nvidia_smi": {"gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "driver": "575.57.08"}]},
-        "deepspeed": {"ops": {"fused_adam": {"prebuilt": prebuilt, "compatible": True}},
-                      "ops_built_with": {"torch": "2.13", "cuda": "13.0"}},
+        "deepspeed": {
+            "ops": {"fused_adam": {"prebuilt": prebuilt, "compatible": True}},
+            "ops_built_with": {"torch": "2.13", "cuda": "13.0"},
+        },
     }
 
 

@@ -19,7 +19,7 @@ def _brute_force_best(costs, stages):
     best = None
     for cuts in itertools.combinations(blocks[1:], stages - 1):
         bounds = [0, *cuts, len(costs)]
-        heaviest = max(sum(c.flops_per_token for c in costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        heaviest = max(sum(c.flops_per_token for c in costs[a:b]) for a, b in itertools.pairwise(bounds))
         best = heaviest if best is None else min(best, heaviest)
     return best
 

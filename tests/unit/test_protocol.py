@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pptk.errors import PptkError
-from pptk.pipeline import prepare_config
 from pptk.models.gpt2 import small_config
+from pptk.pipeline import prepare_config
 from pptk.protocol import StageMasks, StageTensors, attention_mask_for, check_input_ids, default_position_ids
 
 

@@ -19,14 +19,17 @@ def take(iterator, n):
 def test_replicas_see_disjoint_examples_covering_the_epoch():
     # 50 // (3 x 4) = 4 micro-batches per replica; 2 examples left over
     assert micro_batches_per_epoch(50, shard(dp=4, mbs=3)) == 4
-    seen = [sum(take(train_indices(50, shard(rank, dp=4, mbs=3), seed=7), 4), []) for rank in range(4)]
+    seen = [
+        list(itertools.chain.from_iterable(take(train_indices(50, shard(rank, dp=4, mbs=3), seed=7), 4)))
+        for rank in range(4)
+    ]
     flat = [i for part in seen for i in part]
     assert all(len(part) == 12 for part in seen) and len(set(flat)) == 48 and set(flat) <= set(range(50))
 
 
 def test_each_epoch_is_a_new_deterministic_permutation():
     def epochs(seed):
-        ids = sum(take(train_indices(12, shard(), seed=seed), 9), [])
+        ids = list(itertools.chain.from_iterable(take(train_indices(12, shard(), seed=seed), 9)))
         return ids[:12], ids[12:24], ids[24:]
 
     first, second, third = epochs(seed=1)
@@ -50,15 +53,18 @@ def test_whole_steps_per_epoch_skip_the_tail_that_does_not_fill_a_step():
     per_epoch = micro_batches_per_epoch(50, shard(dp=2, accum=3), whole_steps=True)
     assert per_epoch == 6
     first = take(train_indices(50, shard(0, dp=2, accum=3), seed=1, per_epoch=per_epoch), 12)
-    epoch1, epoch2 = sum(first[:6], []), sum(first[6:], [])
+    epoch1, epoch2 = list(itertools.chain.from_iterable(first[:6])), list(itertools.chain.from_iterable(first[6:]))
     assert len(set(epoch1)) == len(set(epoch2)) == 24 and epoch1 != epoch2  # each epoch reshuffles all 50
     resumed = take(train_indices(50, shard(0, dp=2, accum=3), seed=1, per_epoch=per_epoch, start=7), 5)
     assert resumed == first[7:12]
 
 
 def test_errors_are_raised_at_call_time():
-    with pytest.raises(PptkError, match=r"10 training examples cannot give each of dp_size\(3\) replicas one "
-                                        r"micro-batch of micro_batch_size 4: need at least 12"):
+    with pytest.raises(
+        PptkError,
+        match=r"10 training examples cannot give each of dp_size\(3\) replicas one "
+        r"micro-batch of micro_batch_size 4: need at least 12",
+    ):
         train_indices(10, shard(dp=3), seed=0)
     with pytest.raises(PptkError, match="need at least 16"):
         micro_batches_per_epoch(15, shard(dp=2, mbs=2, accum=4), whole_steps=True)

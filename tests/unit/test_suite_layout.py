@@ -7,8 +7,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plain_pytest_collects_the_distributed_tier():
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     collected = [line for line in out.stdout.splitlines() if "::" in line]
     distributed = [line for line in collected if line.startswith("tests/distributed/")]
     assert len(distributed) >= 20, out.stdout[-2000:]

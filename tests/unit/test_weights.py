@@ -11,8 +11,9 @@ from pptk.weights import HFCheckpoint
 
 
 def _save(path, *, n_embd=64, shard=None):
-    config = GPT2Config(vocab_size=256, n_positions=16, n_embd=n_embd, n_layer=2, n_head=4, bos_token_id=0,
-                        eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=256, n_positions=16, n_embd=n_embd, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)

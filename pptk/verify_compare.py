@@ -1,0 +1,292 @@
+# The Hugging Face side of `pptk verify`: the batch, the reference step in fp32 or bf16, and the comparison.
+"""fp32: the pipeline's parameters after one SGD step (lr=1) must equal Hugging Face's to ``FP32_TOLERANCE``.
+
+bf16: both sides round to bf16 (unit roundoff u = 2^-8) after every operation, so their gradients can differ by
+rounding alone, and by much more than u relative to a gradient whose terms cancel (LayerNorm weights, or the key
+bias, whose exact gradient is zero). A fixed relative tolerance is therefore either too loose for most tensors or
+fails on some. Instead each tensor's allowance is measured: the same Hugging Face step in fp32 on the same (bf16-
+rounded) weights gives the exact gradient, and Hugging Face's own bf16 error against it is that tensor's rounding
+noise. The pipeline passes when, for every tensor and for the loss,
+
+    |pipeline - HF bf16|  <=  BF16_TOLERANCE * (|HF bf16 - HF fp32| + u * |HF bf16|)        (norms per tensor)
+
+Two correct bf16 implementations err independently by about the same amount, so their distance is about sqrt(2)
+times either's error; 4 leaves room for the extra roundings a pipeline adds (tied-weight gradients summed after
+accumulation, activations handed over between stages) and is still far below what a wrong weight mapping or a
+wrong mask produces (tens to thousands of times the noise; tests/distributed/test_bf16.py shows both failing).
+The u * |HF bf16| term is one rounding of the gradient itself, the finest difference bf16 can express.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pptk.pipeline import pipeline_inputs
+from pptk.tasks import synthetic_labels
+
+LEARNING_RATE = 1.0
+FP32_TOLERANCE = 1e-5
+BF16_TOLERANCE = 4.0  # in units of Hugging Face's own bf16 rounding noise, see above
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+@dataclass
+class VerifyResult:
+    model: str
+    model_type: str
+    task: str
+    pp: int
+    dp: int
+    zero_stage: int
+    loss_pipeline: float
+    loss_reference: float
+    loss_rel_diff: float
+    # fp32: largest absolute parameter difference after the step; bf16: largest gradient difference in units of
+    # Hugging Face's own bf16 noise (see the module docstring)
+    max_param_diff: float
+    replica_max_diff: float  # largest difference between data-parallel replicas of the same parameter
+    tolerance: float
+    params_pipeline: int
+    params_reference: int
+    params_per_stage: list[int]
+    stages: list[list[str]]
+    largest_diffs: list[tuple[str, float]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    loss_noise_units: float = 0.0  # bf16: the loss difference in units of Hugging Face's bf16 loss error
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "passed": self.passed}, indent=2)
+
+    def describe(self) -> str:
+        if self.precision == "fp32":
+            measure = (
+                f"parameters after one step: max abs diff {self.max_param_diff:.2e} (tolerance {self.tolerance:.0e})"
+            )
+        else:
+            measure = (
+                f"gradients vs Hugging Face in bf16, in units of its own bf16 error: max "
+                f"{self.max_param_diff:.2f} (tolerance {self.tolerance:g}); loss {self.loss_noise_units:.2f}"
+            )
+        lines = [
+            f"pptk verify {self.model} ({self.model_type}, {self.task}) pp={self.pp} dp={self.dp} "
+            f"zero={self.zero_stage} {self.precision}",
+            *(
+                f"  stage {s}: {n:,} params  [{', '.join(layers)}]"
+                for s, (n, layers) in enumerate(zip(self.params_per_stage, self.stages))
+            ),
+            f"  parameters: pipeline {self.params_pipeline:,}  hugging face {self.params_reference:,}",
+            f"  loss: pipeline {self.loss_pipeline:.8f}  hugging face {self.loss_reference:.8f}  "
+            f"rel diff {self.loss_rel_diff:.2e}",
+            f"  {measure}",
+        ]
+        if self.dp > 1:
+            lines.append(f"  data-parallel replicas: max abs diff {self.replica_max_diff:.2e}")
+        lines += [f"    {diff:.2e}  {name}" for name, diff in self.largest_diffs]
+        lines += [f"  FAIL: {p}" for p in self.problems] or ["  PASS"]
+        return "\n".join(lines)
+
+
+def synthetic_batch(plan, *, batch_size: int, seq_len: int, seed: int) -> tuple[dict, torch.Tensor]:
+    """Right-padded random batch: row lengths vary (first row full), non-zero token types where the model has them."""
+    gen = torch.Generator().manual_seed(seed)
+    config = plan.config
+    input_ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
+    lengths = torch.randint(max(1, seq_len // 2), seq_len + 1, (batch_size,), generator=gen)
+    lengths[0] = seq_len
+    attention_mask = (torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    pad_id = getattr(config, "pad_token_id", None) or 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, pad_id)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "token_type_ids" in pipeline_inputs(plan):
+        types = max(1, getattr(config, "type_vocab_size", 1))
+        inputs["token_type_ids"] = torch.randint(0, types, (batch_size, seq_len), generator=gen) * attention_mask
+    labels = synthetic_labels(
+        plan.task, input_ids=input_ids, attention_mask=attention_mask, config=config, generator=gen
+    )
+    return inputs, labels
+
+
+def micro_batches(inputs: dict, labels: torch.Tensor, names: tuple[str, ...], size: int):
+    for start in range(0, labels.shape[0], size):
+        yield tuple(inputs[n][start : start + size] for n in names), labels[start : start + size]
+
+
+def reference_step(
+    plan,
+    *,
+    work: Path,
+    dp: int,
+    precision: str,
+    accum: torch.dtype,
+    micro_batch_size: int,
+    micro_batch_count: int,
+    seq_len: int,
+    seed: int,
+    max_shard_size: str | None = None,
+) -> dict:
+    """Save the model and the batch the ranks will read under ``work``, and run Hugging Face's step on them.
+
+    The step: every micro-batch forward and backward, the loss scaled as DeepSpeed scales it, gradients accumulated
+    in ``accum`` as DeepSpeed accumulates them, one SGD step with lr=1 on fp32 master weights. In bf16 the model is
+    loaded with dtype=bfloat16, as Hugging Face users do, and the same step in fp32 on its rounded weights measures
+    each tensor's rounding noise.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    hf_class = plan.hf_class
+    torch.manual_seed(seed)
+    if plan.source.pretrained_dir is not None:
+        model = hf_class.from_pretrained(plan.source.pretrained_dir, config=plan.config)
+    else:
+        model = hf_class(plan.config)
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(work / "hf", **shards)  # the ranks load their stages from here, tensor by tensor
+    inputs, labels = synthetic_batch(
+        plan, batch_size=micro_batch_size * micro_batch_count * dp, seq_len=seq_len, seed=seed
+    )
+    torch.save({"inputs": inputs, "labels": labels}, work / "batch.pt")
+    step = dict(
+        plan=plan, inputs=inputs, labels=labels, micro_batch_size=micro_batch_size, total=micro_batch_count * dp
+    )
+    reference = {"num_parameters": model.num_parameters()}
+    if precision == "bf16":
+        low = hf_class.from_pretrained(work / "hf", config=plan.config, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())  # the exact step at the weights both bf16 runs use
+        exact_loss, exact_grads = _hf_step(model, accum=torch.float32, **step)
+        model = low
+    loss, grads = _hf_step(model, accum=accum, **step)
+    start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    reference |= {"loss": loss, "start": start, "params": {n: start[n] - LEARNING_RATE * grads[n] for n in start}}
+    if precision == "bf16":
+        reference["noise"] = {n: (grads[n] - exact_grads[n]).norm().item() for n in grads}
+        reference["loss_noise"] = abs(loss - exact_loss)
+    return reference
+
+
+def _hf_step(
+    model, *, plan, inputs: dict, labels: torch.Tensor, micro_batch_size: int, total: int, accum: torch.dtype
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """(mean micro-batch loss, fp32 gradients) of one step; the loss is the task's, as on the pipeline's last stage
+    (Hugging Face's own loss functions: BERT's built-in loss would compute cross-entropy in bf16)."""
+    model.train()
+    loss_fn = plan.loss_fn()
+    params = dict(model.named_parameters())
+    grads = {n: torch.zeros_like(p, dtype=accum) for n, p in params.items()}
+    losses = []
+    names = tuple(inputs)
+    for micro_inputs, micro_labels in micro_batches(inputs, labels, names, micro_batch_size):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(**dict(zip(names, micro_inputs))).logits, micro_labels)
+        (loss / total).backward()  # DeepSpeed: mean over micro-batches, then mean over replicas
+        losses.append(loss.item())
+        for n, p in params.items():
+            if p.grad is not None:
+                grads[n] += p.grad.to(accum)
+    return sum(losses) / len(losses), {n: g.float() for n, g in grads.items()}
+
+
+def _difference(name: str, copy: torch.Tensor, reference: dict, precision: str) -> float:
+    """fp32: the largest absolute parameter difference. bf16: the gradient difference in noise units."""
+    if precision == "fp32":
+        return (copy - reference["params"][name]).abs().max().item()
+    start = reference["start"][name]
+    grad_pipeline, grad_reference = start - copy, start - reference["params"][name]
+    allowance = reference["noise"][name] + BF16_UNIT_ROUNDOFF * grad_reference.norm().item()
+    return (grad_pipeline - grad_reference).norm().item() / max(allowance, 1e-30)
+
+
+def compare(
+    plan,
+    reference: dict,
+    results: list[dict],
+    *,
+    model: str,
+    pp: int,
+    dp: int,
+    zero_stage: int,
+    precision: str,
+    tolerance: float,
+    top: int,
+) -> VerifyResult:
+    problems = []
+    ref_params = reference["params"]
+    diffs: dict[str, float] = {}
+    replica_diff = 0.0
+    by_name: dict[str, list[torch.Tensor]] = {}
+    for result in results:
+        for name, tensor in result["params"].items():
+            by_name.setdefault(name, []).append(tensor)
+    for name, copies in by_name.items():
+        if name not in ref_params:
+            problems.append(f"pipeline parameter {name} has no Hugging Face counterpart")
+            continue
+        diffs[name] = max(_difference(name, c, reference, precision) for c in copies)
+        replica_diff = max([replica_diff] + [(c - copies[0]).abs().max().item() for c in copies[1:]])
+    missing = sorted(set(ref_params) - set(by_name))
+    if missing:
+        problems.append(f"Hugging Face parameters missing from the pipeline: {', '.join(missing[:5])}")
+
+    replica0 = [r for r in results if r["dp_rank"] == 0]
+    per_stage = [0] * pp
+    for result in replica0:
+        per_stage[result["stage"]] = sum(result["params"][n].numel() for n in result["owned"])
+    params_pipeline = sum(per_stage)
+    if params_pipeline != reference["num_parameters"]:
+        problems.append(f"parameter count {params_pipeline:,} != Hugging Face's {reference['num_parameters']:,}")
+
+    loss_pipeline = results[0]["loss"]
+    losses = {round(r["loss"], 12) for r in results}
+    if len(losses) > 1:
+        problems.append(f"ranks report different losses: {sorted(losses)}")
+    loss_diff = abs(loss_pipeline - reference["loss"])
+    rel = loss_diff / max(abs(reference["loss"]), 1e-12)
+    loss_units = 0.0
+    if precision == "fp32" and rel > tolerance:
+        problems.append(f"loss relative difference {rel:.2e} > {tolerance:.0e}")
+    if precision == "bf16":
+        loss_units = loss_diff / max(reference["loss_noise"] + BF16_UNIT_ROUNDOFF * abs(reference["loss"]), 1e-30)
+        if loss_units > tolerance:
+            problems.append(f"loss differs by {loss_units:.1f} x Hugging Face's own bf16 error (> {tolerance:g})")
+    max_diff = max(diffs.values(), default=0.0)
+    if max_diff > tolerance:
+        worst = max(diffs, key=diffs.get)
+        problems.append(
+            f"parameter {worst} differs by {max_diff:.2e} after one step (> {tolerance:.0e})"
+            if precision == "fp32"
+            else f"the gradient of {worst} differs by {max_diff:.1f} x Hugging Face's own bf16 error (> {tolerance:g})"
+        )
+    if replica_diff > 0.0 and dp > 1:
+        problems.append(f"data-parallel replicas disagree by {replica_diff:.2e}")
+    largest = sorted(diffs.items(), key=lambda kv: -kv[1])[:top]
+    return VerifyResult(
+        model=model,
+        model_type=plan.config.model_type,
+        task=plan.task,
+        pp=pp,
+        dp=dp,
+        zero_stage=zero_stage,
+        loss_pipeline=loss_pipeline,
+        loss_reference=reference["loss"],
+        loss_rel_diff=rel,
+        max_param_diff=max_diff,
+        replica_max_diff=replica_diff,
+        tolerance=tolerance,
+        params_pipeline=params_pipeline,
+        params_reference=reference["num_parameters"],
+        params_per_stage=per_stage,
+        stages=[[f"{c.index}:{c.name}" for c in plan.stages.stage_layers(s)] for s in range(pp)],
+        largest_diffs=largest,
+        problems=problems,
+        precision=precision,
+        loss_noise_units=loss_units,
+    )
