@@ -46,7 +46,11 @@ bench: install
 bench-gpu: install
 	env -u DS_ACCELERATOR $(PY) benchmarks/gpu_bench.py $(BENCH_ARGS)
 
+# ruff (lint + format check) over the repository, mypy over pptk/, hadolint over the Dockerfile.
 lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests/unit/test_docker.py
 
 # Re-resolve the stack after editing pyproject.toml; review the diff of constraints.txt before committing.

@@ -84,23 +84,25 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name, value in (
+        required: tuple[tuple[str, int], ...] = (
             ("micro_batch_size", self.parallel.micro_batch_size),
             ("pp", self.parallel.pp),
             ("log_every", self.output.log_every),
             ("eval_every", self.output.eval_every),
             ("eval_batches", self.output.eval_batches),
             ("save_every", self.output.save_every),
-        ):
+        )
+        for name, value in required:
             if value < 1:
                 problems.append(f"{name} must be at least 1, got {value}")
-        for name, value in (
+        optional: tuple[tuple[str, int | None], ...] = (
             ("max_steps", self.optim.max_steps),
             ("epochs", self.optim.epochs),
             ("warmup_steps", self.optim.warmup_steps),
-        ):
-            if value is not None and value < 1:
-                problems.append(f"{name} must be at least 1, got {value}")
+        )
+        for name, maybe in optional:
+            if maybe is not None and maybe < 1:
+                problems.append(f"{name} must be at least 1, got {maybe}")
         if self.optim.max_steps is None and self.optim.epochs is None:
             problems.append("give max_steps or epochs")
         if self.parallel.activation_checkpoint_interval < 0:

@@ -5,6 +5,7 @@ import json
 import shutil
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ TOKENIZER_FILES = (
 )
 
 
-def _one_layer(layers: list[PipeLayer], index: int) -> nn.Module:
+def _one_layer(layers: list[PipeLayer], index: int) -> Any:
     """Layer ``index`` alone, under its pipeline name, so pptk.weights maps its parameters to HF names."""
     holder = nn.Module()
     layer = layers[index]

@@ -406,6 +406,7 @@ def set_loss_scale_state(optimizer, state: dict | None) -> None:
     optimizer files do not apply). Written against DeepSpeed 0.19.8 (see ``loss_scale_state``)."""
     if state is None:
         return
+    fields: tuple[str, ...]
     if state["kind"] == "loss_scaler":
         target = getattr(optimizer, "loss_scaler", None)
         fields = _SCALER_FIELDS

@@ -273,8 +273,12 @@ def _batch_problems(config: dict, *, layout: Layout) -> list[str]:
     ):
         if value is not None and value != want:
             problems.append(f"{key}({value}) != layout {name}({want})")
-    numbers = (micro, accum, total)
-    if all(isinstance(n, int) for n in numbers) and total != micro * accum * layout.dp:
+    if (
+        isinstance(micro, int)
+        and isinstance(accum, int)
+        and isinstance(total, int)
+        and total != micro * accum * layout.dp
+    ):
         problems.append(
             f"train_batch_size({total}) != train_micro_batch_size_per_gpu({micro}) * "
             f"gradient_accumulation_steps({accum}) * dp({layout.dp}) = {micro * accum * layout.dp}"

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -135,7 +136,7 @@ def _torch_info() -> dict:
         import torch
     except ImportError:
         return {"version": None}
-    info = {
+    info: dict[str, Any] = {
         "version": torch.__version__,
         "cuda_build": torch.version.cuda,
         "cudnn": None,
@@ -291,7 +292,7 @@ def collect_env() -> dict:
     """Everything `pptk env` reports, as plain data (JSON-serialisable)."""
     pptk_requires_python = None
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        pptk_requires_python = importlib.metadata.metadata("pptk").get("Requires-Python")
+        pptk_requires_python = importlib.metadata.metadata("pptk")["Requires-Python"]
     topology_text = _run(["nvidia-smi", "topo", "-m"])
     return {
         "python": {

@@ -104,6 +104,7 @@ class Layout:
                     "pass only one of them"
                 )
             grad_accum_steps = derived
+        assert grad_accum_steps is not None  # given, or derived from global_batch_size above
         return cls(
             pp=pp, dp=dp, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, zero_stage=zero_stage
         )

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
@@ -95,7 +96,7 @@ class PipelinePlan:
     stages: StagePlan
 
     @property
-    def hf_class(self) -> type:
+    def hf_class(self) -> type[Any]:
         return hf_model_class(self.config, self.task)
 
     def loss_fn(self):
@@ -164,7 +165,7 @@ class SequentialPipe(nn.Module):
         return inputs
 
 
-def local_layers(module: nn.Module, layers: list[PipeLayer]):
+def local_layers(module: PipelineModule, layers: list[PipeLayer]):
     """(index, module) for every layer this process holds; a tied module goes by the index of its first layer."""
     first = first_tied_index(layers)
     for key, tied in module.tied_modules.items():

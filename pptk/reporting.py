@@ -51,7 +51,7 @@ class MetricsLog:
             self.run = wandb.init(
                 project=wandb_project,
                 dir=str(output_dir),
-                mode=mode,
+                mode=mode,  # type: ignore[arg-type]  # one of wandb's modes: see wandb_mode
                 config=run_config,
                 settings=wandb.Settings(silent=True),
             )

@@ -28,7 +28,7 @@ import torch
 from pptk.errors import PptkError
 from pptk.launch import run_ranks
 from pptk.models import first_tied_index
-from pptk.pipeline import max_positions, pipeline_inputs, plan_pipeline, resolve_model
+from pptk.pipeline import PipelinePlan, max_positions, pipeline_inputs, plan_pipeline, resolve_model
 from pptk.verify_compare import (
     BF16_TOLERANCE,
     FP32_TOLERANCE,
@@ -69,7 +69,7 @@ class PreparedJob:
     """
 
     job: VerifyJob
-    plan: object  # PipelinePlan
+    plan: PipelinePlan
     reference: dict
     work: Path
 
@@ -214,7 +214,7 @@ def verify_many(
 ) -> list[VerifyResult]:
     """Check every job on one launch of ``pp * dp`` ranks; each job gets its own engine and its own result."""
     owner = tempfile.TemporaryDirectory(prefix="pptk-verify-") if workdir is None else None
-    work = Path(workdir or owner.name)
+    work = Path(owner.name) if owner is not None else Path(workdir)  # type: ignore[arg-type]  # workdir given
     try:
         prepared = prepare_jobs(jobs, pp=pp, dp=dp, zero_stage=zero_stage, work=work)
         return launch_jobs(prepared, pp=pp, dp=dp, zero_stage=zero_stage, work=work, tolerance=tolerance, top=top)
@@ -237,7 +237,7 @@ def prepare_jobs(
         )
     plans = [_plan_job(job, pp=pp) for job in jobs]
     work = Path(work)
-    prepared = []
+    prepared: list[PreparedJob] = []
     for i, (job, plan) in enumerate(zip(jobs, plans)):
         reference = reference_step(
             plan,

@@ -259,7 +259,7 @@ def compare(
             problems.append(f"loss differs by {loss_units:.1f} x Hugging Face's own bf16 error (> {tolerance:g})")
     max_diff = max(diffs.values(), default=0.0)
     if max_diff > tolerance:
-        worst = max(diffs, key=diffs.get)
+        worst = max(diffs, key=lambda name: diffs[name])
         problems.append(
             f"parameter {worst} differs by {max_diff:.2e} after one step (> {tolerance:.0e})"
             if precision == "fp32"

@@ -234,7 +234,10 @@ def load_stage_weights(
     untouched and the error lists every problem at once.
     """
     state = module.state_dict()
-    plan, missing, mismatched, allowed = [], [], [], []
+    plan: list[tuple[torch.Tensor, str]] = []
+    missing: list[str] = []
+    mismatched: list[str] = []
+    allowed: list[str] = []
     for key, hf_name in hf_names(module, layers).items():
         found = resolve_name(hf_name, checkpoint, base_model_prefix=base_model_prefix)
         if found is None:

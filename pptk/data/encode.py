@@ -11,7 +11,7 @@ from pptk.errors import PptkError
 
 IGNORE = -100  # the label Hugging Face's losses skip: padding, special tokens, non-first sub-tokens
 
-Batch = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # ((ids, mask, types), labels)
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # ((ids, mask, types), labels)
 
 
 def _check_lengths(lengths: Sequence[int], wheres: Sequence[str], *, max_len: int) -> None:

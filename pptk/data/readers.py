@@ -105,7 +105,10 @@ def read_conll(path: str | Path) -> list[TaggedSentence]:
     path = Path(path)
     if not path.is_file():
         raise PptkError(f"data file {path} does not exist; check the path")
-    sentences, words, tags, start = [], [], [], ""
+    sentences: list[TaggedSentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    start = ""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             fields = line.split()

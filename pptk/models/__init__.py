@@ -16,6 +16,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -45,12 +46,12 @@ class Adapter:
     # task name -> builder(config) -> list[PipeLayer]; task names are those of pptk.tasks.TASKS
     tasks: dict[str, Callable[..., list[PipeLayer]]]
     # a small random config of this family, for `pptk verify gpt2` and the tests
-    small_config: Callable[[], object]
+    small_config: Callable[[], Any]
     # the pipeline inputs this family reads, in order (see pptk.protocol)
     input_names: tuple[str, ...] = ("input_ids", "attention_mask")
     # config fields that a pipeline cannot honour yet: name -> predicate(value) that is True when unsupported
     unsupported: dict[str, Callable[[object], bool]] = field(default_factory=dict)
-    num_blocks: Callable[[object], int] = lambda config: config.num_hidden_layers
+    num_blocks: Callable[[Any], int] = lambda config: config.num_hidden_layers
 
 
 def first_tied_index(layers: list[PipeLayer]) -> dict[str, int]:

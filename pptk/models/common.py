@@ -1,6 +1,8 @@
 # Pipeline layers shared by every family: the token embedding (tied to the LM head), an untied head, the final norm.
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,7 @@ class TokenEmbeddingPipe(nn.Embedding):
         super().__init__(vocab_size, hidden_size, padding_idx=padding_idx)
         self.max_positions = max_positions
 
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         input_ids, attention_mask, *extra = inputs
         check_input_ids(input_ids, vocab_size=self.num_embeddings, max_positions=self.max_positions)
         embeddings = super().forward(input_ids)
@@ -60,19 +62,19 @@ class FinalNormPipe(nn.Module):
         return stage.with_hidden(getattr(self, self.attr)(stage.hidden_states)).as_tuple()
 
 
-def hf_initializer(config, hf_class: type):
+def hf_initializer(config, hf_class: type[Any]):
     """Hugging Face's own ``_init_weights`` for this family, usable on a lone layer.
 
     A bare instance (no __init__, only ``config``) of the family's PreTrainedModel is enough to call the method,
     so pipeline layers start from exactly the distributions a from-scratch Hugging Face model uses.
     """
-    shell = hf_class.__new__(hf_class)
+    shell = object.__new__(hf_class)
     shell.__dict__["config"] = config
     return shell._init_weights
 
 
 @torch.no_grad()
-def init_layer_like_hf(module: nn.Module, *, config, hf_class: type, seed: int) -> None:
+def init_layer_like_hf(module: nn.Module, *, config, hf_class: type[Any], seed: int) -> None:
     # Seeded per layer (not per rank) so that a from-scratch model is the same whatever the number of stages, and
     # both copies of a tied embedding start equal without communication.
     with torch.random.fork_rng(devices=[]):

@@ -31,6 +31,7 @@ import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,16 +80,16 @@ LAYER_ARGUMENTS = {
 class DecoderParts:
     """The family's own building blocks, read from transformers for one config."""
 
-    causal_lm_class: type
-    layer_class: type
-    rotary_class: type
+    causal_lm_class: type[Any]
+    layer_class: type[Any]
+    rotary_class: type[Any]
     rotary_per_layer_type: bool  # rotary forward(x, position_ids, layer_type): one table per layer type
     norm: nn.Module  # the final norm as the family builds it, on the meta device
     padding_idx: int | None
     embed_scale: float | None  # Gemma-style scaled embedding: embeddings * scale, in the weights' dtype
 
 
-def _declared_fields(config_class: type) -> set[str]:
+def _declared_fields(config_class: type[Any]) -> set[str]:
     names: set[str] = set()
     for klass in config_class.__mro__:
         names |= set(getattr(klass, "__annotations__", {}))
@@ -235,7 +236,7 @@ class RotaryTables:
     the stage runs on.
     """
 
-    def __init__(self, rotary_class: type, config: PretrainedConfig, *, per_layer_type: bool):
+    def __init__(self, rotary_class: type[Any], config: PretrainedConfig, *, per_layer_type: bool):
         self.rotary_class = rotary_class
         self.config = config
         self.per_layer_type = per_layer_type
@@ -296,7 +297,7 @@ class DecoderLayerPipe(nn.Module):
         return stage.with_hidden(hidden).as_tuple()
 
 
-def layer_pipe_class(layer_class: type) -> type:
+def layer_pipe_class(layer_class: type[Any]) -> type[Any]:
     """``<Family>DecoderLayerPipe``: the family's layer speaking the stage protocol, named after it so that
     DeepSpeed's ``type:`` partitioning and activation checkpointing select blocks by name. Made per layer list (the
     blocks of one model share it); nothing is registered process-wide."""
@@ -331,7 +332,7 @@ class DecoderEmbeddingPipe(TokenEmbeddingPipe):
         self.scale_in_weight_dtype = scale_in_weight_dtype
         self.dropout = dropout
 
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         hidden, *rest = super().forward(inputs)
         if self.scale is not None:
             if self.scale_in_weight_dtype:
@@ -364,7 +365,7 @@ class LogitsPipe(nn.Module):
         return ", ".join(f"{op} {value}" for op, value in self.ops)
 
 
-def materialise_norm(meta_norm: nn.Module, *, config: PretrainedConfig, hf_class: type) -> nn.Module:
+def materialise_norm(meta_norm: nn.Module, *, config: PretrainedConfig, hf_class: type[Any]) -> nn.Module:
     """A real copy of the family's final norm (built on the meta device), initialised as Hugging Face does."""
     norm = copy.deepcopy(meta_norm).to_empty(device=torch.empty(0).device)
     init_layer_like_hf(norm, config=config, hf_class=hf_class, seed=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from transformers.loss import loss_utils
@@ -128,7 +129,7 @@ def infer_task(config, requested: str | None = None, *, source: str = "the model
     )
 
 
-def hf_model_class(config, task: str) -> type:
+def hf_model_class(config, task: str) -> type[Any]:
     """The Hugging Face class that ``AutoModelFor<task>.from_config(config)`` would instantiate."""
     import transformers
 

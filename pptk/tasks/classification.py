@@ -54,15 +54,15 @@ def prepare(run: RunConfig, task: str) -> PreparedClassification:
     """Everything that can be wrong with the input, checked before any process group exists."""
     data: ClassificationData = run.data
     source, tokenizer, max_len = resolve_encoder(run, max_seq_len=data.max_seq_len, examples="examples")
+    train_raw: list[Any]  # TaggedSentence for tagging, TextExample for classification
+    eval_raw: list[Any]
     if task == "token-classification":
         train_raw, eval_raw = read_conll(data.train), read_conll(data.eval)
         data_names = tag_label_names([t for s in train_raw for t in s.tags])
     else:
-        columns = dict(
-            text_column=data.text_column, label_column=data.label_column, text_pair_column=data.text_pair_column
-        )
-        train_raw = read_text_classification(data.train, **columns)
-        eval_raw = read_text_classification(data.eval, **columns)
+        columns = dict(text_column=data.text_column, label_column=data.label_column)
+        train_raw = read_text_classification(data.train, **columns, text_pair_column=data.text_pair_column)
+        eval_raw = read_text_classification(data.eval, **columns, text_pair_column=data.text_pair_column)
         data_names = class_label_names([e.label for e in train_raw])
     label_map = resolve_labels(
         source.config, data_names, explicit=data.labels, num_labels=data.num_labels, head_rows=_classifier_rows(source)

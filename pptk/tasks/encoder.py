@@ -24,6 +24,8 @@ def resolve_encoder(run: RunConfig, *, max_seq_len: int | None, examples: str) -
     if source.config.model_type != "bert":
         raise PptkError(f"{run.model.model} is a {source.config.model_type!r} model; this recipe trains BERT")
     positions = max_positions(source.config)
+    if positions is None:
+        raise PptkError(f"{run.model.model}: config.json has no max_position_embeddings; add it")
     max_len = max_seq_len or positions
     if max_len > positions:
         raise PptkError(
