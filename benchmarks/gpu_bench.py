@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -36,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from results_file import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # ~1.1B parameters, LLaMA-shaped (grouped-query attention, SwiGLU MLP, untied head)
@@ -373,7 +373,7 @@ def main(argv: list[str]) -> int:
     result = summarize(per_rank, runs, args, device=device, world=world, peak_tflops=peak)
     result["wall_s"] = time.perf_counter() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.output, result)
     for r in result["runs"]:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"

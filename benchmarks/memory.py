@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from results_file import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -152,7 +153,7 @@ def main() -> None:
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    write_result(args.output, result)
     for row in rows:
         print(
             f"{row['what']:<42} holds {row['weights_bytes'] / 2**20:8.1f} MiB, extra peak "

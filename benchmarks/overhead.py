@@ -10,7 +10,6 @@ median step times is printed and written to benchmarks/results/overhead.json. Ta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import write_result
 
 from pptk.launch import free_port
 
@@ -128,7 +128,7 @@ def main() -> None:
         "pipeline_step_s": pipe_times,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    write_result(args.output, result)
     print(
         f"plain HF {hf_median * 1e3:.1f} ms/step, pipeline pp=1 {pipe_median * 1e3:.1f} ms/step: "
         f"ratio {ratio:.3f} ({'within' if ratio <= 1.03 else 'over'} the 1.03 target) -> {args.output}"
