@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from pptk import env
+from pptk.cli import env
 from pptk.errors import PptkError
 from pptk.partition import METHODS
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from pptk import env as pptk_env
+from pptk.cli import env as env_cli
+from pptk.cli.env import env_main
 from pptk.env import (
     CORE_PACKAGES,
     EXIT_MISMATCH,
@@ -18,7 +20,6 @@ from pptk.env import (
     check_runtime,
     collect_env,
     compare_with_pins,
-    env_main,
     find_constraints,
     parse_topology,
     read_pins,
@@ -266,7 +267,7 @@ def test_secrets_are_reported_as_set_not_shown(monkeypatch):
 
 def test_cli_hooks_parse_the_documented_options(tmp_path):
     parser = argparse.ArgumentParser(prog="pptk env")
-    pptk_env.add_arguments(parser)
+    env_cli.add_arguments(parser)
     args = parser.parse_args(["--json", "--quiet", "--constraints", str(tmp_path / "x.txt")])
     assert args.json and args.quiet and args.constraints == tmp_path / "x.txt"
-    assert pptk_env.main(args) == EXIT_NO_CONSTRAINTS
+    assert env_cli.main(args) == EXIT_NO_CONSTRAINTS
