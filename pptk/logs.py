@@ -30,13 +30,26 @@ class _RankPrefix(logging.Formatter):
         return self.prefix + super().format(record)
 
 
+class _AroundProgressBar(logging.StreamHandler):
+    """Writes through tqdm, which lifts a live progress bar off the terminal line first, so a log line never lands
+    in the middle of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(*, rank: int | None = None, all_ranks: bool = False) -> logging.Logger:
     """Configure the ``pptk`` logger for this process; calling it again replaces the previous set-up."""
     rank = rank_from_env() if rank is None else rank
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _AroundProgressBar(sys.stdout)
     handler.setFormatter(_RankPrefix(rank, prefix=all_ranks or rank != 0))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 or all_ranks else logging.WARNING)

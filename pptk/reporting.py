@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,22 @@ class MetricsLog:
                 config=run_config,
                 settings=wandb.Settings(silent=True),
             )
-        from tqdm import tqdm
+        self.total_steps = total_steps
+        if sys.stderr.isatty():  # a live bar in a terminal; in a log file, one plain line per logged step instead
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=2.0)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=2.0)
 
     def log(self, record: dict) -> None:
         if not self.active:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.bar is None and "loss" in record:
+            log.info(
+                f"step {record['step']}/{self.total_steps}: loss {record['loss']:.4f}, lr {record.get('lr', 0):.3g}, "
+                f"{record.get('tokens_per_s', 0):,.0f} tokens/s"
+            )
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

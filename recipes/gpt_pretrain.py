@@ -36,7 +36,7 @@ from pptk.tasks import causal_lm
 from pptk.trainer import Trainer
 
 # --demo: what `make demo` trains; any flag given explicitly still wins.
-PRESETS = {"demo": dict(max_steps=300, lr=2e-3, micro_batch_size=4, warmup_steps=20, eval_every=100, save_every=150)}
+PRESETS = {"demo": dict(max_steps=400, lr=3e-3, micro_batch_size=8, warmup_steps=20, eval_every=100, save_every=200)}
 DEMO_PROMPT = "Return the"
 
 

@@ -19,7 +19,7 @@ from pptk.tasks.base import Batch, Evaluation, replica_mean
 
 TASK = "causal-lm"
 # The embedded default (`--demo`): a small GPT-2 and a byte-level BPE trained on the standard library's docstrings.
-DEMO_MODEL = dict(vocab_size=4096, n_embd=192, n_layer=6, n_head=6)
+DEMO_MODEL = dict(vocab_size=4096, n_embd=128, n_layer=4, n_head=4)
 DEMO_SEQ_LEN = 64
 
 
@@ -158,9 +158,14 @@ def _lm_batch(blocks: LMBlocks, indices: np.ndarray) -> Batch:
 def greedy_sample(model_dir: Path, prompt: str, *, new_tokens: int = 40) -> str:
     """The exported model, loaded by transformers alone, continuing ``prompt`` greedily."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar would land between the summary's lines
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    finally:
+        hf_logging.enable_progress_bar()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     room = (getattr(model.config, "max_position_embeddings", None) or 1 << 30) - ids.shape[1]
     with torch.no_grad():
