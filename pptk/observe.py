@@ -5,8 +5,8 @@ gathered on rank 0, which splits each rank's step into
 
 - ``forward`` (ForwardPass, LoadMicroBatch), ``backward`` (BackwardPass), ``optimizer`` (OptimizerStep): busy;
 - ``comm``: moving data (send/recv of activations and gradients, DualPipeV's CommitP2P, the tied-weight and
-  data-parallel gradient all-reduces), estimated per instruction kind as the fastest such instruction of the step
-  on any rank: a transfer nobody waited for;
+  data-parallel gradient all-reduces), estimated per transfer kind (a send and its receive are one kind) as the
+  fastest such instruction of the step on any rank: a transfer nobody waited for;
 - ``comm_wait``: the rest of the time inside those instructions, spent waiting for a peer to get there;
 - ``idle``: the time between instructions (the schedule's own bookkeeping, loss averaging).
 
@@ -38,6 +38,13 @@ CATEGORIES = {
     "CommitP2P": "comm",
     "ReduceTiedGrads": "comm",
     "ReduceGrads": "comm",
+}
+# A send and its matching receive move the same bytes: one transfer class, whose fastest instance is the estimate.
+TRANSFERS = {
+    "SendActivation": "activations",
+    "RecvActivation": "activations",
+    "SendGrad": "gradients",
+    "RecvGrad": "gradients",
 }
 BUSY = ("forward", "backward", "optimizer")
 PARTS = ("forward", "backward", "comm", "comm_wait", "optimizer", "idle")
@@ -113,14 +120,15 @@ def analyse_step(ranks: list[dict]) -> list[dict]:
     fastest: dict[str, float] = {}
     for rank in ranks:
         for name, _, start, end in rank["events"]:
-            fastest[name] = min(fastest.get(name, float("inf")), end - start)
+            kind = TRANSFERS.get(name, name)
+            fastest[kind] = min(fastest.get(kind, float("inf")), end - start)
     result = []
     for rank in ranks:
         parts = dict.fromkeys(PARTS, 0.0)
         intervals = []
         for name, phase, start, end in rank["events"]:
             category = CATEGORIES.get(name, "comm")
-            wait = max(0.0, (end - start) - fastest[name]) if category == "comm" else 0.0
+            wait = max(0.0, (end - start) - fastest[TRANSFERS.get(name, name)]) if category == "comm" else 0.0
             parts[category] += (end - start) - wait
             parts["comm_wait"] += wait
             intervals.append({"name": name, "phase": phase, "start": start, "end": end, "kind": category, "wait": wait})

@@ -178,7 +178,7 @@ def plan_stages(
         raise PptkError(f"the number of pipeline stages must be at least 1, got {num_stages}")
     if num_stages > len(blocks):
         raise PptkError(
-            f"{num_stages} stages but the model has only {len(blocks)} blocks; every stage needs at least one "
+            f"pp={num_stages} stages but the model has only {len(blocks)} blocks; every stage needs at least one "
             f"block: use --pp {len(blocks) // 2 if schedule == 'dualpipev' else len(blocks)} or fewer"
             + (" (DualPipeV cuts the model into 2 x pp stages)" if schedule == "dualpipev" else "")
         )

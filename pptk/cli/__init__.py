@@ -6,6 +6,7 @@ import json
 import sys
 
 from pptk import env
+from pptk.cli import plot, timeline
 from pptk.errors import PptkError
 from pptk.partition import METHODS
 from pptk.schedules import SCHEDULES
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list supported model families and tasks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    timeline.add_parser(sub)
+    plot.add_parser(sub)
 
     p = sub.add_parser("env", help="report the software stack and GPUs, and compare with the pins")
     env.add_arguments(p)
