@@ -475,3 +475,16 @@ def time_instructions(engine, record: Callable[[str, dict, float, float], None])
     engine._INSTRUCTION_MAP = {
         kind: timed(kind.__name__, method) for kind, method in type(engine)._INSTRUCTION_MAP.items()
     }
+
+
+def schedule_instructions(*, dualpipev: bool, micro_batches: int, stages: int, stage_id: int) -> list[tuple[str, dict]]:
+    """The instructions (class name, kwargs) one pipeline rank executes in a training step, in order.
+
+    Written against DeepSpeed 0.19.8: ``TrainSchedule`` and ``DualPipeVSchedule`` live in
+    ``deepspeed.runtime.pipe.schedule``; ``steps()`` yields lists of ``PipeInstruction`` with ``kwargs``.
+    """
+    from deepspeed.runtime.pipe import schedule
+
+    kind = schedule.DualPipeVSchedule if dualpipev else schedule.TrainSchedule
+    steps = kind(micro_batches=micro_batches, stages=stages, stage_id=stage_id).steps()
+    return [(type(cmd).__name__, dict(cmd.kwargs)) for cmds in steps for cmd in cmds]

@@ -72,7 +72,8 @@ class Layout:
             f"x grad_accum {self.grad_accum_steps} x dp {self.dp}; ZeRO-{self.zero_stage}"
         )
         if self.pp > 1:
-            text += f"; {self.schedule} schedule, ideal bubble ~{self.bubble_fraction:.0%}"
+            text += f"; pipeline bubble ~{self.bubble_fraction:.0%}"
+            text += " (dualpipev)" if self.schedule == "dualpipev" else ""
         return text
 
     @classmethod

@@ -50,40 +50,28 @@ def check_eval_micro_batches(schedule: str, *, pp: int, count: int, what: str) -
         )
 
 
-def schedule_steps(schedule: str, *, pp: int, micro_batches: int, rank: int) -> list[list]:
-    """DeepSpeed's own instruction lists for one training step of ``rank``."""
-    from deepspeed.runtime.pipe import schedule as ds_schedule
-
-    if schedule == "dualpipev":
-        sched = ds_schedule.DualPipeVSchedule(micro_batches=micro_batches, stages=pp, stage_id=rank)
-    else:
-        sched = ds_schedule.TrainSchedule(micro_batches=micro_batches, stages=pp, stage_id=rank)
-    return [list(cmds) for cmds in sched.steps()]
-
-
 def ideal_efficiency(schedule: str, *, pp: int, micro_batches: int, backward_ratio: float = 2.0) -> float:
     """Busy share of a step with free communication and balanced stages: DeepSpeed's schedule replayed with each
     stage's forward costing 1 / stages and its backward ``backward_ratio`` times that. 1F1B gives m / (m + pp - 1).
     """
-    from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass
+    from pptk.deepspeed_compat import schedule_instructions
 
     if pp == 1:
         return 1.0
     stages = stages_for(schedule, pp)
     forward, backward = 1.0 / stages, backward_ratio / stages
-    programs = [
-        [cmd for cmds in schedule_steps(schedule, pp=pp, micro_batches=micro_batches, rank=r) for cmd in cmds]
-        for r in range(pp)
-    ]
     # (is_forward, stage, micro-batch) per compute instruction: a stage runs its micro-batches in order
     tasks: list[list[tuple[bool, int, int]]] = []
-    for r, prog in enumerate(programs):
+    for r in range(pp):
+        program = schedule_instructions(
+            dualpipev=schedule == "dualpipev", micro_batches=micro_batches, stages=pp, stage_id=r
+        )
         seen: dict[tuple[bool, int], int] = {}
         tasks.append([])
-        for cmd in prog:
-            if isinstance(cmd, (ForwardPass, BackwardPass)):
-                stage = stages - 1 - r if cmd.kwargs.get("phase", 0) == 1 else r
-                kind = (isinstance(cmd, ForwardPass), stage)
+        for name, kwargs in program:
+            if name in ("ForwardPass", "BackwardPass"):
+                stage = stages - 1 - r if kwargs.get("phase", 0) == 1 else r
+                kind = (name == "ForwardPass", stage)
                 tasks[r].append((kind[0], stage, seen.get(kind, 0)))
                 seen[kind] = seen.get(kind, 0) + 1
 
