@@ -76,6 +76,7 @@ def manifest_for(plan: PipelinePlan, *, step: int, layout: Layout | None, extra:
             "zero_stage": layout.zero_stage,
             "micro_batch_size": layout.micro_batch_size,
             "grad_accum_steps": layout.grad_accum_steps,
+            "schedule": layout.schedule,
         },
         "step": step,
         "complete": True,
@@ -149,9 +150,9 @@ def set_rng_states(states: dict) -> None:
 
 def _local_layer_modules(engine, plan: PipelinePlan):
     """(layer index, module) for every layer file this stage writes: its own layers and the first copy of a tie."""
-    start, stop = plan.stages.boundaries[engine.stage_id], plan.stages.boundaries[engine.stage_id + 1]
     for index, layer_module in local_layers(engine.module, plan.layers):
-        if start <= index < stop:  # a tied copy whose first layer sits on another stage is that stage's to write
+        # a tied copy whose first layer sits on another rank is that rank's to write (DualPipeV: two stages a rank)
+        if plan.stages.rank_of(index) == engine.stage_id:
             yield index, layer_module
 
 
@@ -247,6 +248,7 @@ def same_layout(manifest: dict, plan: PipelinePlan, layout: Layout) -> bool:
         )
     return (
         saved["pp"] == layout.pp
+        and saved.get("schedule", "1f1b") == layout.schedule
         and saved["dp"] == layout.dp
         and saved["zero_stage"] == layout.zero_stage
         and manifest["boundaries"] == list(plan.stages.boundaries)

@@ -39,6 +39,8 @@ class ParallelConfig:
     zero_stage: int | None = None  # default: the DeepSpeed JSON's
     partition_method: str = "compute"
     activation_checkpoint_interval: int = 0
+    schedule: str = "1f1b"  # or "dualpipev" (pptk.schedules)
+    peak_tflops: float | None = None  # per device, for MFU; default: pptk.observe's known-device table
 
 
 @dataclass(frozen=True, kw_only=True)

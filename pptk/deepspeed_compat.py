@@ -78,6 +78,32 @@ def after_initialize(engine) -> None:
     against DeepSpeed 0.19.8, as the two functions it calls."""
     check_per_layer_states_supported(engine.optimizer)
     fix_pipeline_clipping(engine)
+    fix_dualpipev_eval(engine)
+
+
+def fix_dualpipev_eval(engine) -> None:
+    """Let a DualPipeV engine evaluate a number of micro-batches other than its gradient accumulation steps.
+
+    Written against DeepSpeed 0.19.8: ``DualPipeVEngine._phase1_buffer`` maps a phase-0 buffer to its phase-1 slot
+    with ``self.micro_batches`` (the training count) while ``DualPipeVSchedule`` numbers the slots with the
+    count it was built for, so ``eval_batch(num_micro_batches=n)`` with n != micro_batches reads an empty slot on
+    the last rank. The engine's count is set to n for the duration of the call.
+    """
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
+
+    if not isinstance(engine, DualPipeVEngine):
+        return
+    eval_batch = engine.eval_batch
+
+    def eval_batch_with_own_count(data_iter, *args, num_micro_batches=None, **kwargs):
+        training_count = engine.micro_batches
+        engine.micro_batches = training_count if num_micro_batches is None else num_micro_batches
+        try:
+            return eval_batch(data_iter, *args, num_micro_batches=num_micro_batches, **kwargs)
+        finally:
+            engine.micro_batches = training_count
+
+    engine.eval_batch = eval_batch_with_own_count
 
 
 def fix_pipeline_clipping(engine) -> None:
@@ -425,3 +451,41 @@ def set_loss_scale_state(optimizer, state: dict | None) -> None:
 
 def _plain(value):
     return value.item() if torch.is_tensor(value) else value
+
+
+def time_instructions(engine, record: Callable[[str, dict, float, float], None]) -> None:
+    """Call ``record(instruction class name, its kwargs, start, end)`` (``time.perf_counter`` seconds) around every
+    pipeline instruction this engine executes (forward, backward, send/recv, all-reduces, optimizer step).
+
+    Written against DeepSpeed 0.19.8: ``PipelineEngine._exec_schedule`` looks each instruction's method up in
+    ``self._INSTRUCTION_MAP`` (a class attribute keyed by instruction type, extended by ``DualPipeVEngine``) and
+    calls it with the instruction's kwargs; an instance attribute of wrapped methods takes precedence.
+    """
+    import time
+
+    def timed(name: str, method: Callable) -> Callable:
+        def run(self, **kwargs):
+            began = time.perf_counter()
+            try:
+                return method(self, **kwargs)
+            finally:
+                record(name, kwargs, began, time.perf_counter())
+
+        return run
+
+    engine._INSTRUCTION_MAP = {
+        kind: timed(kind.__name__, method) for kind, method in type(engine)._INSTRUCTION_MAP.items()
+    }
+
+
+def schedule_instructions(*, dualpipev: bool, micro_batches: int, stages: int, stage_id: int) -> list[tuple[str, dict]]:
+    """The instructions (class name, kwargs) one pipeline rank executes in a training step, in order.
+
+    Written against DeepSpeed 0.19.8: ``TrainSchedule`` and ``DualPipeVSchedule`` live in
+    ``deepspeed.runtime.pipe.schedule``; ``steps()`` yields lists of ``PipeInstruction`` with ``kwargs``.
+    """
+    from deepspeed.runtime.pipe import schedule
+
+    kind = schedule.DualPipeVSchedule if dualpipev else schedule.TrainSchedule
+    steps = kind(micro_batches=micro_batches, stages=stages, stage_id=stage_id).steps()
+    return [(type(cmd).__name__, dict(cmd.kwargs)) for cmds in steps for cmd in cmds]

@@ -44,6 +44,7 @@ def resolve_layout(run: RunConfig, ds_config: dict) -> Layout:
         grad_accum_steps=accum,
         global_batch_size=parallel.global_batch_size,
         zero_stage=zero,
+        schedule=parallel.schedule,
     )
 
 

@@ -23,6 +23,7 @@ class Layout:
     micro_batch_size: int
     grad_accum_steps: int
     zero_stage: int = 1
+    schedule: str = "1f1b"  # or "dualpipev" (see pptk.schedules)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -38,8 +39,12 @@ class Layout:
 
     @property
     def bubble_fraction(self) -> float:
-        """Share of a step a stage idles in the 1F1B schedule (0 without pipelining)."""
-        return (self.pp - 1) / (self.grad_accum_steps + self.pp - 1)
+        """Share of a step a stage idles in this schedule with balanced stages (0 without pipelining)."""
+        if self.schedule == "1f1b":
+            return (self.pp - 1) / (self.grad_accum_steps + self.pp - 1)
+        from pptk.schedules import ideal_efficiency
+
+        return 1.0 - ideal_efficiency(self.schedule, pp=self.pp, micro_batches=self.grad_accum_steps)
 
     def validate(self) -> None:
         problems = []
@@ -56,6 +61,9 @@ class Layout:
             )
         if problems:
             raise PptkError("invalid parallel layout:\n  " + "\n  ".join(problems))
+        from pptk.schedules import check_schedule
+
+        check_schedule(self.schedule, pp=self.pp, micro_batches=self.grad_accum_steps)
 
     def describe(self) -> str:
         text = (
@@ -65,6 +73,7 @@ class Layout:
         )
         if self.pp > 1:
             text += f"; pipeline bubble ~{self.bubble_fraction:.0%}"
+            text += " (dualpipev)" if self.schedule == "dualpipev" else ""
         return text
 
     @classmethod
@@ -77,6 +86,7 @@ class Layout:
         grad_accum_steps: int | None = None,
         global_batch_size: int | None = None,
         zero_stage: int = 1,
+        schedule: str = "1f1b",
     ) -> Layout:
         """Derive dp from the launcher's WORLD_SIZE, and grad_accum_steps from a global batch size if given."""
         for name, value in (("world_size", world_size), ("pp", pp), ("micro_batch_size", micro_batch_size)):
@@ -106,7 +116,12 @@ class Layout:
             grad_accum_steps = derived
         assert grad_accum_steps is not None  # given, or derived from global_batch_size above
         return cls(
-            pp=pp, dp=dp, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, zero_stage=zero_stage
+            pp=pp,
+            dp=dp,
+            micro_batch_size=micro_batch_size,
+            grad_accum_steps=grad_accum_steps,
+            zero_stage=zero_stage,
+            schedule=schedule,
         )
 
 

@@ -10,6 +10,7 @@ the meta device (no memory) and balances by one of:
 - ``parameters``: parameter counts, with a tied embedding counted on both stages that hold a copy (memory).
 - ``uniform``: the same number of blocks per stage.
 - ``type:REGEX``: the same number of layers whose class name matches REGEX (case-insensitive), as in DeepSpeed.
+- ``profile``: measured forward+backward time per layer on this device and batch shape (``pptk.profile``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from pptk.errors import PptkError
 from pptk.models import PipeLayer
 
-METHODS = ("compute", "parameters", "uniform", "type:REGEX")
+METHODS = ("compute", "profile", "parameters", "uniform", "type:REGEX")
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,30 @@ class StagePlan:
     boundaries: tuple[int, ...]  # stage s holds layers [boundaries[s], boundaries[s+1])
     costs: tuple[LayerCost, ...]
     method: str
+    schedule: str = "1f1b"  # "dualpipev": 2 x pp stages, rank r holds stages r and 2pp-1-r
+    measured_ms: tuple[float, ...] | None = None  # per layer, forward+backward, when method == "profile"
 
     @property
     def num_stages(self) -> int:
         return len(self.boundaries) - 1
+
+    @property
+    def num_ranks(self) -> int:
+        """Pipeline ranks (DeepSpeed's num_stages): each holds two stages under DualPipeV."""
+        return self.num_stages // 2 if self.schedule == "dualpipev" else self.num_stages
+
+    def rank_of_stage(self, stage: int) -> int:
+        return min(stage, self.num_stages - 1 - stage) if self.schedule == "dualpipev" else stage
+
+    def rank_stages(self, rank: int) -> tuple[int, ...]:
+        return (rank, self.num_stages - 1 - rank) if self.schedule == "dualpipev" else (rank,)
+
+    def rank_of(self, layer_index: int) -> int:
+        """The pipeline rank holding a layer."""
+        return self.rank_of_stage(self.stage_of(layer_index))
+
+    def rank_layers(self, rank: int) -> tuple[LayerCost, ...]:
+        return tuple(c for s in self.rank_stages(rank) for c in self.stage_layers(s))
 
     def stage_layers(self, stage: int) -> tuple[LayerCost, ...]:
         return self.costs[self.boundaries[stage] : self.boundaries[stage + 1]]
@@ -78,10 +99,16 @@ class StagePlan:
             rows.append(
                 {
                     "stage": s,
+                    "rank": self.rank_of_stage(s),
                     "layers": [f"{c.index}:{c.name}" for c in held],
                     "blocks": sum(c.role == "block" for c in held),
                     "params": sum(c.params for c in held),
                     "gflops_per_token": sum(c.flops_per_token for c in held) / 1e9,
+                    **(
+                        {"measured_ms": sum(self.measured_ms[c.index] for c in held)}
+                        if self.measured_ms is not None
+                        else {}
+                    ),
                 }
             )
         return rows
@@ -89,17 +116,31 @@ class StagePlan:
     def describe(self) -> str:
         rows = self.summary()
         peak = max(r["gflops_per_token"] for r in rows) or 1.0
-        lines = [f"{'stage':>5}  {'blocks':>6}  {'params':>12}  {'GFLOP/token':>11}  {'load':>5}  layers"]
+        dual = self.schedule == "dualpipev"
+        measured = self.measured_ms is not None
+        header = f"{'stage':>5}  " + (f"{'rank':>4}  " if dual else "")
+        header += f"{'blocks':>6}  {'params':>12}  {'GFLOP/token':>11}  {'load':>5}  "
+        if measured:
+            header += f"{'measured ms':>11}  {'load':>5}  "
+        lines = [header + "layers"]
+        peak_ms = max((r.get("measured_ms", 0.0) for r in rows), default=0.0) or 1.0
         for r in rows:
-            names = ", ".join(r["layers"])
-            lines.append(
-                f"{r['stage']:>5}  {r['blocks']:>6}  {r['params']:>12,}  {r['gflops_per_token']:>11.4f}  "
-                f"{r['gflops_per_token'] / peak:>5.0%}  {names}"
+            line = f"{r['stage']:>5}  " + (f"{r['rank']:>4}  " if dual else "")
+            line += (
+                f"{r['blocks']:>6}  {r['params']:>12,}  {r['gflops_per_token']:>11.4f}  "
+                f"{r['gflops_per_token'] / peak:>5.0%}  "
             )
+            if measured:
+                line += f"{r['measured_ms']:>11.2f}  {r['measured_ms'] / peak_ms:>5.0%}  "
+            lines.append(line + ", ".join(r["layers"]))
         return "\n".join(lines)
 
 
-def _weights(costs: list[LayerCost], method: str) -> list[float]:
+def _weights(costs: list[LayerCost], method: str, measured_ms: tuple[float, ...] | None) -> list[float]:
+    if method == "profile":
+        if measured_ms is None or len(measured_ms) != len(costs):
+            raise RuntimeError("profile partition: pass one measured time per layer (pptk.profile.profile_layers)")
+        return list(measured_ms)
     if method == "compute":
         return [c.flops_per_token for c in costs]
     if method == "parameters":
@@ -116,11 +157,21 @@ def _weights(costs: list[LayerCost], method: str) -> list[float]:
     raise PptkError(f"unknown partition method {method!r}; choose one of: {', '.join(METHODS)}")
 
 
-def plan_stages(costs: list[LayerCost], *, num_stages: int, method: str = "compute") -> StagePlan:
+def plan_stages(
+    costs: list[LayerCost],
+    *,
+    num_stages: int,
+    method: str = "compute",
+    schedule: str = "1f1b",
+    measured_ms: tuple[float, ...] | None = None,
+) -> StagePlan:
     """Split the layers into ``num_stages`` contiguous stages minimising the heaviest stage's cost.
 
     The embedding layers are pinned to stage 0 and the head layers to the last stage; every stage gets at least
-    one block. Exact (dynamic programming over block boundaries), deterministic.
+    one block. Exact (dynamic programming over block boundaries), deterministic. Under DualPipeV ``num_stages`` is
+    2 x pp: stage 0 and the last stage both sit on rank 0, so every rank carries two stages' load and min-max over
+    stages balances the ranks too when the stages are balanced.
+    ``method="profile"`` balances ``measured_ms`` (one forward+backward time per layer).
     """
     blocks = [c.index for c in costs if c.role == "block"]
     if num_stages < 1:
@@ -128,11 +179,12 @@ def plan_stages(costs: list[LayerCost], *, num_stages: int, method: str = "compu
     if num_stages > len(blocks):
         raise PptkError(
             f"pp={num_stages} stages but the model has only {len(blocks)} blocks; every stage needs at least one "
-            f"block: use --pp {len(blocks)} or fewer"
+            f"block: use --pp {len(blocks) // 2 if schedule == 'dualpipev' else len(blocks)} or fewer"
+            + (" (DualPipeV cuts the model into 2 x pp stages)" if schedule == "dualpipev" else "")
         )
     if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
         raise RuntimeError("adapter bug: blocks must be contiguous, between the embedding and the head layers")
-    weights = _weights(costs, method)
+    weights = _weights(costs, method, measured_ms)
     first, last = blocks[0], blocks[-1] + 1
     head_extra = sum(weights[:first])
     tail_extra = sum(weights[last:])
@@ -163,4 +215,4 @@ def plan_stages(costs: list[LayerCost], *, num_stages: int, method: str = "compu
         bounds.append(j)
     bounds.reverse()
     boundaries = [0] + [first + b for b in bounds[1:-1]] + [len(costs)]
-    return StagePlan(tuple(boundaries), tuple(costs), method)
+    return StagePlan(tuple(boundaries), tuple(costs), method, schedule, measured_ms)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.pipe import PipelineModule, TiedLayerSpec
+from deepspeed.pipe import DualPipeVModule, PipelineModule, TiedLayerSpec
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
@@ -19,6 +19,7 @@ from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index, get_adapter, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
 from pptk.partition import StagePlan, layer_costs, plan_stages
+from pptk.schedules import check_schedule, stages_for
 from pptk.tasks import get_task, hf_model_class, infer_task
 from pptk.weights import HFCheckpoint, load_stage_weights
 
@@ -112,15 +113,41 @@ def plan_pipeline(
     attn_implementation: str = "sdpa",
     dropout: bool = True,
     seq_len: int | None = None,
+    schedule: str = "1f1b",
+    micro_batch_size: int = 1,
+    measured_ms: tuple[float, ...] | None = None,
 ) -> PipelinePlan:
-    """task: None reads it from config.architectures (see pptk.tasks.infer_task); a name overrides that."""
+    """task: None reads it from config.architectures (see pptk.tasks.infer_task); a name overrides that.
+
+    num_stages: pipeline ranks (pp); under ``schedule="dualpipev"`` the model is cut into 2 x pp stages.
+    partition_method "profile" times every layer on one micro-batch of ``micro_batch_size x seq_len`` here,
+    unless ``measured_ms`` (one time per layer, e.g. another rank's) is given.
+    """
+    check_schedule(schedule, pp=num_stages)
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     config = prepare_config(source.config, attn_implementation=attn_implementation, dropout=dropout)
     task = infer_task(config, task, source=source.label)
     layers = layers_for(config, task)
     positions = max_positions(config) or 2048
-    costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=min(seq_len or positions, positions))
-    stages = plan_stages(costs, num_stages=num_stages, method=partition_method)
+    length = min(seq_len or positions, positions)
+    costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=length)
+    if partition_method == "profile" and measured_ms is None:
+        from pptk.profile import profile_layers
+
+        measured_ms = profile_layers(
+            layers,
+            input_names=get_adapter(config.model_type).input_names,
+            vocab_size=config.vocab_size,
+            micro_batch_size=micro_batch_size,
+            seq_len=length,
+        )
+    stages = plan_stages(
+        costs,
+        num_stages=stages_for(schedule, num_stages),
+        method=partition_method,
+        schedule=schedule,
+        measured_ms=measured_ms if partition_method == "profile" else None,
+    )
     return PipelinePlan(source, config, task, layers, stages)
 
 
@@ -134,6 +161,11 @@ class PlannedPipelineModule(PipelineModule):
 
     def _partition_layers(self, method: str = "uniform") -> None:
         partition_by_boundaries(self, self._pptk_boundaries)  # DeepSpeed's private hook: see deepspeed_compat
+
+
+class PlannedDualPipeVModule(DualPipeVModule, PlannedPipelineModule):
+    """DeepSpeed's DualPipeVModule on pptk's 2 x pp stage plan: DualPipeVModule doubles num_stages and derives the
+    mirror stage's bounds; the cut itself comes from PlannedPipelineModule (next in the method order)."""
 
 
 class SequentialPipe(nn.Module):
@@ -204,8 +236,9 @@ def build_pipeline_module(
     loss_fn: what the last stage computes from (logits, labels); default the task's Hugging Face loss.
     """
     specs = [layer.spec for layer in plan.layers]
-    kwargs = dict(num_stages=None if topology else plan.stages.num_stages, topology=topology)
-    module = PlannedPipelineModule(
+    kwargs = dict(num_stages=None if topology else plan.stages.num_ranks, topology=topology)
+    module_class = PlannedDualPipeVModule if plan.stages.schedule == "dualpipev" else PlannedPipelineModule
+    module = module_class(
         specs,
         boundaries=plan.stages.boundaries,
         loss_fn=loss_fn or plan.loss_fn(),

@@ -27,9 +27,12 @@ from pptk.data.sampler import Shard, micro_batches_per_epoch, train_indices
 from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
 from pptk.errors import PptkError
 from pptk.logs import get_logger, setup_logging
+from pptk.observe import PipelineObserver, peak_tflops, precision_of
 from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, plan_pipeline
+from pptk.profile import agree_on_profile
 from pptk.reporting import MetricsLog, Summary, format_evaluation
+from pptk.schedules import check_eval_micro_batches
 from pptk.tasks.base import Batch, PreparedTask
 
 log = get_logger(__name__)
@@ -110,10 +113,17 @@ class Trainer:
             seq_len=task.seq_len,
             attn_implementation=run.model.attn_implementation,
             dropout=run.model.dropout,
+            schedule=layout.schedule,
+            micro_batch_size=layout.micro_batch_size,
         )
+        if task.task == "causal-lm":
+            check_eval_micro_batches(
+                layout.schedule, pp=layout.pp, count=run.output.eval_batches, what="--eval-batches"
+            )
         start_step = self._check_resume(plan, layout, steps)
 
         init_distributed()
+        plan = agree_on_profile(plan)
         rank = dist.get_rank()
         engine = build_engine(
             plan,
@@ -153,6 +163,15 @@ class Trainer:
             wandb_project=run.output.wandb_project,
             requested_wandb_mode=run.output.wandb_mode,
         )
+        observer = PipelineObserver(
+            engine,
+            plan=plan,
+            layout=layout,
+            tokens_per_step=layout.global_batch_size * task.tokens_per_example(),
+            precision=precision_of(ds_config),
+            peak=peak_tflops(precision=precision_of(ds_config), override=run.parallel.peak_tflops),
+            out=run.output.output_dir,
+        )
         loop = _Loop(
             run=run,
             task=task,
@@ -163,6 +182,7 @@ class Trainer:
             shard=shard,
             metrics=metrics,
             rank=rank,
+            observer=observer,
         )
         try:
             summary = loop.train(start_step)
@@ -215,6 +235,7 @@ class _Loop:
     shard: Shard
     metrics: MetricsLog
     rank: int
+    observer: PipelineObserver
 
     def batches(self, start_step: int) -> Iterator[Batch]:
         """The one sampler: this replica's micro-batches from ``start_step`` on, as the task builds them."""
@@ -229,7 +250,15 @@ class _Loop:
             yield self.task.train_batch(chosen, number, self.shard)
 
     def evaluate(self, step: int, summary: Summary) -> None:
-        result = self.task.evaluate(self.engine, self.shard, max_micro_batches=self.run.output.eval_batches)
+        try:
+            result = self.task.evaluate(self.engine, self.shard, max_micro_batches=self.run.output.eval_batches)
+        except ValueError as err:  # DeepSpeed's DualPipeVSchedule: too few micro-batches (the eval set is small)
+            if "DualPipeV needs at least" not in str(err):
+                raise
+            raise PptkError(
+                f"evaluation: {err}; lower --micro-batch-size so the eval set fills {2 * self.layout.pp} "
+                "micro-batches per replica, or use --schedule 1f1b"
+            ) from None
         if result is None:
             return
         epoch = self.steps.epoch_of(step)
@@ -250,7 +279,8 @@ class _Loop:
         window_time, window_steps, train_time = 0.0, 0, 0.0  # time inside train_batch only
         for step in range(start_step + 1, steps.max_steps + 1):
             began = time.perf_counter()
-            loss = float(engine.train_batch(data))
+            with self.observer.step():
+                loss = float(engine.train_batch(data))
             took = time.perf_counter() - began
             window_time, window_steps, train_time = window_time + took, window_steps + 1, train_time + took
             if not math.isfinite(loss):
@@ -267,6 +297,7 @@ class _Loop:
                         "lr": engine.get_lr()[0],
                         "tokens_per_s": samples_per_s * tokens_per_sample,
                         "samples_per_s": samples_per_s,
+                        **self.observer.metrics(step),
                     }
                 )
                 window_time, window_steps = 0.0, 0

@@ -58,6 +58,7 @@ class VerifyJob:
     # save the reference in shards of this size (e.g. "100KB") so the ranks load their stages from a sharded index
     max_shard_size: str | None = None
     precision: str = "fp32"  # or "bf16"; jobs of both precisions can share a launch
+    schedule: str = "1f1b"  # or "dualpipev" (needs micro_batches >= 2 * pp); jobs of both can share a launch
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
         attn_implementation=job["attn_implementation"],
         dropout=False,
         seq_len=job["seq_len"],
+        schedule=job["schedule"],
+        measured_ms=job["measured_ms"],
     )
     module = build_pipeline_module(plan)
     optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
@@ -159,7 +162,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
 
 def _owned_names(module, plan, names: dict[str, str]) -> list[str]:
     """HF names this stage counts as its own: a tied module counts on the first stage that holds it."""
-    first_stage = {key: plan.stages.stage_of(index) for key, index in first_tied_index(plan.layers).items()}
+    first_stage = {key: plan.stages.rank_of(index) for key, index in first_tied_index(plan.layers).items()}
     owned = []
     for key in dict(module.named_parameters()):
         if key.startswith("tied_modules."):
@@ -183,6 +186,7 @@ def verify(
     partition_method: str = "compute",
     attn_implementation: str = "sdpa",
     precision: str = "fp32",
+    schedule: str = "1f1b",
     tolerance: float | None = None,
     seed: int = 0,
     workdir: str | Path | None = None,
@@ -198,6 +202,7 @@ def verify(
         attn_implementation=attn_implementation,
         seed=seed,
         precision=precision,
+        schedule=schedule,
     )
     return verify_many([job], pp=pp, dp=dp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top)[0]
 
@@ -270,7 +275,11 @@ def launch_jobs(
     work = Path(work)
     layout = dict(pp=pp, dp=dp, zero_stage=zero_stage)
     # the resolved task travels, so a rank never re-infers it from the saved directory
-    jobs = [asdict(p.job) | {"model": str(p.job.model), "task": p.plan.task} for p in prepared]
+    # the resolved task and profiled costs travel, so every rank plans exactly what the parent planned
+    jobs = [
+        asdict(p.job) | {"model": str(p.job.model), "task": p.plan.task, "measured_ms": p.plan.stages.measured_ms}
+        for p in prepared
+    ]
     run_ranks(_verify_rank, world_size=pp * dp, args=(str(work), jobs, layout), log_dir=work / "logs")
     results = [[torch.load(p.work / f"result{r}.pt") for r in range(pp * dp)] for p in prepared]
     defaults = {"fp32": FP32_TOLERANCE, "bf16": BF16_TOLERANCE}
@@ -304,6 +313,9 @@ def _plan_job(job: VerifyJob, *, pp: int):
         raise PptkError(
             f"micro_batch_size ({job.micro_batch_size}) and micro_batches ({job.micro_batches}) must be at least 1"
         )
+    from pptk.schedules import check_schedule
+
+    check_schedule(job.schedule, pp=pp, micro_batches=job.micro_batches)
     plan = plan_pipeline(
         resolve_model(job.model),
         num_stages=pp,
@@ -312,6 +324,8 @@ def _plan_job(job: VerifyJob, *, pp: int):
         attn_implementation=job.attn_implementation,
         dropout=False,
         seq_len=job.seq_len,
+        schedule=job.schedule,
+        micro_batch_size=job.micro_batch_size,
     )
     positions = max_positions(plan.config)
     if positions is not None and job.seq_len > positions:

@@ -58,6 +58,7 @@ class VerifyResult:
     problems: list[str] = field(default_factory=list)
     precision: str = "fp32"
     loss_noise_units: float = 0.0  # bf16: the loss difference in units of Hugging Face's bf16 loss error
+    schedule: str = "1f1b"
 
     @property
     def passed(self) -> bool:
@@ -78,9 +79,9 @@ class VerifyResult:
             )
         lines = [
             f"pptk verify {self.model} ({self.model_type}, {self.task}) pp={self.pp} dp={self.dp} "
-            f"zero={self.zero_stage} {self.precision}",
+            f"zero={self.zero_stage} {self.precision} {self.schedule}",
             *(
-                f"  stage {s}: {n:,} params  [{', '.join(layers)}]"
+                f"  rank {s}: {n:,} params  [{', '.join(layers)}]"
                 for s, (n, layers) in enumerate(zip(self.params_per_stage, self.stages))
             ),
             f"  parameters: pipeline {self.params_pipeline:,}  hugging face {self.params_reference:,}",
@@ -284,7 +285,8 @@ def compare(
         params_pipeline=params_pipeline,
         params_reference=reference["num_parameters"],
         params_per_stage=per_stage,
-        stages=[[f"{c.index}:{c.name}" for c in plan.stages.stage_layers(s)] for s in range(pp)],
+        schedule=plan.stages.schedule,
+        stages=[[f"{c.index}:{c.name}" for c in plan.stages.rank_layers(r)] for r in range(pp)],
         largest_diffs=largest,
         problems=problems,
         precision=precision,

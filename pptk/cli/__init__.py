@@ -5,9 +5,10 @@ import argparse
 import json
 import sys
 
-from pptk.cli import env
+from pptk.cli import env, plot, timeline
 from pptk.errors import PptkError
 from pptk.partition import METHODS
+from pptk.schedules import SCHEDULES
 
 MODEL_HELP = "a local Hugging Face dir, a config.json, or a model type (e.g. gpt2) meaning a small random config"
 TASK_HELP = (
@@ -25,12 +26,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         dp=args.dp,
         task=args.task,
         micro_batch_size=args.micro_batch_size,
-        micro_batches=args.micro_batches,
+        micro_batches=args.micro_batches or (2 * args.pp if args.schedule == "dualpipev" else 2),
         seq_len=args.seq_len,
         zero_stage=args.zero_stage,
         partition_method=args.partition_method,
         attn_implementation=args.attn,
         precision=args.precision,
+        schedule=args.schedule,
         tolerance=args.tolerance,
         seed=args.seed,
     )
@@ -50,7 +52,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pptk.pipeline import plan_pipeline
 
     plan = plan_pipeline(
-        args.model, num_stages=args.pp, task=args.task, partition_method=args.partition_method, seq_len=args.seq_len
+        args.model,
+        num_stages=args.pp,
+        task=args.task,
+        partition_method=args.partition_method,
+        seq_len=args.seq_len,
+        schedule=args.schedule,
+        micro_batch_size=args.micro_batch_size,
     )
     per_param = bytes_per_param(args.precision, dp=args.dp, zero_stage=args.zero_stage)
     rows = plan.stages.summary()
@@ -64,6 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "pp": args.pp,
                     "dp": args.dp,
                     "method": args.partition_method,
+                    "schedule": args.schedule,
                     "precision": args.precision,
                     "stages": rows,
                 },
@@ -73,16 +82,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{plan.source.label}: {plan.config.model_type}, {plan.task}, pp={args.pp} dp={args.dp} "
-        f"(world size {args.pp * args.dp}), partition method {args.partition_method!r}"
+        f"(world size {args.pp * args.dp}), partition method {args.partition_method!r}, schedule {args.schedule}"
     )
     print(plan.stages.describe())
     print(
         f"weights+grads+Adam per rank ({args.precision}, ZeRO-{args.zero_stage} over dp={args.dp}), "
         "activations not included:"
     )
-    for row in rows:
-        gib = row["train_state_gib"]
-        print(f"  stage {row['stage']}: " + (f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"))
+    for rank in range(args.pp):
+        gib = sum(row["train_state_gib"] for row in rows if row["rank"] == rank)
+        label = "rank" if args.schedule == "dualpipev" else "stage"
+        print(f"  {label} {rank}: " + (f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"))
     return 0
 
 
@@ -116,6 +126,7 @@ def _common_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=int, required=True, help="pipeline stages")
     parser.add_argument("--task", default=None, help=TASK_HELP)
     parser.add_argument("--partition-method", default="compute", help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES), help="pipeline schedule")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -127,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common_model_args(p)
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (world size = pp * dp)")
     p.add_argument("--micro-batch-size", type=int, default=2)
-    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (gradient accumulation)")
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="micro-batches per step (gradient accumulation); default 2, or 2 * pp for dualpipev",
+    )
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
@@ -152,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for the compute cost model")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="profile: sequences per timed micro-batch")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="Hugging Face dir <-> pipeline checkpoint, one layer in memory at a time")
@@ -168,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list supported model families and tasks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    timeline.add_parser(sub)
+    plot.add_parser(sub)
 
     p = sub.add_parser("env", help="report the software stack and GPUs, and compare with the pins")
     env.add_arguments(p)

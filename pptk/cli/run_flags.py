@@ -30,7 +30,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--max-steps", type=int, default=1000, help="with --epochs: cut the run short or stretch it")
     g.add_argument("--epochs", type=int, default=None, help="train this many passes over the data")
-    g.add_argument("--partition-method", default="compute", help="compute | parameters | uniform | type:REGEX")
+    g.add_argument(
+        "--partition-method", default="compute", help="compute | profile | parameters | uniform | type:REGEX"
+    )
+    g.add_argument("--schedule", default="1f1b", choices=["1f1b", "dualpipev"], help="pipeline schedule")
+    g.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known GPUs)")
     g.add_argument("--activation-checkpoint-interval", type=int, default=0, help="blocks per checkpoint; 0 = off")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention kernel")
     g.add_argument("--seed", type=int, default=1234)
@@ -108,6 +112,8 @@ def run_config(
             zero_stage=args.zero_stage,
             partition_method=args.partition_method,
             activation_checkpoint_interval=args.activation_checkpoint_interval,
+            schedule=args.schedule,
+            peak_tflops=args.peak_tflops,
         ),
         optim=OptimConfig(
             ds_config=args.ds_config,

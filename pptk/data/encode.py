@@ -85,12 +85,13 @@ def encode_lines(lines: Sequence[tuple[str, str]], tokenizer, *, max_len: int, t
 # ---------------------------------------------------------------------------------------------------- batches
 
 
-def pad_batch(features: Sequence[dict], *, pad_id: int) -> Batch:
-    """Right-pad to the longest sequence of these features: ((input_ids, attention_mask, token_type_ids), labels).
+def pad_batch(features: Sequence[dict], *, pad_id: int, length: int | None = None) -> Batch:
+    """Right-pad to the longest sequence of these features, or to ``length`` (fixed-shape schedules):
+    ((input_ids, attention_mask, token_type_ids), labels).
 
     Per-token labels are padded with IGNORE; per-sequence labels become a [batch] tensor.
     """
-    length = max(len(f["input_ids"]) for f in features)
+    length = length or max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), length), dtype=torch.long)
     types = torch.zeros((len(features), length), dtype=torch.long)
@@ -108,3 +109,8 @@ def pad_batch(features: Sequence[dict], *, pad_id: int) -> Batch:
         if per_token:
             labels[row, :n] = torch.tensor(f["labels"])
     return (ids, mask, types), labels
+
+
+def longest(*feature_lists: Sequence[dict]) -> int:
+    """The longest encoded example: the one length every micro-batch is padded to when shapes must not change."""
+    return max(len(f["input_ids"]) for features in feature_lists for f in features)

@@ -12,12 +12,13 @@ import torch
 import torch.distributed as dist
 
 from pptk.config import RunConfig
-from pptk.data.encode import IGNORE, encode_classification, encode_tagging, pad_batch
+from pptk.data.encode import IGNORE, encode_classification, encode_tagging, longest, pad_batch
 from pptk.data.labels import LabelMap, class_label_names, config_with_labels, resolve_labels, tag_label_names
 from pptk.data.readers import read_conll, read_text_classification
 from pptk.data.sampler import Shard
 from pptk.errors import PptkError
 from pptk.pipeline import ModelSource, PipelinePlan, resolve_model
+from pptk.schedules import needs_fixed_shapes
 from pptk.tasks import infer_task
 from pptk.tasks.base import Batch, Evaluation, replica_mean
 from pptk.tasks.encoder import eval_micro_batches, resolve_encoder, select
@@ -71,6 +72,7 @@ def prepare(run: RunConfig, task: str) -> PreparedClassification:
     train = encode(train_raw, tokenizer, label_map, max_len=max_len, truncate=data.truncate)  # type: ignore[arg-type]
     evaluation = encode(eval_raw, tokenizer, label_map, max_len=max_len, truncate=data.truncate)  # type: ignore[arg-type]
     source = ModelSource(config_with_labels(source.config, label_map), source.pretrained_dir, source.label)
+    pad_to = longest(train, evaluation) if needs_fixed_shapes(run.parallel.schedule) else None
     return PreparedClassification(
         task=task,
         source=source,
@@ -79,6 +81,8 @@ def prepare(run: RunConfig, task: str) -> PreparedClassification:
         label_map=label_map,
         train=train,
         eval=evaluation,
+        dynamic_shape=pad_to is None,
+        pad_to=pad_to,
     )
 
 
@@ -147,6 +151,7 @@ class PreparedClassification:
     dynamic_shape: bool = True  # every micro-batch is padded to its own longest example
     lengths: set[int] = field(default_factory=set)
     recorder: PredictionRecorder | None = None
+    pad_to: int | None = None  # one length for every micro-batch (DualPipeV sends shapes once)
 
     @property
     def per_token(self) -> bool:
@@ -170,7 +175,7 @@ class PreparedClassification:
         return self.recorder
 
     def _collate(self, features: list[dict]) -> Batch:
-        return pad_batch(features, pad_id=self.tokenizer.pad_token_id)
+        return pad_batch(features, pad_id=self.tokenizer.pad_token_id, length=self.pad_to)
 
     def train_batch(self, indices: np.ndarray, number: int, shard: Shard) -> Batch:
         batch = self._collate(select(self.train, indices))

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from pptk.config import RunConfig
-from pptk.data.encode import IGNORE, encode_lines
+from pptk.data.encode import IGNORE, encode_lines, longest
 from pptk.data.readers import read_lines
 from pptk.data.sampler import Shard
 from pptk.errors import PptkError
 from pptk.pipeline import ModelSource, PipelinePlan
+from pptk.schedules import needs_fixed_shapes
 from pptk.tasks.base import Batch, Evaluation, replica_mean
 from pptk.tasks.encoder import eval_micro_batches, resolve_encoder, select
 
@@ -38,11 +39,14 @@ class MaskingCollator:
     ordinary token), so the loss is never a mean over nothing.
     """
 
-    def __init__(self, tokenizer, *, probability: float, seed: int):
+    def __init__(self, tokenizer, *, probability: float, seed: int, pad_to: int | None = None):
         from transformers import DataCollatorForLanguageModeling
 
         self.tokenizer = tokenizer
-        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability, seed=seed)
+        # pad_to: every line is at most this long, so padding to a multiple of it pads to exactly it
+        self.collator = DataCollatorForLanguageModeling(
+            tokenizer, mlm_probability=probability, seed=seed, pad_to_multiple_of=pad_to
+        )
 
     def __call__(self, features: list[dict]) -> Batch:
         batch = self.collator([dict(f) for f in features])
@@ -87,14 +91,18 @@ def prepare(run: RunConfig) -> PreparedMaskedLM:
         train_lines = [lines[i] for i in sorted(order[n_eval:])]
         eval_lines = [lines[i] for i in sorted(order[:n_eval])]
     encode = dict(tokenizer=tokenizer, max_len=max_len, truncate=data.truncate)
+    train, evaluation = encode_lines(train_lines, **encode), encode_lines(eval_lines, **encode)
+    pad_to = longest(train, evaluation) if needs_fixed_shapes(run.parallel.schedule) else None
     return PreparedMaskedLM(
         source=source,
         tokenizer=tokenizer,
         seq_len=max_len,
-        train=encode_lines(train_lines, **encode),
-        eval=encode_lines(eval_lines, **encode),
+        train=train,
+        eval=evaluation,
         probability=data.mlm_probability,
         seed=run.seed,
+        dynamic_shape=pad_to is None,
+        pad_to=pad_to,
     )
 
 
@@ -111,6 +119,7 @@ class PreparedMaskedLM:
     dynamic_shape: bool = True  # every micro-batch is padded to its own longest line
     lengths: set[int] = field(default_factory=set)
     _eval_batches: list | None = None
+    pad_to: int | None = None  # one length for every micro-batch (DualPipeV sends shapes once)
 
     @property
     def num_train_examples(self) -> int:
@@ -127,7 +136,10 @@ class PreparedMaskedLM:
 
     def train_batch(self, indices: np.ndarray, number: int, shard: Shard) -> Batch:
         collate = MaskingCollator(
-            self.tokenizer, probability=self.probability, seed=masking_seed(self.seed, shard.dp_rank, number)
+            self.tokenizer,
+            probability=self.probability,
+            seed=masking_seed(self.seed, shard.dp_rank, number),
+            pad_to=self.pad_to,
         )
         batch = collate(select(self.train, indices))
         self.lengths.add(int(batch[0][0].shape[1]))
@@ -136,7 +148,10 @@ class PreparedMaskedLM:
     def evaluate(self, engine, shard: Shard, *, max_micro_batches: int) -> Evaluation:
         if self._eval_batches is None:  # built once: the same masks at every evaluation, so the numbers compare
             collate = MaskingCollator(
-                self.tokenizer, probability=self.probability, seed=masking_seed(self.seed, 10_000, shard.dp_rank)
+                self.tokenizer,
+                probability=self.probability,
+                seed=masking_seed(self.seed, 10_000, shard.dp_rank),
+                pad_to=self.pad_to,
             )
             self._eval_batches = eval_micro_batches(self.eval, shard, collate)
         batches = self._eval_batches

@@ -72,6 +72,16 @@ def pp2_jobs(untied_gpt2_config: Path) -> dict:
     jobs[("minilm", "masked-lm")] = VerifyJob(minilm_dir(), task="masked-lm", seq_len=24)
     jobs[("gpt2", "tied")] = VerifyJob("gpt2")
     jobs[("gpt2", "untied")] = VerifyJob(untied_gpt2_config, seq_len=20, micro_batches=3)
+    # DualPipeV (rank r holds stages r and 3-r; 2 * pp micro-batches), fp32 and bf16, in the same launch
+    jobs |= {
+        ("dualpipev", name): VerifyJob(model, task=task, precision=precision, micro_batches=4, schedule="dualpipev")
+        for name, model, task, precision in (
+            ("gpt2", "gpt2", None, "fp32"),
+            ("llama", "llama", None, "fp32"),
+            ("bert-classification", "bert", "sequence-classification", "fp32"),
+            ("gpt2-bf16", "gpt2", None, "bf16"),
+        )
+    }
     # bf16 (the shipped bf16 config, BF16_Optimizer) against Hugging Face in bf16; two jobs are broken on purpose
     jobs |= {
         ("bf16", name): VerifyJob(model, task=task, precision="bf16", seq_len=24)

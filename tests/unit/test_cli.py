@@ -53,7 +53,7 @@ def test_models_lists_gpt2(capsys):
             ["verify", "gpt2", "--pp", "2", "--precision", "fp16"],
             "--precision 'fp16': verify runs fp32 or bf16; fp16 needs a GPU",
         ),
-        (["plan", "gpt2", "--pp", "2", "--partition-method", "profile"], "unknown partition method 'profile'"),
+        (["plan", "gpt2", "--pp", "2", "--partition-method", "flops"], "unknown partition method 'flops'"),
     ],
 )
 def test_bad_input_exits_2_before_any_rank_starts(argv, message, capsys):

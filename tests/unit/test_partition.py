@@ -58,8 +58,8 @@ def test_bad_requests_name_the_fix():
     costs = _costs([1, 1, 1])
     with pytest.raises(PptkError, match="pp=4 stages but the model has only 3 blocks.*--pp 3 or fewer"):
         plan_stages(costs, num_stages=4)
-    with pytest.raises(PptkError, match="unknown partition method 'profile'"):
-        plan_stages(costs, num_stages=2, method="profile")
+    with pytest.raises(PptkError, match="unknown partition method 'flops'"):
+        plan_stages(costs, num_stages=2, method="flops")
     with pytest.raises(PptkError, match="matches no layer; layer classes are: L0"):
         plan_stages(costs, num_stages=2, method="type:Nope")
     with pytest.raises(PptkError, match="at least 1"):
