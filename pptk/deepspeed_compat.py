@@ -453,9 +453,12 @@ def _plain(value):
     return value.item() if torch.is_tensor(value) else value
 
 
-def time_instructions(engine, record: Callable[[str, dict, float, float], None]) -> None:
-    """Call ``record(instruction class name, its kwargs, start, end)`` (``time.perf_counter`` seconds) around every
-    pipeline instruction this engine executes (forward, backward, send/recv, all-reduces, optimizer step).
+def time_instructions(
+    engine, record: Callable[[str, dict, float, float], None], clock: Callable[[], float] | None = None
+) -> None:
+    """Call ``record(instruction class name, its kwargs, start, end)`` (``clock()`` seconds, by default
+    ``time.perf_counter``) around every pipeline instruction this engine executes (forward, backward, send/recv,
+    all-reduces, optimizer step).
 
     Written against DeepSpeed 0.19.8: ``PipelineEngine._exec_schedule`` looks each instruction's method up in
     ``self._INSTRUCTION_MAP`` (a class attribute keyed by instruction type, extended by ``DualPipeVEngine``) and
@@ -463,13 +466,15 @@ def time_instructions(engine, record: Callable[[str, dict, float, float], None])
     """
     import time
 
+    now = clock or time.perf_counter
+
     def timed(name: str, method: Callable) -> Callable:
         def run(self, **kwargs):
-            began = time.perf_counter()
+            began = now()
             try:
                 return method(self, **kwargs)
             finally:
-                record(name, kwargs, began, time.perf_counter())
+                record(name, kwargs, began, now())
 
         return run
 

@@ -91,21 +91,32 @@ class StepRecorder:
     began: float = 0.0
     ended: float = 0.0
     active: bool = False
+    synchronize: bool = False
+
+    def clock(self) -> float:
+        """The host clock; on a GPU, in a step being sampled, after the device has finished its queued work (CUDA
+        kernels run asynchronously, so without it a forward would measure only its launch)."""
+        if self.synchronize:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        return time.perf_counter()
 
     def record(self, name: str, kwargs: dict, start: float, end: float) -> None:
         if self.active:
             self.events.append((name, int(kwargs.get("phase", 0)), start, end))
 
     @contextmanager
-    def step(self) -> Iterator[None]:
+    def step(self, *, synchronize: bool = False) -> Iterator[None]:
         self.events = []
-        self.active = True
-        self.began = time.perf_counter()
+        self.active, self.synchronize = True, synchronize
+        self.began = self.clock()
         try:
             yield
         finally:
-            self.ended = time.perf_counter()
-            self.active = False
+            self.ended = self.clock()
+            self.active, self.synchronize = False, False
 
     def snapshot(self) -> dict:
         """The step relative to its start: what a rank sends to rank 0."""
@@ -176,7 +187,7 @@ class PipelineObserver:
         from pptk import deepspeed_compat
 
         self.recorder = StepRecorder()
-        deepspeed_compat.time_instructions(engine, self.recorder.record)
+        deepspeed_compat.time_instructions(engine, self.recorder.record, clock=self.recorder.clock)
         self.identity = {
             "rank": dist.get_rank(),
             "stage": engine.stage_id,
@@ -190,8 +201,10 @@ class PipelineObserver:
         self.precision = precision
         self.out = out
 
-    def step(self):
-        return self.recorder.step()
+    def step(self, *, synchronize: bool = False):
+        """Record this step; ``synchronize``: wait for the GPU at every clock read (the steps whose metrics are
+        logged), so their instruction times are the device's, not the launches'."""
+        return self.recorder.step(synchronize=synchronize)
 
     def metrics(self, step: int) -> dict[str, Any]:
         """Rank 0: the last step's pipeline metrics (and ``timeline.json``); other ranks: {}."""

@@ -279,7 +279,8 @@ class _Loop:
         window_time, window_steps, train_time = 0.0, 0, 0.0  # time inside train_batch only
         for step in range(start_step + 1, steps.max_steps + 1):
             began = time.perf_counter()
-            with self.observer.step():
+            logs = step % run.output.log_every == 0 or step == steps.max_steps
+            with self.observer.step(synchronize=logs):  # exact GPU timings on the steps whose metrics are logged
                 loss = float(engine.train_batch(data))
             took = time.perf_counter() - began
             window_time, window_steps, train_time = window_time + took, window_steps + 1, train_time + took
@@ -288,7 +289,7 @@ class _Loop:
             summary.first_loss = loss if step == start_step + 1 else summary.first_loss
             summary.last_loss = loss
             self.metrics.advance(loss=loss)
-            if step % run.output.log_every == 0 or step == steps.max_steps:
+            if logs:
                 samples_per_s = samples_per_step * window_steps / window_time
                 self.metrics.log(
                     {
