@@ -2,8 +2,10 @@
 compute (FLOP) and the profile (measured) partition; efficiency = throughput_pp / (pp x throughput_pp1), printed
 next to the schedule's ideal (pptk.schedules.ideal_efficiency) and the measured breakdown (pptk.observe).
 
-Every configuration is a real `deepspeed` launch of recipes/gpt_pretrain.py on the embedded demo data (CPU ranks,
-1 thread each); repeats are interleaved (config A, B, ... then again) so machine noise hits all alike, and the
+Every configuration is a real `deepspeed` launch of recipes/gpt_pretrain.py on the embedded demo text and tokenizer
+with a GPT-2 of --layers x --hidden (default 8 x 384, sequence 128: the model the issue measured; the demo's own
+4 x 128 model is too small for its compute to outweigh the per-message costs) on CPU ranks, 1 thread each; repeats
+are interleaved (config A, B, ... then again) so machine noise hits all alike, and the
 median of the last logged window (warm-up excluded) is kept. Writes benchmarks/results/pipeline_efficiency.json.
 
     make install && DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline_efficiency.py
@@ -23,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_file import write_result
+
 from pptk.launch import free_port
 from pptk.schedules import ideal_efficiency
 
@@ -35,7 +39,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pp", type=int, nargs="+", default=[1, 2], help="pipeline sizes (1 is the baseline)")
     p.add_argument("--schedules", nargs="+", default=["1f1b", "dualpipev"])
     p.add_argument("--methods", nargs="+", default=["compute", "profile"])
-    p.add_argument("--model", default="gpt2", help="with --demo: the family's small config (default: demo GPT-2)")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--micro-batches", type=int, default=8, help="per step (so the global batch is fixed)")
     p.add_argument("--window", type=int, default=6, help="timed steps after one warm-up window")
@@ -52,14 +58,33 @@ def configs(args: argparse.Namespace) -> list[tuple[int, str, str]]:
     return out
 
 
-def launch(pp: int, schedule: str, method: str, args: argparse.Namespace, work: Path) -> dict:
+def prepare_inputs(args: argparse.Namespace, work: Path) -> list[str]:
+    """A GPT-2 config of the chosen size, the demo corpus as a text file and the demo tokenizer: the recipe's
+    --model/--data/--tokenizer flags."""
+    from transformers import GPT2Config
+
+    from pptk.data.demo import demo_corpus, train_demo_tokenizer
+
+    tokenizer = train_demo_tokenizer(text=demo_corpus(), vocab_size=4096, out_dir=work / "tokenizer")
+    heads = max(1, args.hidden // 64)
+    GPT2Config(
+        vocab_size=4096, n_positions=args.seq_len, n_embd=args.hidden, n_layer=args.layers, n_head=heads,
+        bos_token_id=0, eos_token_id=0,
+    ).save_pretrained(work / "model")  # fmt: skip
+    (work / "corpus.txt").write_text(demo_corpus())
+    return ["--model", str(work / "model" / "config.json"), "--tokenizer", str(tokenizer),
+            "--data", str(work / "corpus.txt"), "--seq-len", str(args.seq_len)]  # fmt: skip
+
+
+def launch(config: tuple[int, str, str], args: argparse.Namespace, work: Path, inputs: list[str]) -> dict:
     """One run; the last logged record (the steady-state window) plus its measured pipeline metrics."""
+    pp, schedule, method = config
     out = work / f"pp{pp}-{schedule}-{method}"
     steps = 2 * args.window
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
         "--num_gpus", str(pp), "--master_port", str(free_port()),
-        str(ROOT / "recipes" / "gpt_pretrain.py"), "--demo", "--output-dir", str(out),
+        str(ROOT / "recipes" / "gpt_pretrain.py"), *inputs, "--output-dir", str(out),
         "--pp", str(pp), "--schedule", schedule, "--partition-method", method,
         "--micro-batch-size", str(args.micro_batch_size), "--grad-accum-steps", str(args.micro_batches),
         "--max-steps", str(steps), "--log-every", str(args.window), "--eval-every", str(10 * steps),
@@ -80,9 +105,10 @@ def main() -> None:
     runs = configs(args)
     samples: dict[tuple, list[dict]] = {c: [] for c in runs}
     with tempfile.TemporaryDirectory(prefix="pptk-bench-") as tmp:
+        inputs = prepare_inputs(args, Path(tmp))
         for repeat in range(args.repeats):
             for config in runs:
-                samples[config].append(launch(*config, args, Path(tmp) / f"r{repeat}"))
+                samples[config].append(launch(config, args, Path(tmp) / f"r{repeat}", inputs))
                 print(f"repeat {repeat}: pp={config[0]} {config[1]:9s} {config[2]:8s} "
                       f"{samples[config][-1]['tokens_per_s']:.0f} tokens/s", flush=True)  # fmt: skip
     baseline = (
@@ -105,15 +131,15 @@ def main() -> None:
               f"bubble {row['measured_bubble'] or 0:.3f}  imbalance {row['imbalance'] or 1:.2f}")  # fmt: skip
     result = {
         "benchmark": "pipeline_efficiency",
-        "what_ran": f"pp {args.pp} on {os.cpu_count()} CPU cores, 1 thread per rank; demo GPT-2, "
+        "what_ran": f"pp {args.pp} on {os.cpu_count()} CPU cores, 1 thread per rank; GPT-2 {args.layers} x "
+        f"{args.hidden}, sequence {args.seq_len}, demo text; "
         f"global batch {args.micro_batch_size} x {args.micro_batches}; {args.repeats} interleaved repeats of "
         f"{args.window} timed steps" + (" (--quick: a smoke run, not a measurement)" if args.quick else ""),
         "platform": platform.platform(),
+        "load_average_at_end": os.getloadavg(),
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":
