@@ -6,6 +6,7 @@ import json
 import sys
 
 from pptk import env
+from pptk.cli.data import add_data_parser
 from pptk.errors import PptkError
 from pptk.partition import METHODS
 
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list supported model families and tasks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    add_data_parser(sub)
 
     p = sub.add_parser("env", help="report the software stack and GPUs, and compare with the pins")
     env.add_arguments(p)
