@@ -103,7 +103,9 @@ def main() -> None:
         work = Path(tmp)
         model_dir = train_demo_tokenizer(text=demo_corpus(), vocab_size=4096, out_dir=work / "model")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=2).save_pretrained(model_dir)
+        GPT2Config(
+            vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        ).save_pretrained(model_dir)
         small_text, big_text = work / "small.txt", work / "big.txt"
         write_corpus(small_text, target_bytes=int(args.speed_megabytes * 1e6))
         speed = {}
