@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from pptk.checkpoint import find_checkpoint, read_manifest, same_layout, save_checkpoint
 from pptk.config import RunConfig
-from pptk.data.sampler import Shard, micro_batches_per_epoch, train_indices
+from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, train_indices
 from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
 from pptk.errors import PptkError
 from pptk.logs import get_logger, setup_logging
@@ -243,9 +243,12 @@ class _Loop:
         if self.steps.steps_per_epoch is not None:
             per_epoch = self.steps.steps_per_epoch * self.layout.grad_accum_steps
         start = start_step * self.layout.grad_accum_steps
-        indices = train_indices(
-            self.task.num_train_examples, self.shard, seed=self.run.seed, start=start, per_epoch=per_epoch
-        )
+        if getattr(self.task, "samples_by_position", False):  # the task maps global sample indices to data itself
+            indices = sample_positions(self.shard, start=start)
+        else:
+            indices = train_indices(
+                self.task.num_train_examples, self.shard, seed=self.run.seed, start=start, per_epoch=per_epoch
+            )
         for number, chosen in enumerate(indices, start):
             yield self.task.train_batch(chosen, number, self.shard)
 

@@ -6,6 +6,7 @@ import json
 import sys
 
 from pptk.cli import env, plot, timeline
+from pptk.cli.data import add_data_parser
 from pptk.errors import PptkError
 from pptk.partition import METHODS
 from pptk.schedules import SCHEDULES
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     timeline.add_parser(sub)
     plot.add_parser(sub)
+    add_data_parser(sub)
 
     p = sub.add_parser("env", help="report the software stack and GPUs, and compare with the pins")
     env.add_arguments(p)

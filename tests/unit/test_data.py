@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from pptk.data.demo import DEMO_MODULES, EOS, demo_corpus, demo_documents, train_demo_tokenizer
 from pptk.data.lm import LMBlocks, check_token_ids, pack_tokens, split_train_eval, tokenize_files, tokenize_texts
 from pptk.errors import PptkError
-from pptk.tasks.causal_lm import _lm_batch
+from pptk.tasks.causal_lm import lm_batch
 
 VOCAB = 1024
 
@@ -235,7 +235,7 @@ def test_split_train_eval_errors():
 
 def test_lm_batch_shapes_and_types():
     blocks = LMBlocks(torch.randint(0, 100, (12, 5)))
-    (input_ids, attention_mask), labels = _lm_batch(blocks, np.array([3, 0, 7, 11]))
+    (input_ids, attention_mask), labels = lm_batch(blocks[np.array([3, 0, 7, 11])])
     for tensor in (input_ids, attention_mask, labels):
         assert tensor.shape == (4, 5) and tensor.dtype == torch.int64
     assert attention_mask.eq(1).all()
