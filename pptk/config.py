@@ -72,6 +72,7 @@ class OutputConfig:
     wandb_mode: str | None = None  # None: online with a W&B key, else offline
     log_all_ranks: bool = False
     sample_prompt: str | None = None  # causal-LM: print a greedy sample of the export from this prompt
+    overwrite: bool = False  # start over in an --output-dir that holds a finished run (see pptk.run_dir)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from pptk.checkpoint import find_checkpoint, read_manifest, same_layout, save_checkpoint
 from pptk.config import RunConfig
+from pptk.convert import check_export_destination
 from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, train_indices
 from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
 from pptk.errors import PptkError
@@ -32,6 +33,7 @@ from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, plan_pipeline
 from pptk.profile import agree_on_profile
 from pptk.reporting import MetricsLog, Summary, format_evaluation
+from pptk.run_dir import claim_output_dir, release_output_dir, start_fresh
 from pptk.schedules import check_eval_micro_batches
 from pptk.tasks.base import Batch, PreparedTask
 
@@ -90,11 +92,20 @@ class Trainer:
     def fit(self) -> Summary | None:
         """Train as configured; returns the summary on rank 0 (None elsewhere)."""
         setup_logging(all_ranks=self.run.output.log_all_ranks)
-        # DeepSpeed's pipeline sends activations with broadcast inside autograd; torch warns about it on every step.
-        # The gradients are sent explicitly by the engine, so the warning does not apply.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
-            return self._fit()
+        out = self.run.output
+        resuming = out.resume_from is not None
+        holds_lock = claim_output_dir(out.output_dir, resuming=resuming, overwrite=out.overwrite)
+        if holds_lock and out.overwrite and not resuming:
+            start_fresh(out.output_dir)
+        try:
+            # DeepSpeed's pipeline sends activations with broadcast inside autograd; torch warns about it on every
+            # step. The gradients are sent explicitly by the engine, so the warning does not apply.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+                return self._fit()
+        finally:
+            if holds_lock:
+                release_output_dir(out.output_dir)
 
     # ------------------------------------------------------------------------------------------------- set-up
 
@@ -121,6 +132,8 @@ class Trainer:
                 layout.schedule, pp=layout.pp, count=run.output.eval_batches, what="--eval-batches"
             )
         start_step = self._check_resume(plan, layout, steps)
+        if run.output.export_hf is not None:  # found out now, not after the training
+            check_export_destination(run.output.export_hf, overwrite=True)
 
         init_distributed()
         plan = agree_on_profile(plan)
@@ -211,7 +224,7 @@ class Trainer:
             if rank == 0:
                 from pptk.convert import ds_to_hf
 
-                ds_to_hf(run.checkpoints_dir, run.output.export_hf)
+                ds_to_hf(run.checkpoints_dir, run.output.export_hf, overwrite=True)
                 summary.export_hf = str(run.output.export_hf)
                 summary.extra.update(task.after_export(run.output.export_hf))
             dist.barrier()

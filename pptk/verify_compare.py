@@ -144,10 +144,10 @@ def reference_step(
     work.mkdir(parents=True, exist_ok=True)
     hf_class = plan.hf_class
     torch.manual_seed(seed)
+    loading: dict[str, list[str]] = {"missing_keys": [], "unexpected_keys": []}
     if plan.source.pretrained_dir is not None:
-        model = hf_class.from_pretrained(plan.source.pretrained_dir, config=plan.config)
-    else:
-        model = hf_class(plan.config)
+        model, info = hf_class.from_pretrained(plan.source.pretrained_dir, config=plan.config, output_loading_info=True)
+        loading = {key: sorted(info.get(key) or []) for key in loading}
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(work / "hf", **shards)  # the ranks load their stages from here, tensor by tensor
     inputs, labels = synthetic_batch(
@@ -157,7 +157,7 @@ def reference_step(
     step = dict(
         plan=plan, inputs=inputs, labels=labels, micro_batch_size=micro_batch_size, total=micro_batch_count * dp
     )
-    reference = {"num_parameters": model.num_parameters()}
+    reference = {"num_parameters": model.num_parameters(), **loading}
     if precision == "bf16":
         low = hf_class.from_pretrained(work / "hf", config=plan.config, dtype=torch.bfloat16)
         with torch.no_grad():
@@ -218,8 +218,19 @@ def compare(
     precision: str,
     tolerance: float,
     top: int,
+    allow_missing: bool = False,
 ) -> VerifyResult:
     problems = []
+    # Both sides initialise a tensor the checkpoint lacks the same way and would agree: a parity check that passed
+    # there would prove nothing about the weights, so it fails unless the gap is expected (a base model's head).
+    for kind, what in (("missing_keys", "missing from"), ("unexpected_keys", "unexpected in")):
+        keys = reference.get(kind) or []
+        if keys and not allow_missing:
+            problems.append(
+                f"{len(keys)} tensor(s) {what} the checkpoint: {', '.join(keys[:8])}"
+                + (" ..." if len(keys) > 8 else "")
+                + " (pass --allow-missing when that is expected, e.g. a task head a base model lacks)"
+            )
     ref_params = reference["params"]
     diffs: dict[str, float] = {}
     replica_diff = 0.0

@@ -59,6 +59,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="after training, export the last checkpoint to this Hugging Face directory",
     )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output-dir that already holds a run (its metrics and summary are replaced)",
+    )
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--eval-every", type=int, default=200, help="steps between evaluations (epoch runs: every epoch)")
     g.add_argument("--eval-batches", type=int, default=8, help="micro-batches per evaluation (causal-LM)")
@@ -137,6 +142,7 @@ def run_config(
             wandb_mode=args.wandb_mode,
             log_all_ranks=args.log_all_ranks,
             sample_prompt=sample_prompt,
+            overwrite=args.overwrite,
         ),
         seed=args.seed,
         preset=preset,
