@@ -31,6 +31,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, default=1000, help="with --epochs: cut the run short or stretch it")
     g.add_argument("--epochs", type=int, default=None, help="train this many passes over the data")
     g.add_argument(
+        "--loss-spike-factor",
+        type=float,
+        default=10.0,
+        help="a loss above this x the recent median is a bad step: not checkpointed (0: off)",
+    )
+    g.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many bad steps in a row")
+    g.add_argument(
         "--partition-method", default="compute", help="compute | profile | parameters | uniform | type:REGEX"
     )
     g.add_argument("--schedule", default="1f1b", choices=["1f1b", "dualpipev"], help="pipeline schedule")
@@ -128,6 +135,8 @@ def run_config(
             grad_clip=args.grad_clip,
             max_steps=args.max_steps,
             epochs=args.epochs,
+            loss_spike_factor=args.loss_spike_factor,
+            max_bad_steps=args.max_bad_steps,
         ),
         output=OutputConfig(
             output_dir=args.output_dir,
