@@ -24,9 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from pptk.errors import PptkError
 from pptk.pipeline import pipeline_inputs
 from pptk.tasks import synthetic_labels
+from pptk.weights import HFCheckpoint
 
 LEARNING_RATE = 1.0
 FP32_TOLERANCE = 1e-5
@@ -146,7 +149,17 @@ def reference_step(
     torch.manual_seed(seed)
     loading: dict[str, list[str]] = {"missing_keys": [], "unexpected_keys": []}
     if plan.source.pretrained_dir is not None:
-        model, info = hf_class.from_pretrained(plan.source.pretrained_dir, config=plan.config, output_loading_info=True)
+        HFCheckpoint(plan.source.pretrained_dir)  # pptk's own checks first: a bad index or header is one line
+        try:
+            model, info = hf_class.from_pretrained(
+                plan.source.pretrained_dir, config=plan.config, output_loading_info=True
+            )
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # how truncation and shapes surface
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PptkError(
+                f"Hugging Face cannot load {plan.source.pretrained_dir}: {first}; the weights are truncated or do not "
+                "match its config.json (download or save them again)"
+            ) from None
         loading = {key: sorted(info.get(key) or []) for key in loading}
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(work / "hf", **shards)  # the ranks load their stages from here, tensor by tensor
