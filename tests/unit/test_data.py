@@ -241,3 +241,14 @@ def test_lm_batch_shapes_and_types():
     assert attention_mask.eq(1).all()
     assert torch.equal(labels, input_ids) and labels.data_ptr() != input_ids.data_ptr()
     assert torch.equal(input_ids[0], blocks.tokens[3]) and torch.equal(input_ids[3], blocks.tokens[11])
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train.jsonl", "train.conll", "lines.txt"])
+def test_a_binary_data_file_is_one_error_naming_it(tmp_path, name):
+    from pptk.data.readers import read_conll, read_lines, read_text_classification
+
+    path = tmp_path / name
+    path.write_bytes(b"text,label\n" + bytes(range(128, 256)) * 4)
+    reader = {".csv": read_text_classification, ".jsonl": read_text_classification, ".conll": read_conll}
+    with pytest.raises(PptkError, match=rf"{path} is not UTF-8 text .*binary file"):
+        reader.get(path.suffix, lambda p: read_lines([p]))(path)
