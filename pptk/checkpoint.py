@@ -22,11 +22,13 @@ Every DeepSpeed internal this needs is in pptk.deepspeed_compat.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 import signal
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +126,27 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _failpoint(name: str, *, step: int) -> None:
+def failpoint(name: str, *, step: int) -> None:
     """Fault injection for the tests: PPTK_FAILPOINT=save:1:16 SIGKILLs global rank 1 midway through the step-16
-    save."""
-    if os.environ.get("PPTK_FAILPOINT") == f"{name}:{dist.get_rank()}:{step}":
+    save; PPTK_FAILPOINT=disk:0:4 makes rank 0's step-4 save fail as a full disk does (an error on one rank after
+    the process group formed)."""
+    if os.environ.get("PPTK_FAILPOINT") != f"{name}:{dist.get_rank()}:{step}":
+        return
+    if name == "save":
         os.kill(os.getpid(), signal.SIGKILL)
+    if name == "disk":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def check_layer_files(tag_dir: Path) -> None:
+    """Before any rank loads them: every layer file of a checkpoint is a whole torch archive (a zip whose
+    directory, written last, is there), so a truncated file is one error naming it, not a stream error midway."""
+    broken = [p.name for p in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(p)]
+    if broken:
+        raise PptkError(
+            f"checkpoint {tag_dir} has truncated or corrupt files ({', '.join(broken[:4])}); resume from an earlier "
+            f"step (the step directories beside it), or copy the checkpoint again"
+        )
 
 
 def rng_states() -> dict:
@@ -180,10 +198,19 @@ def save_checkpoint(
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier save that was killed
     dist.barrier()
-    engine.save_checkpoint(str(checkpoints_dir), tag=partial.name, save_latest=False)
-    _save_layer_optimizer_states(engine, plan, partial)
-    torch.save(rng_states(), partial / f"rng_rank{rank}.pt")
-    _failpoint("save", step=step)
+    try:
+        failpoint("disk", step=step)
+        engine.save_checkpoint(str(checkpoints_dir), tag=partial.name, save_latest=False)
+        _save_layer_optimizer_states(engine, plan, partial)
+        torch.save(rng_states(), partial / f"rng_rank{rank}.pt")
+    except OSError as err:  # a full or failing disk: drop the half-written tag; latest still names a whole one
+        shutil.rmtree(partial, ignore_errors=True)
+        latest = (checkpoints_dir / "latest").read_text().strip() if (checkpoints_dir / "latest").exists() else None
+        raise PptkError(
+            f"could not write checkpoint {tag} in {checkpoints_dir}: {err.strerror or err}; free space there (or "
+            "use another --output-dir) and resume" + (f" from latest ({latest}), which is intact" if latest else "")
+        ) from None
+    failpoint("save", step=step)
     dist.barrier()  # every rank has written everything it owns
     if rank == 0:
         scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None

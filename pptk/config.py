@@ -54,6 +54,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     max_steps: int | None = 1000  # None: epochs * steps per epoch
     epochs: int | None = None  # epoch-based runs evaluate and checkpoint at every epoch end
+    loss_spike_factor: float = 10.0  # a loss above this x the recent median is a bad step (0: off); pptk.guards
+    max_bad_steps: int = 3  # this many bad steps in a row stop the run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +74,7 @@ class OutputConfig:
     wandb_mode: str | None = None  # None: online with a W&B key, else offline
     log_all_ranks: bool = False
     sample_prompt: str | None = None  # causal-LM: print a greedy sample of the export from this prompt
+    overwrite: bool = False  # start over in an --output-dir that holds a finished run (see pptk.run_dir)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,10 +96,13 @@ class RunConfig:
             ("eval_every", self.output.eval_every),
             ("eval_batches", self.output.eval_batches),
             ("save_every", self.output.save_every),
+            ("max_bad_steps", self.optim.max_bad_steps),
         )
         for name, value in required:
             if value < 1:
                 problems.append(f"{name} must be at least 1, got {value}")
+        if self.optim.loss_spike_factor != 0 and self.optim.loss_spike_factor <= 1:
+            problems.append(f"loss_spike_factor must be above 1 (or 0: off), got {self.optim.loss_spike_factor}")
         optional: tuple[tuple[str, int | None], ...] = (
             ("max_steps", self.optim.max_steps),
             ("epochs", self.optim.epochs),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -51,12 +52,16 @@ def hf_to_ds(
     task: str | None = None,
     partition_method: str = "compute",
     seed: int = 1234,
+    overwrite: bool = False,
 ) -> Path:
     """Write a pipeline checkpoint (tag ``step0``) that recipes resume from with ``--resume-from DST``.
 
     Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest. ``task``
-    defaults to the one ``config.architectures`` names (pptk.tasks.infer_task).
+    defaults to the one ``config.architectures`` names (pptk.tasks.infer_task). A destination that already holds
+    checkpoints is refused unless ``overwrite``: pointing its ``latest`` at step0 would make a resume restart
+    from zero.
     """
+    check_checkpoint_destination(Path(dst), overwrite=overwrite)
     source = resolve_model(src)
     if source.pretrained_dir is None:
         raise PptkError(f"{src} has no weights (model.safetensors or an index); hf-to-ds needs a model directory")
@@ -64,8 +69,6 @@ def hf_to_ds(
     checkpoint = HFCheckpoint(source.pretrained_dir)
     dst = Path(dst)
     tag_dir = dst / "step0"
-    if tag_dir.exists():
-        raise PptkError(f"{tag_dir} already exists; choose an empty destination")
     partial = dst / "step0.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -84,6 +87,8 @@ def hf_to_ds(
         torch.save(module.state_dict(), layer_file(partial, index))
         del holder, module  # release this layer before the next one is built
     _write_atomically(partial / MANIFEST, json.dumps(manifest_for(plan, step=0, layout=None), indent=1))
+    if tag_dir.exists():  # --overwrite: replace the old step0 only once the new one is complete
+        shutil.rmtree(tag_dir)
     partial.rename(tag_dir)
     _write_atomically(dst / "latest", tag_dir.name)
     return tag_dir
@@ -116,20 +121,61 @@ def config_from_manifest(manifest: dict):
     return AutoConfig.for_model(model_type, **raw)
 
 
+def check_checkpoint_destination(dst: Path, *, overwrite: bool) -> None:
+    """hf-to-ds must not repoint an existing run's ``latest`` unless asked to."""
+    held = sorted(p.name for p in dst.glob("step*")) + (["latest"] if (dst / "latest").exists() else [])
+    if held and not overwrite:
+        raise PptkError(
+            f"{dst} already holds checkpoints ({', '.join(held[:4])}); converting into it would point its latest "
+            "at step0, so --resume-from would restart from zero. Choose an empty directory, or pass --overwrite"
+        )
+
+
+def check_export_destination(dst: Path, *, overwrite: bool) -> None:
+    """An export goes into an empty or new directory, or replaces a previous export when ``overwrite``; never
+    into a directory of other files (and never beside an older export's shards and index)."""
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise PptkError(f"{dst} is a file; give a directory to export into")
+    present = sorted(p.name for p in dst.iterdir())
+    if present and not overwrite:
+        raise PptkError(
+            f"{dst} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}); an export "
+            "beside older files (shards, an index) would load differently in pptk and transformers. Choose a new "
+            "directory, or pass --overwrite to replace it"
+        )
+    if present and not (dst / "config.json").is_file():
+        raise PptkError(
+            f"{dst} holds files that are not a Hugging Face export ({', '.join(present[:4])}); --overwrite replaces "
+            "only a previous export: choose a new directory"
+        )
+
+
 def ds_to_hf(
-    src: str | Path, dst: str | Path, *, max_shard_size: str | int = "2GB", tokenizer: str | Path | None = None
+    src: str | Path,
+    dst: str | Path,
+    *,
+    max_shard_size: str | int = "2GB",
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export a pipeline checkpoint to a directory ``AutoModelFor<task>.from_pretrained`` loads.
 
     Streams layer files into safetensors shards (sharded with an index when over ``max_shard_size``), so memory
     stays at about one shard. Tokenizer files come from ``tokenizer`` or the run's ``hf_config/`` directory.
+    The export is written beside ``dst`` and renamed into place when complete; with ``overwrite`` it replaces a
+    previous export whole, so no stale shard or index survives.
     """
+    final = Path(dst)
+    check_export_destination(final, overwrite=overwrite)
     tag_dir = find_checkpoint(src)
     manifest = read_manifest(tag_dir)
     config = config_from_manifest(manifest)
     hf_class = hf_model_class(config, manifest["task"])
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    dst = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
     # Plan the shards from shapes alone (mmap: no tensor data is read), then write them tensor by tensor.
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, TensorSource]] = [{}]
@@ -172,7 +218,14 @@ def ds_to_hf(
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, dst / name)
-    return dst
+    if final.exists():  # checked above: empty, or a previous export being overwritten
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        dst.rename(final)
+        shutil.rmtree(old)
+    else:
+        dst.rename(final)
+    return final
 
 
 def load_sequential_from_checkpoint(src: str | Path):

@@ -1,4 +1,6 @@
-# The one exception type for bad user input: every message names the problem and the fix.
+# The one exception type for bad user input, and how a command or recipe turns errors into one line each.
+import os
+import sys
 
 
 class PptkError(ValueError):
@@ -8,12 +10,45 @@ class PptkError(ValueError):
     """
 
 
-def run_main(main, *, program: str) -> int:
-    """Run a recipe's or command's ``main()``: a PptkError becomes one line on stderr and exit code 2."""
-    import sys
+# What a rank's collective raises when a peer has gone (gloo and NCCL wording): a consequence, not a cause.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
+
+def run_main(main, *, program: str) -> int:
+    """Run a recipe's or command's ``main()`` with one line per failure.
+
+    - a PptkError: ``program: error: [rank R: ]message`` on stderr, exit code 2;
+    - on a rank whose collective failed because another rank has gone: one line saying so, exit code 1 (the failing
+      rank's own line says why), instead of a traceback per rank.
+
+    Once a process group exists, the process leaves with ``os._exit``: a normal exit would wait on collectives and
+    teardown that a peer which has gone never joins.
+    """
+    rank, distributed = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    where = f"rank {rank}: " if distributed and rank is not None else ""
     try:
         return main()
     except PptkError as err:
-        print(f"{program}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{program}: error: {where}{err}", file=sys.stderr, flush=True)
+        _leave(2)
         return 2
+    except RuntimeError as err:
+        if not (distributed and any(marker in str(err) for marker in PEER_GONE)):
+            raise
+        print(f"{program}: {where}stopping: another rank failed (its error is above)", file=sys.stderr, flush=True)
+        _leave(1)
+        return 1
+
+
+def _leave(code: int) -> None:
+    """Exit now if a process group exists (see run_main); otherwise return and let the caller exit."""
+    try:
+        import torch.distributed as dist
+
+        group_exists = dist.is_available() and dist.is_initialized()
+    except ImportError:
+        group_exists = False
+    if group_exists:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -46,6 +46,8 @@ def resolve_model(model: str | Path | PretrainedConfig) -> ModelSource:
             raise PptkError(f"{path} has no config.json; point to a Hugging Face model directory")
         config = AutoConfig.from_pretrained(path)
         has_weights = any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+        if not has_weights:
+            _refuse_unreadable_weights(path)
         return ModelSource(config, path if has_weights else None, str(path))
     if path.suffix == ".json":
         if not path.is_file():
@@ -67,6 +69,21 @@ def resolve_model(model: str | Path | PretrainedConfig) -> ModelSource:
         f"({', '.join(supported_model_types())}). pptk reads only local files: fetch hub models first, e.g. "
         f"`huggingface-cli download {name} --local-dir models/{name.rsplit('/', maxsplit=1)[-1]}`"
     )
+
+
+def _refuse_unreadable_weights(path: Path) -> None:
+    """A directory with weights pptk cannot read must not train (or verify) from random ones."""
+    legacy = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))
+    stray = sorted(p.name for p in path.glob("*.safetensors"))
+    if legacy or stray:
+        found = ", ".join((legacy + stray)[:4])
+        fix = (
+            're-save it as safetensors: `python -c "from transformers import AutoModel; '
+            f"AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"` (use the task's AutoModelFor* class)"
+            if legacy
+            else "name it model.safetensors, or write a model.safetensors.index.json for shards"
+        )
+        raise PptkError(f"{path} holds weights pptk cannot read ({found}); {fix}")
 
 
 def prepare_config(

@@ -116,10 +116,14 @@ def attention_mask_for(kind: str, config, stage: StageTensors) -> torch.Tensor |
         "causal": masking_utils.create_causal_mask,
         "sliding_window": masking_utils.create_sliding_window_causal_mask,
     }[kind]
+    # Without padding the 2-D mask goes as None, as Hugging Face is called on packed batches: masking_utils then
+    # reads packed documents from position_ids that restart (--document-masking) and blocks attention across
+    # them; with the usual 0..seq-1 positions the mask is what an all-ones mask gives.
+    padding = None if bool(stage.attention_mask.all()) else stage.attention_mask
     return build(
         config=config,
         inputs_embeds=hidden,
-        attention_mask=stage.attention_mask,
+        attention_mask=padding,
         past_key_values=None,
         position_ids=stage.position_ids,
     )

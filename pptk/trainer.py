@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,17 +20,21 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pptk.checkpoint import find_checkpoint, read_manifest, same_layout, save_checkpoint
+from pptk.checkpoint import check_layer_files, find_checkpoint, read_manifest, same_layout, save_checkpoint
 from pptk.config import RunConfig
-from pptk.data.sampler import Shard, micro_batches_per_epoch, train_indices
+from pptk.convert import check_export_destination
+from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, train_indices
 from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
 from pptk.errors import PptkError
+from pptk.guards import DivergenceGuard
+from pptk.launch_watch import watch_launcher
 from pptk.logs import get_logger, setup_logging
 from pptk.observe import PipelineObserver, peak_tflops, precision_of
 from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, plan_pipeline
 from pptk.profile import agree_on_profile
 from pptk.reporting import MetricsLog, Summary, format_evaluation
+from pptk.run_dir import claim_output_dir, release_output_dir, start_fresh
 from pptk.schedules import check_eval_micro_batches
 from pptk.tasks.base import Batch, PreparedTask
 
@@ -90,11 +93,21 @@ class Trainer:
     def fit(self) -> Summary | None:
         """Train as configured; returns the summary on rank 0 (None elsewhere)."""
         setup_logging(all_ranks=self.run.output.log_all_ranks)
-        # DeepSpeed's pipeline sends activations with broadcast inside autograd; torch warns about it on every step.
-        # The gradients are sent explicitly by the engine, so the warning does not apply.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
-            return self._fit()
+        watch_launcher()  # a signal to `deepspeed` alone must not leave this rank training as an orphan
+        out = self.run.output
+        resuming = out.resume_from is not None
+        holds_lock = claim_output_dir(out.output_dir, resuming=resuming, overwrite=out.overwrite)
+        if holds_lock and out.overwrite and not resuming:
+            start_fresh(out.output_dir)
+        try:
+            # DeepSpeed's pipeline sends activations with broadcast inside autograd; torch warns about it on every
+            # step. The gradients are sent explicitly by the engine, so the warning does not apply.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+                return self._fit()
+        finally:
+            if holds_lock:
+                release_output_dir(out.output_dir)
 
     # ------------------------------------------------------------------------------------------------- set-up
 
@@ -121,6 +134,8 @@ class Trainer:
                 layout.schedule, pp=layout.pp, count=run.output.eval_batches, what="--eval-batches"
             )
         start_step = self._check_resume(plan, layout, steps)
+        if run.output.export_hf is not None:  # found out now, not after the training
+            check_export_destination(run.output.export_hf, overwrite=True)
 
         init_distributed()
         plan = agree_on_profile(plan)
@@ -183,6 +198,7 @@ class Trainer:
             metrics=metrics,
             rank=rank,
             observer=observer,
+            guard=DivergenceGuard(factor=run.optim.loss_spike_factor, max_bad_steps=run.optim.max_bad_steps),
         )
         try:
             summary = loop.train(start_step)
@@ -195,8 +211,10 @@ class Trainer:
         """Read --resume-from before any rank starts: it exists, fits this model and batch, and has steps left."""
         if self.run.output.resume_from is None:
             return 0
-        manifest = read_manifest(find_checkpoint(self.run.output.resume_from))
+        tag_dir = find_checkpoint(self.run.output.resume_from)
+        manifest = read_manifest(tag_dir)
         same_layout(manifest, plan, layout)  # raises when the model, task or global batch differ
+        check_layer_files(tag_dir)
         step = manifest["step"]
         if step >= steps.max_steps:
             raise PptkError(
@@ -211,7 +229,7 @@ class Trainer:
             if rank == 0:
                 from pptk.convert import ds_to_hf
 
-                ds_to_hf(run.checkpoints_dir, run.output.export_hf)
+                ds_to_hf(run.checkpoints_dir, run.output.export_hf, overwrite=True)
                 summary.export_hf = str(run.output.export_hf)
                 summary.extra.update(task.after_export(run.output.export_hf))
             dist.barrier()
@@ -236,6 +254,7 @@ class _Loop:
     metrics: MetricsLog
     rank: int
     observer: PipelineObserver
+    guard: DivergenceGuard
 
     def batches(self, start_step: int) -> Iterator[Batch]:
         """The one sampler: this replica's micro-batches from ``start_step`` on, as the task builds them."""
@@ -243,9 +262,12 @@ class _Loop:
         if self.steps.steps_per_epoch is not None:
             per_epoch = self.steps.steps_per_epoch * self.layout.grad_accum_steps
         start = start_step * self.layout.grad_accum_steps
-        indices = train_indices(
-            self.task.num_train_examples, self.shard, seed=self.run.seed, start=start, per_epoch=per_epoch
-        )
+        if getattr(self.task, "samples_by_position", False):  # the task maps global sample indices to data itself
+            indices = sample_positions(self.shard, start=start)
+        else:
+            indices = train_indices(
+                self.task.num_train_examples, self.shard, seed=self.run.seed, start=start, per_epoch=per_epoch
+            )
         for number, chosen in enumerate(indices, start):
             yield self.task.train_batch(chosen, number, self.shard)
 
@@ -284,8 +306,7 @@ class _Loop:
                 loss = float(engine.train_batch(data))
             took = time.perf_counter() - began
             window_time, window_steps, train_time = window_time + took, window_steps + 1, train_time + took
-            if not math.isfinite(loss):
-                raise PptkError(f"loss became {loss} at step {step}; lower --lr or raise --warmup-steps")
+            bad_step = self.guard.check(loss, step=step)  # raises when the run diverges
             summary.first_loss = loss if step == start_step + 1 else summary.first_loss
             summary.last_loss = loss
             self.metrics.advance(loss=loss)
@@ -304,7 +325,9 @@ class _Loop:
                 window_time, window_steps = 0.0, 0
             if steps.evaluates(step):
                 self.evaluate(step, summary)
-            if steps.saves(step):
+            if steps.saves(step) and bad_step:
+                log.warning(f"step {step}: loss {loss:.4g} spiked; no checkpoint now, so latest stays on good weights")
+            elif steps.saves(step):
                 save_checkpoint(
                     engine,
                     self.plan,

@@ -59,6 +59,7 @@ class VerifyJob:
     max_shard_size: str | None = None
     precision: str = "fp32"  # or "bf16"; jobs of both precisions can share a launch
     schedule: str = "1f1b"  # or "dualpipev" (needs micro_batches >= 2 * pp); jobs of both can share a launch
+    allow_missing: bool = False  # PASS although the checkpoint lacks (or has extra) tensors both sides initialise
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ def verify(
     seed: int = 0,
     workdir: str | Path | None = None,
     top: int = 5,
+    allow_missing: bool = False,
 ) -> VerifyResult:
     job = VerifyJob(
         model,
@@ -203,6 +205,7 @@ def verify(
         seed=seed,
         precision=precision,
         schedule=schedule,
+        allow_missing=allow_missing,
     )
     return verify_many([job], pp=pp, dp=dp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top)[0]
 
@@ -295,6 +298,7 @@ def launch_jobs(
             precision=p.job.precision,
             tolerance=defaults[p.job.precision] if tolerance is None else tolerance,
             top=top,
+            allow_missing=p.job.allow_missing,
         )
         for p, result in zip(prepared, results)
     ]

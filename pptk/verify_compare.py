@@ -24,9 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from pptk.errors import PptkError
 from pptk.pipeline import pipeline_inputs
 from pptk.tasks import synthetic_labels
+from pptk.weights import HFCheckpoint
 
 LEARNING_RATE = 1.0
 FP32_TOLERANCE = 1e-5
@@ -144,10 +147,20 @@ def reference_step(
     work.mkdir(parents=True, exist_ok=True)
     hf_class = plan.hf_class
     torch.manual_seed(seed)
+    loading: dict[str, list[str]] = {"missing_keys": [], "unexpected_keys": []}
     if plan.source.pretrained_dir is not None:
-        model = hf_class.from_pretrained(plan.source.pretrained_dir, config=plan.config)
-    else:
-        model = hf_class(plan.config)
+        HFCheckpoint(plan.source.pretrained_dir)  # pptk's own checks first: a bad index or header is one line
+        try:
+            model, info = hf_class.from_pretrained(
+                plan.source.pretrained_dir, config=plan.config, output_loading_info=True
+            )
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # how truncation and shapes surface
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PptkError(
+                f"Hugging Face cannot load {plan.source.pretrained_dir}: {first}; the weights are truncated or do not "
+                "match its config.json (download or save them again)"
+            ) from None
+        loading = {key: sorted(info.get(key) or []) for key in loading}
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(work / "hf", **shards)  # the ranks load their stages from here, tensor by tensor
     inputs, labels = synthetic_batch(
@@ -157,7 +170,7 @@ def reference_step(
     step = dict(
         plan=plan, inputs=inputs, labels=labels, micro_batch_size=micro_batch_size, total=micro_batch_count * dp
     )
-    reference = {"num_parameters": model.num_parameters()}
+    reference = {"num_parameters": model.num_parameters(), **loading}
     if precision == "bf16":
         low = hf_class.from_pretrained(work / "hf", config=plan.config, dtype=torch.bfloat16)
         with torch.no_grad():
@@ -218,8 +231,19 @@ def compare(
     precision: str,
     tolerance: float,
     top: int,
+    allow_missing: bool = False,
 ) -> VerifyResult:
     problems = []
+    # Both sides initialise a tensor the checkpoint lacks the same way and would agree: a parity check that passed
+    # there would prove nothing about the weights, so it fails unless the gap is expected (a base model's head).
+    for kind, what in (("missing_keys", "missing from"), ("unexpected_keys", "unexpected in")):
+        keys = reference.get(kind) or []
+        if keys and not allow_missing:
+            problems.append(
+                f"{len(keys)} tensor(s) {what} the checkpoint: {', '.join(keys[:8])}"
+                + (" ..." if len(keys) > 8 else "")
+                + " (pass --allow-missing when that is expected, e.g. a task head a base model lacks)"
+            )
     ref_params = reference["params"]
     diffs: dict[str, float] = {}
     replica_diff = 0.0

@@ -1,7 +1,8 @@
 """Causal-LM pretraining of a Hugging Face decoder on DeepSpeed's pipeline engine: pipeline stages x ZeRO-1 data
 parallelism.
 
-Text files are tokenized, joined with end-of-text tokens and packed into fixed --seq-len blocks.
+Data is read from prepared sets (`pptk data prepare`: token ids in a memory-mapped file), cut into --seq-len blocks;
+text files given to --data are prepared once into <output-dir>/data (or --data-cache) first.
 
 One node, 8 GPUs as 4 pipeline stages x 2 data-parallel replicas:
     deepspeed --num_gpus 8 recipes/gpt_pretrain.py --model models/my-gpt2 --data corpus/*.txt \
@@ -45,7 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model", default=None, help="local HF dir, config.json, or model type (e.g. gpt2); with --demo, a model type"
     )
-    parser.add_argument("--data", nargs="*", type=Path, default=[], help="text files to train on")
+    parser.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        help="prepared sets (`pptk data prepare`; DIR or DIR:WEIGHT to blend) and/or text files (.txt, .jsonl, "
+        ".jsonl.gz, .parquet), which are prepared once into --data-cache",
+    )
+    parser.add_argument(
+        "--data-cache", type=Path, default=None, help="where text files are prepared (default: <output-dir>/data)"
+    )
+    parser.add_argument(
+        "--document-masking",
+        action="store_true",
+        help="positions restart at document boundaries and attention never crosses them",
+    )
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the model dir)")
     parser.add_argument("--seq-len", type=int, default=None, help="block length (default: the model's positions)")
     parser.add_argument("--eval-fraction", type=float, default=0.05)
@@ -61,7 +76,12 @@ def build(argv: list[str] | None = None) -> tuple[RunConfig, Callable[[RunConfig
     """The run this command line asks for, and the task that prepares its data."""
     args = parse_args(argv)
     data = causal_lm.CausalLMData(
-        files=tuple(args.data), seq_len=args.seq_len, eval_fraction=args.eval_fraction, demo=args.demo
+        files=tuple(Path(d) for d in args.data),
+        seq_len=args.seq_len,
+        eval_fraction=args.eval_fraction,
+        demo=args.demo,
+        data_cache=args.data_cache,
+        document_masking=args.document_masking,
     )
     run = run_config(
         args,

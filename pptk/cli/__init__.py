@@ -6,6 +6,7 @@ import json
 import sys
 
 from pptk.cli import env, plot, timeline
+from pptk.cli.data import add_data_parser
 from pptk.errors import PptkError
 from pptk.partition import METHODS
 from pptk.schedules import SCHEDULES
@@ -33,6 +34,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         attn_implementation=args.attn,
         precision=args.precision,
         schedule=args.schedule,
+        allow_missing=args.allow_missing,
         tolerance=args.tolerance,
         seed=args.seed,
     )
@@ -100,11 +102,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from pptk.convert import ds_to_hf, hf_to_ds
 
     if args.direction == "hf-to-ds":
-        tag_dir = hf_to_ds(args.src, args.dst, pp=args.pp, task=args.task, partition_method=args.partition_method)
+        tag_dir = hf_to_ds(
+            args.src,
+            args.dst,
+            pp=args.pp,
+            task=args.task,
+            partition_method=args.partition_method,
+            overwrite=args.overwrite,
+        )
         task = json.loads((tag_dir / "pptk.json").read_text())["task"]
         print(f"wrote {tag_dir} ({task}; resume with --resume-from {args.dst})")
     else:
-        out = ds_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+        out = ds_to_hf(
+            args.src, args.dst, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, overwrite=args.overwrite
+        )
         print(f"wrote {out} (load with AutoModelFor*.from_pretrained({str(out)!r}))")
     return 0
 
@@ -160,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default 1e-5 (fp32, absolute) or 2^-5 (bf16, relative to each gradient's norm)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="PASS although the checkpoint lacks tensors (or has extra ones) that both sides initialise alike, "
+        "e.g. a task head a base model does not have",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("plan", help="show which layers each stage holds and the memory each rank needs")
@@ -180,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition-method", default="compute")
     p.add_argument("--max-shard-size", default="2GB", help="ds-to-hf: shard size, e.g. 500MB (index when sharded)")
     p.add_argument("--tokenizer", default=None, help="ds-to-hf: tokenizer dir (default: the run's hf_config/)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous export (ds-to-hf) or a destination holding checkpoints (hf-to-ds)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("models", help="list supported model families and tasks")
@@ -188,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     timeline.add_parser(sub)
     plot.add_parser(sub)
+    add_data_parser(sub)
 
     p = sub.add_parser("env", help="report the software stack and GPUs, and compare with the pins")
     env.add_arguments(p)

@@ -31,6 +31,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, default=1000, help="with --epochs: cut the run short or stretch it")
     g.add_argument("--epochs", type=int, default=None, help="train this many passes over the data")
     g.add_argument(
+        "--loss-spike-factor",
+        type=float,
+        default=10.0,
+        help="a loss above this x the recent median is a bad step: not checkpointed (0: off)",
+    )
+    g.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many bad steps in a row")
+    g.add_argument(
         "--partition-method", default="compute", help="compute | profile | parameters | uniform | type:REGEX"
     )
     g.add_argument("--schedule", default="1f1b", choices=["1f1b", "dualpipev"], help="pipeline schedule")
@@ -58,6 +65,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="after training, export the last checkpoint to this Hugging Face directory",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output-dir that already holds a run (its metrics and summary are replaced)",
     )
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--eval-every", type=int, default=200, help="steps between evaluations (epoch runs: every epoch)")
@@ -123,6 +135,8 @@ def run_config(
             grad_clip=args.grad_clip,
             max_steps=args.max_steps,
             epochs=args.epochs,
+            loss_spike_factor=args.loss_spike_factor,
+            max_bad_steps=args.max_bad_steps,
         ),
         output=OutputConfig(
             output_dir=args.output_dir,
@@ -137,6 +151,7 @@ def run_config(
             wandb_mode=args.wandb_mode,
             log_all_ranks=args.log_all_ranks,
             sample_prompt=sample_prompt,
+            overwrite=args.overwrite,
         ),
         seed=args.seed,
         preset=preset,

@@ -5,6 +5,7 @@ import csv
 import json
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,17 @@ class TaggedSentence:
 # ---------------------------------------------------------------------------------------------------- readers
 
 
+@contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    """A binary or non-UTF-8 file is one error naming it (not a UnicodeDecodeError that does not)."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise PptkError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); is it a binary file? Save it as UTF-8 text"
+        ) from None
+
+
 def read_text_classification(
     path: str | Path, *, text_column: str = "text", label_column: str = "label", text_pair_column: str | None = None
 ) -> list[TextExample]:
@@ -47,11 +59,12 @@ def read_text_classification(
     else:
         raise PptkError(f"{path}: unknown format {path.suffix!r}; use .csv, .tsv (with a header line) or .jsonl")
     examples = []
-    for where, row in rows:
-        text = _field(row, text_column, where)
-        pair = _field(row, text_pair_column, where) if text_pair_column else None
-        label = _field(row, label_column, where)
-        examples.append(TextExample(text, label, where, pair))
+    with _utf8(path):
+        for where, row in rows:
+            text = _field(row, text_column, where)
+            pair = _field(row, text_pair_column, where) if text_pair_column else None
+            label = _field(row, label_column, where)
+            examples.append(TextExample(text, label, where, pair))
     if not examples:
         raise PptkError(f"{path} has no examples; fill it or point to another file")
     return examples
@@ -109,7 +122,7 @@ def read_conll(path: str | Path) -> list[TaggedSentence]:
     words: list[str] = []
     tags: list[str] = []
     start = ""
-    with path.open(encoding="utf-8") as f:
+    with _utf8(path), path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             fields = line.split()
             if not fields or fields[0] == DOCSTART:
@@ -146,7 +159,7 @@ def read_lines(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
     for path in map(Path, paths):
         if not path.is_file():
             raise PptkError(f"text file {path} does not exist; check the path")
-        with path.open(encoding="utf-8") as f:
+        with _utf8(path), path.open(encoding="utf-8") as f:
             lines += [(line.strip(), f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
     if not lines:
         raise PptkError(f"no text in {', '.join(map(str, paths))}; every non-empty line is an example")

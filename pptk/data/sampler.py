@@ -104,3 +104,21 @@ def eval_indices(lengths: list[int], shard: Shard) -> list[np.ndarray]:
     mine = np.array(by_length[shard.dp_rank :: shard.dp_size])
     count = min(-(-len(lengths) // shard.examples_per_micro_batch), len(lengths) // shard.dp_size)
     return list(np.array_split(mine, count))
+
+
+def sample_positions(shard: Shard, *, start: int = 0) -> Iterator[np.ndarray]:
+    """Endless global sample indices, one array of ``micro_batch_size`` per micro-batch, for this replica.
+
+    Micro-batch ``i`` of replica ``r`` holds samples ``(i * dp_size + r) * micro_batch_size + [0, micro_batch_size)``,
+    so step ``s`` covers samples ``[s * global_batch, (s + 1) * global_batch)`` on every layout with that global
+    batch. Tasks that map a sample index to data themselves (prepared token sets) use this in place of
+    ``train_indices``: no per-epoch permutation is held in memory.
+    """
+    if start < 0:
+        raise PptkError(f"start ({start}) must be >= 0")
+    size = shard.micro_batch_size
+    i = start
+    while True:
+        begin = (i * shard.dp_size + shard.dp_rank) * size
+        yield np.arange(begin, begin + size, dtype=np.int64)
+        i += 1

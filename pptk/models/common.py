@@ -16,20 +16,31 @@ class TokenEmbeddingPipe(nn.Embedding):
     """input_ids -> embeddings; starts the stage protocol.
 
     Subclasses nn.Embedding so that the tied parameter is simply ``weight`` (TiedLayerSpec's tied_weight_attr).
-    Inputs: (input_ids, attention_mask, *extra); outputs (embeddings, attention_mask, position_ids, *extra), where
-    extra (token_type_ids for BERT) is consumed by the next embedding layer on the same stage.
+    Inputs: (input_ids, attention_mask, *extra), or (input_ids, attention_mask, position_ids) for decoders;
+    outputs (embeddings, attention_mask, position_ids, *extra), where extra (token_type_ids for BERT) is consumed by
+    the next embedding layer on the same stage.
     """
 
     def __init__(
-        self, vocab_size: int, hidden_size: int, *, padding_idx: int | None = None, max_positions: int | None = None
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        *,
+        padding_idx: int | None = None,
+        max_positions: int | None = None,
+        positions_in_inputs: bool = False,
     ):
         super().__init__(vocab_size, hidden_size, padding_idx=padding_idx)
         self.max_positions = max_positions
+        # decoders: a third input, when given, is position_ids (packed documents restart their positions)
+        self.positions_in_inputs = positions_in_inputs
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         input_ids, attention_mask, *extra = inputs
         check_input_ids(input_ids, vocab_size=self.num_embeddings, max_positions=self.max_positions)
         embeddings = super().forward(input_ids)
+        if self.positions_in_inputs and len(extra) == 1:
+            return (embeddings, attention_mask.long(), extra[0].long())
         return (embeddings, attention_mask.long(), default_position_ids(attention_mask), *extra)
 
 

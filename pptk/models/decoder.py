@@ -323,11 +323,18 @@ class DecoderEmbeddingPipe(TokenEmbeddingPipe):
         *,
         padding_idx: int | None,
         max_positions: int | None,
+        positions_in_inputs: bool = False,
         scale: float | None = None,
         scale_in_weight_dtype: bool = False,
         dropout: float = 0.0,
     ):
-        super().__init__(vocab_size, hidden_size, padding_idx=padding_idx, max_positions=max_positions)
+        super().__init__(
+            vocab_size,
+            hidden_size,
+            padding_idx=padding_idx,
+            max_positions=max_positions,
+            positions_in_inputs=positions_in_inputs,
+        )
         self.scale = scale
         self.scale_in_weight_dtype = scale_in_weight_dtype
         self.dropout = dropout
@@ -547,7 +554,11 @@ def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
     hf_class = parts.causal_lm_class
 
     embed_args = (config.vocab_size, config.hidden_size)
-    embed_kwargs = dict(padding_idx=parts.padding_idx, max_positions=getattr(config, "max_position_embeddings", None))
+    embed_kwargs = dict(
+        padding_idx=parts.padding_idx,
+        max_positions=getattr(config, "max_position_embeddings", None),
+        positions_in_inputs=True,
+    )
     if parts.embed_scale is not None:
         embed_kwargs.update(scale=float(parts.embed_scale), scale_in_weight_dtype=True)
     elif family.embedding_multiplier:

@@ -50,6 +50,7 @@ def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
         config.vocab_size,
         config.hidden_size,
         max_positions=config.max_position_embeddings,
+        positions_in_inputs=True,
         tied_weight_attr="weight",
     )
     layers = [
@@ -70,6 +71,7 @@ def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
             config.vocab_size,
             config.hidden_size,
             max_positions=config.max_position_embeddings,
+            positions_in_inputs=True,
             tied_weight_attr="weight",
             forward_fn=tied_lm_logits,
         )

@@ -1,4 +1,4 @@
-# Causal-LM pretraining: text files (or the embedded demo) packed into blocks; loss and perplexity; a greedy sample.
+# Causal-LM pretraining: memory-mapped prepared sets (text files and the demo prepared first) cut into blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,9 +9,19 @@ import numpy as np
 import torch
 
 from pptk.config import RunConfig
+from pptk.data.blocks import open_prepared
+from pptk.data.corpus import (
+    Corpus,
+    build_corpus,
+    collect_sets,
+    document_labels,
+    document_positions,
+    parse_entry,
+    sample_ranges,
+)
 from pptk.data.demo import demo_corpus, demo_documents, train_demo_tokenizer
-from pptk.data.lm import LMBlocks, check_token_ids, split_train_eval, tokenize_files, tokenize_texts
-from pptk.data.sampler import Shard, micro_batches_per_epoch, train_indices
+from pptk.data.prepare import prepare_documents
+from pptk.data.sampler import Shard
 from pptk.errors import PptkError
 from pptk.models import get_adapter
 from pptk.pipeline import ModelSource, PipelinePlan, max_positions, resolve_model
@@ -25,10 +35,12 @@ DEMO_SEQ_LEN = 64
 
 @dataclass(frozen=True, kw_only=True)
 class CausalLMData:
-    files: tuple[Path, ...] = ()
+    files: tuple[Path, ...] = ()  # prepared directories (DIR or DIR:WEIGHT) and/or text files
     seq_len: int | None = None  # default: the model's positions
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05  # of each set's documents, held out whole
     demo: bool = False  # the embedded corpus and tokenizer; the model is DEMO_MODEL, or a family's small config
+    data_cache: Path | None = None  # where text files are prepared (default: <output-dir>/data)
+    document_masking: bool = False  # positions restart and attention stops at document boundaries
 
 
 def demo_config(vocab_size: int, model_type: str | None):
@@ -48,10 +60,12 @@ def demo_config(vocab_size: int, model_type: str | None):
     return config
 
 
-def _model_and_tokens(run: RunConfig) -> tuple[ModelSource, Any, np.ndarray]:
+def _model_and_sets(run: RunConfig) -> tuple[ModelSource, Any, list]:
+    """The model, its tokenizer and the opened prepared sets (text files and the demo are prepared first)."""
     from transformers import AutoTokenizer
 
     data: CausalLMData = run.data
+    cache_dir = data.data_cache or run.output.output_dir / "data"
     if data.demo:
         if run.model.model is not None:
             get_adapter(run.model.model)  # --demo --model llama: the embedded default with another family
@@ -61,24 +75,21 @@ def _model_and_tokens(run: RunConfig) -> tuple[ModelSource, Any, np.ndarray]:
         )
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         config = demo_config(len(tokenizer), run.model.model)
-        return (
-            ModelSource(config, None, f"demo {config.model_type}"),
-            tokenizer,
-            tokenize_texts(demo_documents(), tokenizer),
-        )
+        prepared = prepare_documents(demo_documents(), tokenizer=tokenizer, out=cache_dir, name="pptk demo corpus")
+        return ModelSource(config, None, f"demo {config.model_type}"), tokenizer, [(open_prepared(prepared.path), None)]
     if run.model.model is None or not data.files:
         raise PptkError("give --model and --data (or --demo for the embedded default)")
-    missing = [str(p) for p in data.files if not Path(p).is_file()]
+    missing = [str(p) for p in data.files if not parse_entry(p).path.exists()]
     if missing:
-        raise PptkError(f"--data file(s) not found: {', '.join(missing)}; check the paths")
+        raise PptkError(f"--data path(s) not found: {', '.join(missing)}; check the paths")
     source = resolve_model(run.model.model)
     tokenizer_dir = run.model.tokenizer or source.pretrained_dir or Path(run.model.model).parent
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return source, tokenizer, tokenize_files(data.files, tokenizer)
+    return source, tokenizer, collect_sets(data.files, tokenizer=tokenizer, cache_dir=cache_dir)
 
 
 def prepare(run: RunConfig) -> PreparedCausalLM:
-    source, tokenizer, tokens = _model_and_tokens(run)
+    source, tokenizer, sets = _model_and_sets(run)
     positions = max_positions(source.config)
     seq_len = run.data.seq_len or (DEMO_SEQ_LEN if run.data.demo else positions)
     if seq_len is None:
@@ -87,15 +98,20 @@ def prepare(run: RunConfig) -> PreparedCausalLM:
         raise PptkError(
             f"--seq-len {seq_len} is longer than the model's {positions} positions; use --seq-len {positions} or less"
         )
-    check_token_ids(tokens, vocab_size=source.config.vocab_size)
-    blocks = LMBlocks.from_tokens(tokens, block_size=seq_len)
-    train, evaluation = split_train_eval(blocks, eval_fraction=run.data.eval_fraction, seed=run.seed)
+    corpus = build_corpus(
+        sets,
+        tokenizer=tokenizer,
+        vocab_size=source.config.vocab_size,
+        block_size=seq_len,
+        eval_fraction=run.data.eval_fraction,
+        seed=run.seed,
+    )
     return PreparedCausalLM(
         source=source,
         tokenizer=tokenizer,
         seq_len=seq_len,
-        train=train,
-        eval=evaluation,
+        corpus=corpus,
+        document_masking=run.data.document_masking,
         sample_prompt=run.output.sample_prompt,
     )
 
@@ -105,19 +121,20 @@ class PreparedCausalLM:
     source: ModelSource
     tokenizer: Any
     seq_len: int
-    train: LMBlocks
-    eval: LMBlocks
+    corpus: Corpus
+    document_masking: bool = False
     sample_prompt: str | None = None
     task: str = TASK
     dynamic_shape: bool = False
+    samples_by_position: bool = True  # the trainer hands train_batch global sample indices (pptk.data.blocks)
     _extra: dict = field(default_factory=dict)
 
     @property
     def num_train_examples(self) -> int:
-        return len(self.train)
+        return len(self.corpus.train)
 
     def describe(self) -> str:
-        return f"{len(self.train)} train / {len(self.eval)} eval blocks of {self.seq_len} tokens"
+        return self.corpus.describe() + (", document masking" if self.document_masking else "")
 
     def tokens_per_example(self) -> float:
         return float(self.seq_len)
@@ -125,16 +142,20 @@ class PreparedCausalLM:
     def loss_fn(self, plan: PipelinePlan):
         return plan.loss_fn()
 
+    def batch(self, blocks: torch.Tensor) -> Batch:
+        return lm_batch(blocks, eos_id=self.corpus.eos_id if self.document_masking else None)
+
     def train_batch(self, indices: np.ndarray, number: int, shard: Shard) -> Batch:
-        return _lm_batch(self.train, indices)
+        return self.batch(self.corpus.train.read(indices))
 
     def evaluate(self, engine, shard: Shard, *, max_micro_batches: int) -> Evaluation | None:
-        if len(self.eval) < shard.examples_per_micro_batch:
+        held_out = self.corpus.eval
+        if held_out is None or len(held_out) < shard.examples_per_micro_batch:
             return None
         # never more micro-batches than each replica's share of the eval blocks; the same blocks every time
-        count = min(max_micro_batches, micro_batches_per_epoch(len(self.eval), shard))
-        indices = train_indices(len(self.eval), shard, seed=0)
-        batches = [_lm_batch(self.eval, next(indices)) for _ in range(count)]
+        count = min(max_micro_batches, len(held_out) // shard.examples_per_micro_batch)
+        samples = sample_ranges(count, shard.dp_rank, shard.dp_size, shard.micro_batch_size)
+        batches = [self.batch(held_out.read(s)) for s in samples]
         loss = replica_mean(float(engine.eval_batch(iter(batches), num_micro_batches=count)))
         return Evaluation({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))})
 
@@ -149,10 +170,17 @@ class PreparedCausalLM:
         return {"sample": sample}
 
 
-def _lm_batch(blocks: LMBlocks, indices: np.ndarray) -> Batch:
-    # labels are the inputs: Hugging Face's causal-LM loss shifts them; packed blocks have no padding
-    input_ids = blocks[torch.from_numpy(np.asarray(indices))]
-    return (input_ids, torch.ones_like(input_ids)), input_ids.clone()
+def lm_batch(input_ids: torch.Tensor, *, eos_id: int | None = None) -> Batch:
+    """Labels are the inputs (Hugging Face's causal-LM loss shifts them; packed blocks have no padding).
+
+    eos_id (document masking): positions restart after every eos and travel as a third input, and no document
+    is asked to predict the next one's first token.
+    """
+    mask = torch.ones_like(input_ids)
+    if eos_id is None:
+        return (input_ids, mask), input_ids.clone()
+    positions = document_positions(input_ids, eos_id=eos_id)
+    return (input_ids, mask, positions), document_labels(input_ids, positions)
 
 
 def greedy_sample(model_dir: Path, prompt: str, *, new_tokens: int = 40) -> str:

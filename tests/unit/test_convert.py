@@ -67,7 +67,7 @@ def test_cli_convert_both_ways(tmp_path, capsys):
     assert "from_pretrained" in capsys.readouterr().out
     assert AutoConfig.from_pretrained(tmp_path / "out").architectures == ["GPT2LMHeadModel"]
     assert main(["convert", "hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "ds")]) == 2  # never overwrites
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds checkpoints" in capsys.readouterr().err
 
 
 def test_bad_sources_get_clear_errors(tmp_path):

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from pptk.data.demo import DEMO_MODULES, EOS, demo_corpus, demo_documents, train_demo_tokenizer
 from pptk.data.lm import LMBlocks, check_token_ids, pack_tokens, split_train_eval, tokenize_files, tokenize_texts
 from pptk.errors import PptkError
-from pptk.tasks.causal_lm import _lm_batch
+from pptk.tasks.causal_lm import lm_batch
 
 VOCAB = 1024
 
@@ -235,9 +235,20 @@ def test_split_train_eval_errors():
 
 def test_lm_batch_shapes_and_types():
     blocks = LMBlocks(torch.randint(0, 100, (12, 5)))
-    (input_ids, attention_mask), labels = _lm_batch(blocks, np.array([3, 0, 7, 11]))
+    (input_ids, attention_mask), labels = lm_batch(blocks[np.array([3, 0, 7, 11])])
     for tensor in (input_ids, attention_mask, labels):
         assert tensor.shape == (4, 5) and tensor.dtype == torch.int64
     assert attention_mask.eq(1).all()
     assert torch.equal(labels, input_ids) and labels.data_ptr() != input_ids.data_ptr()
     assert torch.equal(input_ids[0], blocks.tokens[3]) and torch.equal(input_ids[3], blocks.tokens[11])
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train.jsonl", "train.conll", "lines.txt"])
+def test_a_binary_data_file_is_one_error_naming_it(tmp_path, name):
+    from pptk.data.readers import read_conll, read_lines, read_text_classification
+
+    path = tmp_path / name
+    path.write_bytes(b"text,label\n" + bytes(range(128, 256)) * 4)
+    reader = {".csv": read_text_classification, ".jsonl": read_text_classification, ".conll": read_conll}
+    with pytest.raises(PptkError, match=rf"{path} is not UTF-8 text .*binary file"):
+        reader.get(path.suffix, lambda p: read_lines([p]))(path)

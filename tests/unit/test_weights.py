@@ -65,6 +65,20 @@ def test_pytorch_bin_checkpoints_get_a_conversion_hint(tmp_path):
         HFCheckpoint(tmp_path)
 
 
+def test_a_directory_with_only_bin_weights_is_refused_not_trained_from_random_weights(tmp_path):
+    """resolve_model is where recipes, verify and convert learn whether a directory has weights: a .bin-only
+    directory used to count as weight-less, so it trained (and verified) from a random initialisation."""
+    _save(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(PptkError, match=r"weights pptk cannot read \(pytorch_model.bin\); re-save it as safetensors"):
+        resolve_model(tmp_path)
+    (tmp_path / "pytorch_model.bin").rename(tmp_path / "model-00001-of-00002.safetensors")
+    with pytest.raises(PptkError, match="model.safetensors.index.json"):
+        resolve_model(tmp_path)
+    (tmp_path / "model-00001-of-00002.safetensors").unlink()
+    assert resolve_model(tmp_path).pretrained_dir is None  # config only: a fresh model, as asked
+
+
 def test_wrong_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(PptkError, match="model type 't5' has no pptk adapter; supported: .*gpt2"):

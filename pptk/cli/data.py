@@ -1,0 +1,42 @@
+# `pptk data prepare`: tokenize a corpus once into a memory-mapped prepared set (see pptk.data.prepare).
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pptk.data.prepare import prepare_files
+
+    result = prepare_files(
+        args.inputs,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        workers=args.workers,
+        text_field=args.text_field,
+        lines_are_documents=args.lines_are_documents,
+        progress=True,
+    )
+    m = result.manifest
+    what = "up to date, nothing to do" if result.reused else "wrote"
+    print(
+        f"{result.path}: {what} ({m['num_documents']:,} documents, {m['num_tokens']:,} tokens as {m['dtype']}; "
+        f"train with --data {result.path})"
+    )
+    return 0
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="prepare pretraining data: tokenize once, memory-map in every run")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    p = commands.add_parser("prepare", help="tokenize text into a prepared set (tokens.bin, documents.idx, manifest)")
+    p.add_argument("inputs", nargs="+", type=Path, help=".txt, .jsonl, .jsonl.gz or .parquet files")
+    p.add_argument("--tokenizer", type=Path, required=True, help="Hugging Face tokenizer dir (the model's)")
+    p.add_argument("--out", type=Path, required=True, help="the prepared set's directory (appears when complete)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
+    p.add_argument("--text-field", default="text", help=".jsonl / .parquet: the field holding the text")
+    p.add_argument(
+        "--lines-are-documents", action="store_true", help=".txt: every non-blank line is a document (default: a file)"
+    )
+    p.set_defaults(func=cmd_prepare)

@@ -1,0 +1,218 @@
+# Prepared sets read through memory maps: the eval split by document, fixed-length blocks and weighted blends.
+"""Nothing here copies a token file into memory: ``open_prepared`` maps it (``np.memmap``) and a micro-batch
+reads only its own blocks. Which block a training sample is depends only on its global sample index ``g`` (the
+position in the run's stream of samples: step * global batch + its place in the step), so a run resumed on any
+layout with the same global batch reads exactly the blocks the uninterrupted run would have:
+
+- blend: set ``i`` is chosen for ``g`` with probability ``weight_i`` (a hash of ``(seed, g)``, Megatron-style
+  weighted blending without its precomputed index arrays);
+- within a set of ``n`` blocks, ``g`` names block ``permute(g mod n, key=(seed, set, g div n))``: a seeded
+  pseudo-random permutation per pass (a Feistel network, constant memory), so a single set is read block by
+  block in a new order every epoch, each block once per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pptk.data.prepare import FORMAT, MANIFEST_FILE
+from pptk.errors import PptkError
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedSet:
+    path: Path
+    manifest: dict
+    tokens: np.ndarray  # memmap, uint16 or uint32
+    offsets: np.ndarray  # memmap, int64, num_documents + 1
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+
+def is_prepared(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST_FILE).is_file()
+
+
+def open_prepared(path: str | Path) -> PreparedSet:
+    """Map a prepared set read-only after checking its manifest against its files."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise PptkError(
+            f"{str(path)!r} is not a prepared set ({MANIFEST_FILE} unreadable: {err}); make one with "
+            "`pptk data prepare`"
+        ) from None
+    if manifest.get("format") != FORMAT:
+        raise PptkError(
+            f"prepared set {str(path)!r} has format {manifest.get('format')}, this pptk reads {FORMAT}; prepare it "
+            "again"
+        )
+    dtype = np.dtype(manifest["dtype"])
+    tokens_file, index_file = path / manifest["tokens_file"], path / manifest["index_file"]
+    expected = {
+        tokens_file: manifest["num_tokens"] * dtype.itemsize,
+        index_file: (manifest["num_documents"] + 1) * 8,
+    }
+    for file, size in expected.items():
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            raise PptkError(
+                f"prepared set {str(path)!r}: {file.name} has {actual} bytes, its manifest says {size}; the set is "
+                "damaged: prepare it again"
+            )
+    tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(manifest["num_tokens"],))
+    offsets = np.memmap(index_file, dtype=np.int64, mode="r", shape=(manifest["num_documents"] + 1,))
+    return PreparedSet(path, manifest, tokens, offsets)
+
+
+def check_compatible(prepared: PreparedSet, *, tokenizer_info: dict, vocab_size: int) -> None:
+    """The run's tokenizer made this set, and every token id fits the model's embeddings."""
+    made_by = prepared.manifest["tokenizer"]
+    if made_by["hash"] != tokenizer_info["hash"]:
+        raise PptkError(
+            f"prepared set {str(prepared.path)!r} was made with tokenizer {made_by['name']!r} (hash "
+            f"{made_by['hash'][:12]}), but this run uses {tokenizer_info['name']!r} (hash "
+            f"{tokenizer_info['hash'][:12]}); prepare the data with the model's tokenizer or pass --tokenizer"
+        )
+    if prepared.manifest["max_token_id"] >= vocab_size:
+        raise PptkError(
+            f"prepared set {str(prepared.path)!r} holds token id {prepared.manifest['max_token_id']} but the "
+            f"model's vocab_size is {vocab_size}; use the tokenizer the model was trained with, or resize the "
+            "model's embeddings"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Blocks:
+    """Consecutive ``block_size`` tokens of a token range [begin, end) of a prepared set; the tail is dropped."""
+
+    tokens: np.ndarray
+    begin: int
+    end: int
+    block_size: int
+
+    def __len__(self) -> int:
+        return (self.end - self.begin) // self.block_size
+
+    def read(self, index: int) -> np.ndarray:
+        start = self.begin + index * self.block_size
+        return np.asarray(self.tokens[start : start + self.block_size], dtype=np.int64)
+
+
+def split_by_document(prepared: PreparedSet, *, eval_fraction: float, block_size: int) -> tuple[Blocks, Blocks | None]:
+    """(train, eval) blocks: the last ``eval_fraction`` of the documents are held out, whole (as Megatron's split).
+
+    A set of one document has no eval part (None); every other set keeps at least one document for each side.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise PptkError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    documents = prepared.num_documents
+    held_out = min(round(documents * eval_fraction), documents - 1)
+    if eval_fraction > 0 and documents > 1:
+        held_out = max(held_out, 1)
+    cut = int(prepared.offsets[documents - held_out])
+    train = Blocks(prepared.tokens, 0, cut, block_size)
+    if len(train) == 0:
+        raise PptkError(
+            f"prepared set {str(prepared.path)!r} has {cut} training tokens, fewer than one block of {block_size}; "
+            "give more text, a smaller --seq-len or a smaller --eval-fraction"
+        )
+    evaluation = Blocks(prepared.tokens, cut, len(prepared.tokens), block_size) if held_out else None
+    return train, (evaluation if evaluation is not None and len(evaluation) else None)
+
+
+# --- the constant-memory permutation and the blend ----------------------------------------------------------------
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash (wrapping uint64 arithmetic)."""
+    z = values.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+    return z ^ (z >> np.uint64(31))
+
+
+def _key(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
+
+
+def permute(positions: np.ndarray, n: int, *, key: int) -> np.ndarray:
+    """A keyed bijection of [0, n) applied to ``positions``: 4 Feistel rounds with cycle walking."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    key_bits = np.uint64(key)
+
+    def once(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for round_ in range(4):
+            with np.errstate(over="ignore"):
+                f = _mix(right ^ key_bits ^ np.uint64(round_ * 0x1000193)) & mask
+            left, right = right, left ^ f
+        return (left << shift) | right
+
+    x = once(np.asarray(positions, dtype=np.uint64))
+    outside = x >= np.uint64(n)
+    while outside.any():  # cycle walking: a permutation of the power-of-four domain restricted to [0, n)
+        x[outside] = once(x[outside])
+        outside = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class Blend:
+    """Blocks of one or more sets, drawn by global sample index with the given weights (summing to 1)."""
+
+    members: tuple[Blocks, ...]
+    weights: tuple[float, ...]
+    seed: int
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.members)
+
+    def choose(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(set, block) of each global sample index."""
+        samples = np.asarray(samples, dtype=np.int64)
+        if len(self.members) == 1:
+            which = np.zeros(len(samples), dtype=np.int64)
+        else:
+            uniform = (_mix(samples.astype(np.uint64) ^ np.uint64(_key(self.seed, 1))) >> np.uint64(11)) / float(
+                1 << 53
+            )
+            which = np.searchsorted(np.cumsum(self.weights)[:-1], uniform, side="right")
+        sizes = np.array([len(p) for p in self.members], dtype=np.int64)[which]
+        epochs = samples // sizes
+        blocks = np.empty(len(samples), dtype=np.int64)
+        for part, epoch in {(int(w), int(e)) for w, e in zip(which, epochs)}:  # one permutation per (set, pass)
+            rows = (which == part) & (epochs == epoch)
+            n = len(self.members[part])
+            blocks[rows] = permute(samples[rows] % n, n, key=_key(self.seed, part, epoch))
+        return which, blocks
+
+    def read(self, samples: np.ndarray) -> torch.Tensor:
+        """[len(samples), block_size] int64 token ids."""
+        which, blocks = self.choose(samples)
+        return torch.from_numpy(np.stack([self.members[w].read(int(b)) for w, b in zip(which, blocks)]))
+
+
+def blend(parts: Sequence[Blocks], weights: Sequence[float] | None, *, seed: int) -> Blend:
+    """Normalised weights; without weights, sets are drawn in proportion to their blocks (plain concatenation)."""
+    if weights is None:
+        weights = [float(len(p)) for p in parts]
+    if len(weights) != len(parts) or any(w <= 0 for w in weights):
+        raise PptkError(f"blend weights must be positive, one per set; got {list(weights)} for {len(parts)} sets")
+    total = float(sum(weights))
+    return Blend(tuple(parts), tuple(w / total for w in weights), seed)

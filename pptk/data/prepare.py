@@ -1,0 +1,291 @@
+# `pptk data prepare`: tokenize a corpus once into a memory-mappable token file, a document index and a manifest.
+"""A prepared set is a directory::
+
+    tokens.bin      every document's token ids followed by the separator (eos), back to back;
+                    uint16 when the tokenizer's vocabulary fits, else uint32
+    documents.idx   int64 offsets into tokens.bin: document d is tokens[idx[d]:idx[d + 1]] (its eos included)
+    manifest.json   format version, dtype, counts, the largest token id, the tokenizer (name, content hash, eos
+                    id, size) and the source: input files with sizes and mtimes and the reading options
+
+Raw little-endian arrays, as Megatron-LM's .bin/.idx: ``np.memmap`` reads them without copying, and a block is
+one slice. The directory appears whole: it is written as ``OUT.partial-<pid>`` and renamed. Preparing again with
+an unchanged source (same files, sizes, mtimes, tokenizer and options) is a no-op. Several processes may prepare
+the same set at once (every rank of a run given text files does): the first rename wins, the rest are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pptk.data.documents import Piece, check_inputs, read_documents
+from pptk.errors import PptkError
+
+FORMAT = 1
+TOKENS_FILE = "tokens.bin"
+INDEX_FILE = "documents.idx"
+MANIFEST_FILE = "manifest.json"
+BATCH_CHARS = 1 << 20  # text handed to a worker at once
+
+
+@dataclass(frozen=True)
+class Prepared:
+    path: Path
+    manifest: dict
+    reused: bool  # True when an up-to-date set was already there
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object, or a directory to load one from with transformers."""
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        if not Path(tokenizer).is_dir():
+            raise PptkError(f"--tokenizer {str(tokenizer)!r} is not a directory; give a Hugging Face tokenizer dir")
+        try:
+            return AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as err:
+            raise PptkError(f"--tokenizer {str(tokenizer)!r} holds no loadable tokenizer ({err})") from None
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict:
+    """Name, content hash, separator id and size of a fast tokenizer; the hash ignores where it was loaded from."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise PptkError(
+            f"tokenizer {type(tokenizer).__name__} is not a fast (Rust) tokenizer; prepare needs one "
+            "(a directory with tokenizer.json)"
+        )
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if separator is None:
+        raise PptkError(
+            f"tokenizer {tokenizer.name_or_path!r} has neither an eos nor a sep token, so documents cannot be "
+            "separated; set one (tokenizer.eos_token = ...) and save it"
+        )
+    content = tokenizer.backend_tokenizer.to_str()
+    return {
+        "name": str(tokenizer.name_or_path),
+        "hash": hashlib.sha256(content.encode()).hexdigest(),
+        "eos_id": int(separator),
+        "vocab_size": len(tokenizer),
+    }
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def prepare_files(
+    inputs: Sequence[str | Path],
+    *,
+    tokenizer: Any,
+    out: str | Path,
+    workers: int = 1,
+    text_field: str = "text",
+    lines_are_documents: bool = False,
+    progress: bool = False,
+) -> Prepared:
+    """Tokenize input files into the prepared set ``out`` (or reuse it when its source is unchanged)."""
+    if workers < 1:
+        raise PptkError(f"--workers must be at least 1, got {workers}")
+    paths = [Path(p).resolve() for p in inputs]
+    check_inputs(paths)
+    tokenizer = load_tokenizer(tokenizer)
+    info = tokenizer_fingerprint(tokenizer)
+    source = {
+        "format": FORMAT,
+        "tokenizer_hash": info["hash"],
+        "options": {"text_field": text_field, "lines_are_documents": lines_are_documents},
+        "inputs": [{"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths],
+    }
+
+    def pieces() -> Iterator[Piece]:
+        for path in paths:
+            yield from read_documents(path, text_field=text_field, lines_are_documents=lines_are_documents)
+
+    total = sum(entry["size"] for entry in source["inputs"])
+    return _prepare(
+        Path(out), source, info, tokenizer, pieces(), workers=workers, progress_total=total if progress else None
+    )
+
+
+def prepare_documents(documents: Sequence[str], *, tokenizer: Any, out: str | Path, name: str) -> Prepared:
+    """A prepared set of documents held in memory (the embedded demo), one worker; reused while they are unchanged."""
+    tokenizer = load_tokenizer(tokenizer)
+    info = tokenizer_fingerprint(tokenizer)
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(doc.encode())
+        digest.update(b"\0")
+    source = {
+        "format": FORMAT,
+        "tokenizer_hash": info["hash"],
+        "options": {},
+        "inputs": [{"name": name, "documents": len(documents), "sha256": digest.hexdigest()}],
+    }
+    pieces = (Piece(doc, True) for doc in documents if doc.strip())
+    return _prepare(Path(out), source, info, tokenizer, pieces, workers=1, progress_total=None)
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare(
+    out: Path, source: dict, info: dict, tokenizer: Any, pieces: Iterable[Piece], *, workers: int, progress_total
+) -> Prepared:
+    existing = read_manifest(out) if out.exists() else None
+    if existing is not None and existing.get("source") == source:
+        return Prepared(out, existing, reused=True)
+    if out.exists() and existing is None:
+        raise PptkError(
+            f"{str(out)!r} exists and is not a prepared set (no readable {MANIFEST_FILE}); choose another --out "
+            "or remove it"
+        )
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        counts = _write_tokens(partial, pieces, tokenizer, info, workers=workers, progress_total=progress_total)
+        manifest = {
+            "format": FORMAT,
+            "tokens_file": TOKENS_FILE,
+            "index_file": INDEX_FILE,
+            "dtype": token_dtype(info["vocab_size"]),
+            **counts,
+            "tokenizer": info,
+            "source": source,
+        }
+        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        return Prepared(_publish(partial, out, manifest), manifest, reused=False)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _publish(partial: Path, out: Path, manifest: dict) -> Path:
+    """Rename the finished directory into place; an outdated set there is replaced, a concurrent twin kept."""
+    if out.exists():
+        current = read_manifest(out)
+        if current is not None and current.get("source") == manifest["source"]:
+            return out  # another process finished the same set first
+        stale = out.with_name(f"{out.name}.stale-{os.getpid()}")
+        out.rename(stale)  # readers that mapped the old files keep them until they close
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        partial.rename(out)
+    except OSError:
+        current = read_manifest(out)
+        if current is None or current.get("source") != manifest["source"]:
+            raise
+    return out
+
+
+# --- tokenizing: one or several processes, in order, never more than a few batches in flight --------------------
+
+_WORKER: dict[str, Any] = {}  # a worker process's tokenizer, built once by _init_worker
+
+
+def _backend(tokenizer_json: str) -> Any:
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    _WORKER["tokenizer"] = _backend(tokenizer_json)
+
+
+def _encode(texts: list[str], backend: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the texts back to back (uint32) and each text's length: the fast tokenizer's batch API."""
+    encodings = (backend or _WORKER["tokenizer"]).encode_batch_fast(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.uint32, count=int(lengths.sum()))
+    return ids, lengths
+
+
+def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece.text)
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _write_tokens(
+    directory: Path, pieces: Iterable[Piece], tokenizer: Any, info: dict, *, workers: int, progress_total
+) -> dict:
+    from tqdm import tqdm
+
+    dtype = np.dtype(token_dtype(info["vocab_size"]))
+    eos = info["eos_id"]
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    num_tokens, num_documents, max_id, document_length = 0, 0, eos, 0
+    bar = tqdm(total=progress_total, unit="B", unit_scale=True, desc="prepare", disable=progress_total is None)
+    with open(directory / TOKENS_FILE, "wb") as tokens_out, open(directory / INDEX_FILE, "wb") as index_out:
+        index_out.write(np.zeros(1, dtype=np.int64).tobytes())
+
+        def write(batch: list[Piece], ids: np.ndarray, lengths: np.ndarray) -> None:
+            nonlocal num_tokens, num_documents, max_id, document_length
+            parts, ends = [], []
+            start = 0
+            for piece, length in zip(batch, lengths):
+                parts.append(ids[start : start + length])
+                start += length
+                document_length += int(length)
+                if piece.ends_document:
+                    parts.append(np.array([eos], dtype=np.uint32))
+                    document_length += 1
+                    num_tokens += document_length
+                    ends.append(num_tokens)
+                    document_length = 0
+            flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+            if flat.size:
+                max_id = max(max_id, int(flat.max()))
+            tokens_out.write(flat.astype(dtype).tobytes())
+            index_out.write(np.asarray(ends, dtype=np.int64).tobytes())
+            num_documents += len(ends)
+            bar.update(sum(len(p.text) for p in batch))
+
+        if workers == 1:
+            backend = _backend(tokenizer_json)
+            for batch in _batches(pieces):
+                write(batch, *_encode([p.text for p in batch], backend))
+        else:
+            import multiprocessing
+
+            # spawn: safe beside the threads of torch and of the Rust tokenizer, the same on every platform
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
+                pending: deque = deque()
+                for batch in _batches(pieces):
+                    pending.append((batch, pool.apply_async(_encode, ([p.text for p in batch],))))
+                    if len(pending) > 2 * workers:  # back-pressure: the corpus never queues up in memory
+                        done, result = pending.popleft()
+                        write(done, *result.get())
+                while pending:
+                    done, result = pending.popleft()
+                    write(done, *result.get())
+    bar.close()
+    if num_documents == 0:
+        raise PptkError("the inputs hold no non-blank document; give text to prepare")
+    return {"num_tokens": num_tokens, "num_documents": num_documents, "max_token_id": max_id}

@@ -1,0 +1,100 @@
+# Failing well through the real `deepspeed` launcher: one line per failure, nothing half-written, no orphan ranks.
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, VENV_BIN, free_port, recipe_env, run_recipe
+
+pytestmark = pytest.mark.dist
+QUICK = ["--demo", "--log-every", "1", "--eval-every", "1000", "--wandb-mode", "disabled", "--micro-batch-size", "2"]
+
+
+def _pids_running(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def disk_full_run(tmp_path_factory):
+    """Saves at step 2, then rank 0's step-4 save fails as on a full disk (an error after the process group)."""
+    out = tmp_path_factory.mktemp("disk-full")
+    env = dict(recipe_env(), PPTK_FAILPOINT="disk:0:4")
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "recipes" / "gpt_pretrain.py"), "--output-dir", str(out), *QUICK,
+           "--max-steps", "6", "--save-every", "2"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    return out, run
+
+
+def test_a_full_disk_at_save_is_one_line_and_keeps_the_previous_checkpoint(disk_full_run):
+    out, run = disk_full_run
+    text = run.stdout + run.stderr
+    assert run.returncode != 0
+    errors = [line for line in text.splitlines() if "gpt_pretrain: error:" in line]
+    assert len(errors) == 1, text[-3000:]
+    assert (
+        "rank 0: could not write checkpoint step4" in errors[0] and "from latest (step2), which is intact" in errors[0]
+    )
+    assert "Traceback" not in text, text[-3000:]
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step2"
+    assert not list(ckpt.glob("*.partial")) and not (ckpt / "step4").exists()
+    assert not (out / ".pptk.lock").exists()  # released on the way out
+
+
+def test_a_truncated_layer_file_is_named_before_any_rank_starts(disk_full_run, tmp_path):
+    out, _ = disk_full_run
+    layer = out / "checkpoints" / "step2" / "layer_03-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
+    run = run_recipe("gpt_pretrain.py", [*QUICK, "--max-steps", "4", "--resume-from", str(out / "checkpoints")],
+                     output_dir=tmp_path / "resumed", timeout=200)  # fmt: skip
+    text = run.stdout + run.stderr
+    assert run.returncode != 0 and "Traceback" not in text, text[-3000:]
+    assert "truncated or corrupt files (layer_03-model_states.pt)" in text
+    assert "Using topology" not in text  # refused before the process group and the engine
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(disk_full_run, tmp_path):
+    out, _ = disk_full_run
+    run = run_recipe("gpt_pretrain.py", [*QUICK, "--max-steps", "2"], output_dir=out, timeout=200)
+    assert run.returncode == 2 and "already holds a run" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_sigterm_to_the_launcher_leaves_no_rank_running(tmp_path):
+    """A scheduler that signals only `deepspeed` (the runner): on one node it forwards nothing, so the ranks must
+    notice on their own (pptk.launch_watch)."""
+    out = tmp_path / "signalled"
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "recipes" / "gpt_pretrain.py"), "--output-dir", str(out), *QUICK,
+           "--max-steps", "400"]  # fmt: skip
+    runner = subprocess.Popen(cmd, cwd=ROOT, env=recipe_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists():  # training has started on every rank
+            assert runner.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.5)
+        assert len(_pids_running(str(out))) >= 3  # the runner, DeepSpeed's launch, 2 ranks
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _pids_running(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _pids_running(str(out)), "ranks (or DeepSpeed's launch) outlived the launcher"
+        logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        time.sleep(2)
+        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == logged
+    finally:
+        for pid in _pids_running(str(out)):
+            os.kill(pid, signal.SIGKILL)
+        runner.kill()

@@ -1,0 +1,38 @@
+# The divergence guard on plain numbers: spikes are bad steps, a streak stops the run, NaN stops it at once.
+import pytest
+
+from pptk.errors import PptkError
+from pptk.guards import DivergenceGuard
+
+
+def _falling(guard, steps=20):
+    for step in range(1, steps + 1):
+        assert not guard.check(5.0 - 0.01 * step, step=step)
+
+
+def test_a_falling_loss_and_its_noisy_first_steps_are_never_bad():
+    guard = DivergenceGuard()
+    assert not guard.check(80.0, step=1)  # before `warmup` good steps nothing is judged
+    _falling(guard)
+
+
+def test_one_spike_is_a_bad_step_and_a_streak_stops_the_run():
+    guard = DivergenceGuard(factor=10, max_bad_steps=3)
+    _falling(guard)
+    assert guard.check(1.3e9, step=21)  # the finite blow-up: bad, not checkpointed
+    assert not guard.check(4.7, step=22)  # a lone spike is tolerated; the streak resets
+    assert guard.check(60.0, step=23) and guard.check(61.0, step=24)
+    with pytest.raises(PptkError, match=r"diverging: 62 at step 25, 3 steps in a row above 10 x the recent median"):
+        guard.check(62.0, step=25)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_the_run_at_once(loss):
+    with pytest.raises(PptkError, match="loss became .* at step 3; resume from the last checkpoint"):
+        DivergenceGuard().check(loss, step=3)
+
+
+def test_factor_zero_switches_the_spike_check_off():
+    guard = DivergenceGuard(factor=0)
+    _falling(guard)
+    assert not guard.check(1e9, step=21)
