@@ -161,6 +161,8 @@ def reference_step(
                 "match its config.json (download or save them again)"
             ) from None
         loading = {key: sorted(info.get(key) or []) for key in loading}
+    else:
+        model = hf_class(plan.config)
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(work / "hf", **shards)  # the ranks load their stages from here, tensor by tensor
     inputs, labels = synthetic_batch(
