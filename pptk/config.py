@@ -33,6 +33,7 @@ class ParallelConfig:
     """How the ranks split the work; dp is what remains of WORLD_SIZE (see ``pptk.parallel.Layout``)."""
 
     pp: int = 2
+    tp: int = 1  # tensor-parallel shards per stage (pptk.tensor_parallel); dp = WORLD_SIZE / (pp * tp)
     micro_batch_size: int = 4
     grad_accum_steps: int | None = None  # default 2 * pp: keeps the 1F1B bubble at a third or less
     global_batch_size: int | None = None  # alternative to grad_accum_steps
@@ -89,6 +90,7 @@ class RunConfig:
         required: tuple[tuple[str, int], ...] = (
             ("micro_batch_size", self.parallel.micro_batch_size),
             ("pp", self.parallel.pp),
+            ("tp", self.parallel.tp),
             ("log_every", self.output.log_every),
             ("eval_every", self.output.eval_every),
             ("eval_batches", self.output.eval_batches),
@@ -110,6 +112,11 @@ class RunConfig:
         if self.parallel.activation_checkpoint_interval < 0:
             problems.append(
                 f"activation_checkpoint_interval must be >= 0, got {self.parallel.activation_checkpoint_interval}"
+            )
+        if self.parallel.tp > 1 and (self.output.resume_from is not None or self.output.export_hf is not None):
+            problems.append(
+                f"tp({self.parallel.tp}) > 1 with --resume-from or --export-hf: checkpoints of tensor-parallel runs "
+                "are not written yet (README, 'Tensor parallelism'); use --tp 1 for runs to resume or export"
             )
         if problems:
             raise PptkError("invalid run configuration: " + "; ".join(problems))

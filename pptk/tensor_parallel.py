@@ -172,7 +172,7 @@ def _rank_config(config, size: int):
 @torch.no_grad()
 def shard_stage(module: nn.Module, *, group, rank: int, size: int) -> int:
     """Shard every attention and MLP of this stage in place; returns how many modules were sharded."""
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2MLP
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 
     kw = dict(group=group, rank=rank, size=size)
     count = 0

@@ -115,6 +115,7 @@ class Trainer:
             dropout=run.model.dropout,
             schedule=layout.schedule,
             micro_batch_size=layout.micro_batch_size,
+            tp=layout.tp,
         )
         if task.task == "causal-lm":
             check_eval_micro_batches(
@@ -148,6 +149,7 @@ class Trainer:
             log.info(
                 f"{task.source.label}: {layout.describe()}; {task.describe()}; {steps.max_steps} steps"
                 + (f", {steps.steps_per_epoch} per epoch" if steps.steps_per_epoch else "")
+                + ("; checkpoints off: not written yet for tp > 1" if layout.tp > 1 else "")
                 + f"\n{plan.stages.describe()}"
             )
             hf_config = run.output.output_dir / "hf_config"  # what a later export needs
@@ -303,7 +305,7 @@ class _Loop:
                 window_time, window_steps = 0.0, 0
             if steps.evaluates(step):
                 self.evaluate(step, summary)
-            if steps.saves(step):
+            if steps.saves(step) and self.run.parallel.tp == 1:  # tp > 1: checkpoints not written yet (README)
                 save_checkpoint(
                     engine,
                     self.plan,

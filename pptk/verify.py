@@ -117,7 +117,6 @@ def _verify_rank(rank: int, workdir: str, jobs: list[dict], layout: dict) -> Non
 
 def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     import deepspeed
-
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from pptk.deepspeed_compat import get_param_state, tensor_parallel_group
@@ -172,6 +171,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
             "stage": engine.stage_id,
             "dp_rank": dp_rank,
             "tp_rank": tensor_parallel_group(engine.module)[1],
+            "local_numel": sum(p.numel() for p in engine.module.parameters()),  # what this rank holds (a slice)
             "params": params,
             "owned": _owned_names(engine.module, plan, names),
         },

@@ -60,6 +60,7 @@ class VerifyResult:
     loss_noise_units: float = 0.0  # bf16: the loss difference in units of Hugging Face's bf16 loss error
     schedule: str = "1f1b"
     tp: int = 1  # tensor-parallel shards per stage; their slices are gathered back to Hugging Face shapes
+    params_per_rank: list[int] = field(default_factory=list)  # parameters each global rank holds itself
 
     @property
     def passed(self) -> bool:
@@ -279,6 +280,7 @@ def compare(
         pp=pp,
         dp=dp,
         tp=tp,
+        params_per_rank=[r.get("local_numel", 0) for r in results],
         zero_stage=zero_stage,
         loss_pipeline=loss_pipeline,
         loss_reference=reference["loss"],
