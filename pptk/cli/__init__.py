@@ -86,7 +86,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{plan.source.label}: {plan.config.model_type}, {plan.task}, pp={args.pp} tp={args.tp} dp={args.dp} "
-        f"(world size {args.pp * args.tp * args.dp}), partition method {args.partition_method!r}, schedule {args.schedule}"
+        f"(world size {args.pp * args.tp * args.dp}), partition method {args.partition_method!r}, "
+        f"schedule {args.schedule}"
     )
     print(plan.stages.describe())
     print(

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from transformers import AutoConfig, GPT2Config
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2MLP
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from pptk.ds_config import fill_ds_config
