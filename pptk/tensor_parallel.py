@@ -34,14 +34,14 @@ SHARD_ATTR = "pptk_shard"
 class ShardSpec:
     """This rank's slice of a parameter: dimension ``dim`` split into ``size`` equal parts, part ``rank``.
 
-    ``parts`` > 1: the dimension holds several tensors side by side (GPT-2's ``c_attn`` is q | k | v); each of them
+    ``fused`` > 1: the dimension holds several tensors side by side (GPT-2's ``c_attn`` is q | k | v); each of them
     is split, so every rank gets its own heads of q, of k and of v rather than a contiguous third.
     """
 
     dim: int
     rank: int
     size: int
-    parts: int = 1
+    fused: int = 1
 
     def full_shape(self, local: tuple[int, ...]) -> tuple[int, ...]:
         shape = list(local)
@@ -50,9 +50,9 @@ class ShardSpec:
 
     def ranges(self, full: int) -> list[tuple[int, int]]:
         """[begin, end) of this rank's pieces along ``dim`` of the full tensor, one per part."""
-        part = full // self.parts
+        part = full // self.fused
         piece = part // self.size
-        return [(p * part + self.rank * piece, p * part + (self.rank + 1) * piece) for p in range(self.parts)]
+        return [(p * part + self.rank * piece, p * part + (self.rank + 1) * piece) for p in range(self.fused)]
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         pieces = [full.narrow(self.dim, begin, end - begin) for begin, end in self.ranges(full.shape[self.dim])]
@@ -60,8 +60,8 @@ class ShardSpec:
 
     def merge(self, shards: list[torch.Tensor]) -> torch.Tensor:
         """The full tensor from every rank's slice (``shards[r]`` from tp rank r)."""
-        split = [shard.chunk(self.parts, dim=self.dim) for shard in shards]
-        return torch.cat([split[r][p] for p in range(self.parts) for r in range(self.size)], dim=self.dim)
+        split = [shard.chunk(self.fused, dim=self.dim) for shard in shards]
+        return torch.cat([split[r][p] for p in range(self.fused) for r in range(self.size)], dim=self.dim)
 
 
 def shard_spec(param: torch.Tensor) -> ShardSpec | None:
@@ -136,7 +136,7 @@ def check_tensor_parallel(config, tp: int) -> None:
         )
 
 
-def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: int, parts: int = 1) -> None:
+def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: int, fused: int = 1) -> None:
     """Replace ``parent.<name>`` (Linear or Conv1D) with this rank's slice, keeping the parameter names."""
     layer = getattr(parent, name)
     conv1d = type(layer).__name__ == "Conv1D"
@@ -144,14 +144,14 @@ def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: i
         raise PptkError(f"cannot shard {type(parent).__name__}.{name}: {type(layer).__name__} is not Linear/Conv1D")
     out_dim = 1 if conv1d else 0  # the output features' dimension of the weight
     weight_dim = out_dim if kind == "column" else 1 - out_dim
-    weight_spec = ShardSpec(dim=weight_dim, rank=rank, size=size, parts=parts)
+    weight_spec = ShardSpec(dim=weight_dim, rank=rank, size=size, fused=fused)
     weight = nn.Parameter(weight_spec.take(layer.weight.detach()))
     setattr(weight, SHARD_ATTR, weight_spec)
     weight.tensor_model_parallel = True  # DeepSpeed's mark: counted once per rank in gradient norms
     bias = None
     if layer.bias is not None:
         if kind == "column":
-            bias_spec = ShardSpec(dim=0, rank=rank, size=size, parts=parts)
+            bias_spec = ShardSpec(dim=0, rank=rank, size=size, fused=fused)
             bias = nn.Parameter(bias_spec.take(layer.bias.detach()))
             setattr(bias, SHARD_ATTR, bias_spec)
             bias.tensor_model_parallel = True
@@ -180,7 +180,7 @@ def shard_stage(module: nn.Module, *, group, rank: int, size: int) -> int:
         if isinstance(sub, GPT2Attention):
             if sub.is_cross_attention:
                 raise PptkError("GPT-2 cross-attention cannot be sharded")
-            _shard(sub, "c_attn", kind="column", parts=3, **kw)  # q | k | v: each rank takes its heads of each
+            _shard(sub, "c_attn", kind="column", fused=3, **kw)  # q | k | v: each rank takes its heads of each
             _shard(sub, "c_proj", kind="row", **kw)
             sub.num_heads //= size
             sub.split_size //= size

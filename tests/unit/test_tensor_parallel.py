@@ -13,11 +13,11 @@ from pptk.tensor_parallel import ShardSpec, check_tensor_parallel, shard_spec, s
 
 def test_fused_qkv_slices_take_each_ranks_heads_of_q_k_and_v():
     full = torch.arange(12).reshape(1, 12)  # q = 0..3, k = 4..7, v = 8..11
-    shards = [ShardSpec(dim=1, rank=r, size=2, parts=3).take(full) for r in range(2)]
+    shards = [ShardSpec(dim=1, rank=r, size=2, fused=3).take(full) for r in range(2)]
     assert shards[0].tolist() == [[0, 1, 4, 5, 8, 9]]
     assert shards[1].tolist() == [[2, 3, 6, 7, 10, 11]]
-    assert torch.equal(ShardSpec(dim=1, rank=0, size=2, parts=3).merge(shards), full)
-    assert ShardSpec(dim=1, rank=1, size=2, parts=3).full_shape((1, 6)) == (1, 12)
+    assert torch.equal(ShardSpec(dim=1, rank=0, size=2, fused=3).merge(shards), full)
+    assert ShardSpec(dim=1, rank=1, size=2, fused=3).full_shape((1, 6)) == (1, 12)
 
 
 def _ranks_sum(module_factory, tp: int, x: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -50,13 +50,13 @@ def test_sharded_gpt2_attention_equals_hugging_face(tp):
 
 
 def test_contiguous_thirds_of_c_attn_would_be_wrong():
-    """The check above can fail: giving rank r a contiguous slice of q|k|v (parts=1) mixes q, k and v heads."""
+    """The check above can fail: giving rank r a contiguous slice of q|k|v (fused=1) mixes q, k and v heads."""
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
     full = _gpt2()(x)[0]
     total = 0
     for rank in range(2):
         attn = _gpt2()
-        spec = ShardSpec(dim=1, rank=rank, size=2, parts=1)
+        spec = ShardSpec(dim=1, rank=rank, size=2, fused=1)
         with torch.no_grad():
             attn.c_attn.weight = torch.nn.Parameter(spec.take(attn.c_attn.weight))
             attn.c_attn.bias = torch.nn.Parameter(ShardSpec(dim=0, rank=rank, size=2).take(attn.c_attn.bias))
