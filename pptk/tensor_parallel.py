@@ -28,6 +28,9 @@ from pptk.errors import PptkError
 # gate/up/down projections, per-head norms only).
 TP_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 SHARD_ATTR = "pptk_shard"
+# DeepSpeed's mark of a tensor-parallel parameter (deepspeed.runtime.utils.is_model_parallel_parameter): gradient
+# norms count it on every tp rank, and a replicated one on tp rank 0 only.
+DEEPSPEED_TP_ATTR = "tensor_model_parallel"
 
 
 @dataclass(frozen=True)
@@ -145,19 +148,22 @@ def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: i
     out_dim = 1 if conv1d else 0  # the output features' dimension of the weight
     weight_dim = out_dim if kind == "column" else 1 - out_dim
     weight_spec = ShardSpec(dim=weight_dim, rank=rank, size=size, fused=fused)
-    weight = nn.Parameter(weight_spec.take(layer.weight.detach()))
-    setattr(weight, SHARD_ATTR, weight_spec)
-    weight.tensor_model_parallel = True  # DeepSpeed's mark: counted once per rank in gradient norms
+    weight = _sharded_parameter(layer.weight, weight_spec)
     bias = None
     if layer.bias is not None:
         if kind == "column":
             bias_spec = ShardSpec(dim=0, rank=rank, size=size, fused=fused)
-            bias = nn.Parameter(bias_spec.take(layer.bias.detach()))
-            setattr(bias, SHARD_ATTR, bias_spec)
-            bias.tensor_model_parallel = True
+            bias = _sharded_parameter(layer.bias, bias_spec)
         else:
             bias = layer.bias
     setattr(parent, name, ShardedLinear(weight, bias, kind=kind, conv1d=conv1d, group=group))
+
+
+def _sharded_parameter(full: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
+    param = nn.Parameter(spec.take(full.detach()))
+    setattr(param, SHARD_ATTR, spec)
+    setattr(param, DEEPSPEED_TP_ATTR, True)
+    return param
 
 
 def _rank_config(config, size: int):

@@ -126,7 +126,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from pptk.models import get_adapter, supported_model_types
     from pptk.tensor_parallel import TP_FAMILIES
 
-    rows = [
+    rows: list[dict] = [
         {"model_type": t, "tasks": sorted(get_adapter(t).tasks), "tensor_parallel": t in TP_FAMILIES}
         for t in supported_model_types()
     ]
