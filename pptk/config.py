@@ -113,11 +113,6 @@ class RunConfig:
             problems.append(
                 f"activation_checkpoint_interval must be >= 0, got {self.parallel.activation_checkpoint_interval}"
             )
-        if self.parallel.tp > 1 and (self.output.resume_from is not None or self.output.export_hf is not None):
-            problems.append(
-                f"tp({self.parallel.tp}) > 1 with --resume-from or --export-hf: checkpoints of tensor-parallel runs "
-                "are not written yet (README, 'Tensor parallelism'); use --tp 1 for runs to resume or export"
-            )
         if problems:
             raise PptkError("invalid run configuration: " + "; ".join(problems))
 

@@ -219,3 +219,28 @@ def gather_full(tensor: torch.Tensor, spec: ShardSpec | None, *, group) -> torch
     shards = [torch.empty_like(tensor) for _ in range(spec.size)]
     torch.distributed.all_gather(shards, tensor.detach().contiguous(), group=group)
     return spec.merge(shards)
+
+
+@torch.no_grad()
+def gathered_state(layer: nn.Module, *, group) -> dict[str, torch.Tensor]:
+    """The layer's state dict in full Hugging Face shapes (a collective over the tp group: every rank calls it)."""
+    specs = {name: shard_spec(p) for name, p in layer.named_parameters()}
+    return {name: gather_full(t, specs.get(name), group=group) for name, t in layer.state_dict().items()}
+
+
+@torch.no_grad()
+def load_sliced_state(layer: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy a full (unsharded) layer state into this rank's layer, each sharded tensor cut to the rank's slice."""
+    specs = {name: shard_spec(p) for name, p in layer.named_parameters()}
+    own = layer.state_dict()
+    if set(own) != set(full):
+        raise PptkError(f"layer file keys {sorted(set(full) ^ set(own))[:5]} do not match the model's layer")
+    for name, target in own.items():
+        spec = specs.get(name)
+        target.copy_(spec.take(full[name]) if spec is not None else full[name])
+
+
+def rank_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a full tensor belonging to ``param`` (the tensor itself where ``param`` is replicated)."""
+    spec = shard_spec(param)
+    return spec.take(full) if spec is not None else full

@@ -149,7 +149,6 @@ class Trainer:
             log.info(
                 f"{task.source.label}: {layout.describe()}; {task.describe()}; {steps.max_steps} steps"
                 + (f", {steps.steps_per_epoch} per epoch" if steps.steps_per_epoch else "")
-                + ("; checkpoints off: not written yet for tp > 1" if layout.tp > 1 else "")
                 + f"\n{plan.stages.describe()}"
             )
             hf_config = run.output.output_dir / "hf_config"  # what a later export needs
@@ -305,7 +304,7 @@ class _Loop:
                 window_time, window_steps = 0.0, 0
             if steps.evaluates(step):
                 self.evaluate(step, summary)
-            if steps.saves(step) and self.run.parallel.tp == 1:  # tp > 1: checkpoints not written yet (README)
+            if steps.saves(step):
                 save_checkpoint(
                     engine,
                     self.plan,
