@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -23,10 +24,11 @@ from torch.nn import functional as F
 
 from pptk.errors import PptkError
 
-# Families whose blocks shard_stage knows; each has a parity check in tests/distributed/test_tensor_parallel.py
-# (gpt2, llama) or the same attention and MLP modules as llama (mistral, qwen2, qwen3: separate q/k/v/o and
-# gate/up/down projections, per-head norms only).
-TP_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+# Families whose blocks shard_stage knows; gpt2, llama and bert have a parity check in
+# tests/distributed/test_tensor_parallel_dist.py; mistral, qwen2 and qwen3 share llama's attention and MLP modules
+# (separate q/k/v/o and gate/up/down projections; per-head norms get their gradient summed over the tp ranks)
+# and were checked by hand (README).
+TP_FAMILIES = ("bert", "gpt2", "llama", "mistral", "qwen2", "qwen3")
 SHARD_ATTR = "pptk_shard"
 # DeepSpeed's mark of a tensor-parallel parameter (deepspeed.runtime.utils.is_model_parallel_parameter): gradient
 # norms count it on every tp rank, and a replicated one on tp rank 0 only.
@@ -107,11 +109,7 @@ def check_tensor_parallel(config, tp: int) -> None:
         return
     family = config.model_type
     if family not in TP_FAMILIES:
-        reason = (
-            "its blocks are not sharded yet (BERT: planned)"
-            if family == "bert"
-            else "its attention or MLP has a layout pptk does not shard yet (fused projections, norms over all heads)"
-        )
+        reason = "its attention or MLP has a layout pptk does not shard yet (fused projections, norms over all heads)"
         raise PptkError(
             f"--tp {tp}: {family} has no tensor-parallel support: {reason}. Families with TP: "
             f"{', '.join(TP_FAMILIES)}; train {family} with --tp 1 (pipeline and data parallelism)"
@@ -159,6 +157,12 @@ def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: i
     setattr(parent, name, ShardedLinear(weight, bias, kind=kind, conv1d=conv1d, group=group))
 
 
+def _sum_over_tp(grad: torch.Tensor, *, group) -> torch.Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=group)
+    return grad
+
+
 def _sharded_parameter(full: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
     param = nn.Parameter(spec.take(full.detach()))
     setattr(param, SHARD_ATTR, spec)
@@ -178,6 +182,7 @@ def _rank_config(config, size: int):
 @torch.no_grad()
 def shard_stage(module: nn.Module, *, group, rank: int, size: int) -> int:
     """Shard every attention and MLP of this stage in place; returns how many modules were sharded."""
+    from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput, BertSelfAttention, BertSelfOutput
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 
     kw = dict(group=group, rank=rank, size=size)
@@ -194,12 +199,28 @@ def shard_stage(module: nn.Module, *, group, rank: int, size: int) -> int:
         elif isinstance(sub, GPT2MLP):
             _shard(sub, "c_fc", kind="column", **kw)
             _shard(sub, "c_proj", kind="row", **kw)
+        elif isinstance(sub, BertSelfAttention):
+            for name in ("query", "key", "value"):
+                _shard(sub, name, kind="column", **kw)
+            sub.num_attention_heads //= size
+            sub.all_head_size //= size
+            sub.config = _rank_config(sub.config, size)
+        elif isinstance(sub, BertIntermediate):
+            _shard(sub, "dense", kind="column", **kw)
+        elif isinstance(sub, (BertSelfOutput, BertOutput)):
+            _shard(sub, "dense", kind="row", **kw)  # then dropout and the residual LayerNorm, on the summed output
         elif all(hasattr(sub, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             for name in ("q_proj", "k_proj", "v_proj"):
                 _shard(sub, name, kind="column", **kw)
             _shard(sub, "o_proj", kind="row", **kw)
             if hasattr(sub, "config"):
                 sub.config = _rank_config(sub.config, size)
+            # per-head norms (Qwen3's q_norm/k_norm) are replicated but each rank sees only its own heads: their
+            # gradient is the sum over the ranks
+            row_bias = getattr(sub.o_proj, "bias", None)
+            for param in sub.parameters():
+                if shard_spec(param) is None and param is not row_bias and group is not None:
+                    param.register_hook(partial(_sum_over_tp, group=group))
         elif all(hasattr(sub, n) for n in ("gate_proj", "up_proj", "down_proj")):
             _shard(sub, "gate_proj", kind="column", **kw)
             _shard(sub, "up_proj", kind="column", **kw)

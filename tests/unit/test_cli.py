@@ -29,7 +29,7 @@ def test_models_lists_gpt2(capsys):
     assert main(["models", "--json"]) == 0
     rows = {row["model_type"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["gpt2"] == {"model_type": "gpt2", "tasks": ["causal-lm"], "tensor_parallel": True}
-    assert rows["bert"]["tensor_parallel"] is False
+    assert rows["phi3"]["tensor_parallel"] is False
 
 
 @pytest.mark.parametrize(

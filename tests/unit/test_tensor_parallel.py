@@ -114,9 +114,9 @@ def test_bad_tp_is_refused_with_the_fix():
         check_tensor_parallel(llama, 4)
     with pytest.raises(PptkError, match=r"num_attention_heads\(4\) is not divisible by tp\(3\)"):
         check_tensor_parallel(llama, 3)
-    with pytest.raises(PptkError, match="bert has no tensor-parallel support.*--tp 1"):
-        check_tensor_parallel(AutoConfig.for_model("bert"), 2)
-    check_tensor_parallel(AutoConfig.for_model("bert"), 1)
+    with pytest.raises(PptkError, match="phi3 has no tensor-parallel support.*fused projections.*--tp 1"):
+        check_tensor_parallel(AutoConfig.for_model("phi3"), 2)
+    check_tensor_parallel(AutoConfig.for_model("phi3"), 1)
 
 
 def test_layout_counts_tp_ranks():

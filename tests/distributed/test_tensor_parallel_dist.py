@@ -9,10 +9,12 @@ from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.dist
 
-JOBS = {  # name -> (model, precision)
-    "gpt2": ("gpt2", "fp32"),  # tied embedding / LM head across the stages; c_attn's fused q|k|v split per head
-    "llama": ("llama", "fp32"),  # grouped-query attention: 4 heads and 2 key/value heads, one of each pair per rank
-    "llama-bf16": ("llama", "bf16"),
+JOBS = {  # name -> (model, task, precision)
+    "gpt2": ("gpt2", None, "fp32"),  # tied embedding / LM head across the stages; c_attn's fused q|k|v split per head
+    "llama": ("llama", None, "fp32"),  # grouped-query attention: 4 heads, 2 key/value heads, one of each per rank
+    "qwen3": ("qwen3", None, "fp32"),  # per-head q/k norms: replicated weights, gradients summed over the tp ranks
+    "bert": ("bert", "token-classification", "fp32"),
+    "llama-bf16": ("llama", None, "bf16"),
 }
 
 
@@ -20,7 +22,7 @@ JOBS = {  # name -> (model, precision)
 def verified_tp2(tmp_path_factory):
     from pptk.verify import VerifyJob, verify_many
 
-    jobs = [VerifyJob(model, precision=precision, seq_len=24) for model, precision in JOBS.values()]
+    jobs = [VerifyJob(model, task=task, precision=precision, seq_len=24) for model, task, precision in JOBS.values()]
     work = tmp_path_factory.mktemp("verify-tp2")
     return dict(zip(JOBS, verify_many(jobs, pp=2, tp=2, workdir=work)))
 
@@ -29,11 +31,11 @@ def verified_tp2(tmp_path_factory):
 def test_pp2_tp2_matches_hugging_face(verified_tp2, name):
     result = verified_tp2[name]
     assert result.passed, result.describe()
-    assert (result.pp, result.tp, result.precision) == (2, 2, JOBS[name][1])
+    assert (result.pp, result.tp, result.precision) == (2, 2, JOBS[name][2])
     assert result.params_pipeline == result.params_reference
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_each_tp_rank_holds_a_slice(verified_tp2, name):
     """Ranks 2s and 2s+1 are the two tp ranks of stage s: each holds less than the stage, together more (the
     replicated embeddings and norms)."""
