@@ -40,6 +40,7 @@ from pptk.deepspeed_compat import ADAM_STATES
 from pptk.errors import PptkError
 from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, local_layers
+from pptk.tensor_parallel import gather_full, gathered_state, load_sliced_state, rank_slice, shard_spec
 
 MANIFEST = "pptk.json"
 FORMAT = 1
@@ -74,6 +75,7 @@ def manifest_for(plan: PipelinePlan, *, step: int, layout: Layout | None, extra:
         if layout is None
         else {
             "pp": layout.pp,
+            "tp": layout.tp,
             "dp": layout.dp,
             "zero_stage": layout.zero_stage,
             "micro_batch_size": layout.micro_batch_size,
@@ -175,15 +177,35 @@ def _local_layer_modules(engine, plan: PipelinePlan):
 
 
 def _save_layer_optimizer_states(engine, plan: PipelinePlan, tag_dir: Path) -> None:
-    """Per-layer fp32 weights and Adam moments; collective over the dp group (every replica takes part)."""
-    write = engine.grid.get_data_parallel_rank() == 0
+    """Per-layer fp32 weights and Adam moments; collective over the dp group (every replica takes part) and, with
+    tensor parallelism, over the tp group: the slices are gathered into full tensors, written by tp rank 0."""
+    group, tp_rank, tp = compat.tensor_parallel_group(engine.module)
+    write = engine.grid.get_data_parallel_rank() == 0 and tp_rank == 0
     for index, layer_module in _local_layer_modules(engine, plan):
         states = {
-            name: {key: compat.get_param_state(engine.optimizer, p, key) for key in ("fp32", *ADAM_STATES)}
+            name: {
+                key: gather_full(compat.get_param_state(engine.optimizer, p, key), shard_spec(p), group=group)
+                if tp > 1
+                else compat.get_param_state(engine.optimizer, p, key)
+                for key in ("fp32", *ADAM_STATES)
+            }
             for name, p in layer_module.named_parameters()
         }
         if write:
             torch.save(states, tag_dir / f"optim_layer_{index:02d}.pt")
+
+
+def _save_gathered_layers(engine, plan: PipelinePlan, tag_dir: Path) -> None:
+    """tp > 1: the layer files in full Hugging Face shapes, as a tp=1 run writes them (gathered one layer at a time,
+    written by tp rank 0 of replica 0), so any layout resumes them and ds-to-hf/--export-hf read them unchanged."""
+    group, tp_rank, _ = compat.tensor_parallel_group(engine.module)
+    write = engine.grid.get_data_parallel_rank() == 0 and tp_rank == 0
+    if write:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+    for index, layer_module in _local_layer_modules(engine, plan):
+        state = gathered_state(layer_module, group=group)
+        if write:
+            torch.save(state, layer_file(tag_dir, index))
 
 
 def save_checkpoint(
@@ -200,7 +222,10 @@ def save_checkpoint(
     dist.barrier()
     try:
         failpoint("disk", step=step)
-        engine.save_checkpoint(str(checkpoints_dir), tag=partial.name, save_latest=False)
+        if layout.tp > 1:  # no DeepSpeed engine files: resume goes through the per-layer files, on any layout
+            _save_gathered_layers(engine, plan, partial)
+        else:
+            engine.save_checkpoint(str(checkpoints_dir), tag=partial.name, save_latest=False)
         _save_layer_optimizer_states(engine, plan, partial)
         torch.save(rng_states(), partial / f"rng_rank{rank}.pt")
     except OSError as err:  # a full or failing disk: drop the half-written tag; latest still names a whole one
@@ -275,6 +300,7 @@ def same_layout(manifest: dict, plan: PipelinePlan, layout: Layout) -> bool:
         )
     return (
         saved["pp"] == layout.pp
+        and saved.get("tp", 1) == layout.tp == 1  # tp > 1 saves gathered layer files only, no DeepSpeed engine files
         and saved.get("schedule", "1f1b") == layout.schedule
         and saved["dp"] == layout.dp
         and saved["zero_stage"] == layout.zero_stage
@@ -302,7 +328,11 @@ def resume(engine, plan: PipelinePlan, *, layout: Layout, path: str | Path) -> d
 
 def _load_per_layer(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict) -> None:
     """Any layout: weights from the layer files, fp32 masters and Adam moments from the per-layer optimizer files."""
-    compat.load_layer_files(engine, tag_dir)  # any pp: one file per layer; tied copies re-synced
+    if compat.tensor_parallel_group(engine.module)[2] > 1:  # full layer files, cut to this tp rank's slices
+        for index, layer_module in local_layers(engine.module, plan.layers):
+            load_sliced_state(layer_module, torch.load(layer_file(tag_dir, index)))
+    else:
+        compat.load_layer_files(engine, tag_dir)  # any pp: one file per layer; tied copies re-synced
     compat.refresh_master_weights(engine.optimizer)  # fp32 masters from the loaded weights (exact for fp32 checkpoints)
     optimizer_states = manifest.get("layout") is not None and (tag_dir / "optim_layer_00.pt").is_file()
     if optimizer_states:
@@ -312,7 +342,7 @@ def _load_per_layer(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict) -
         for name, param in layer_module.named_parameters():
             for key, value in states.get(name, {}).items():
                 # "fp32" restores the exact master weight where the layer file holds only its bf16/fp16 copy
-                compat.set_param_state(engine.optimizer, param, key, value)
+                compat.set_param_state(engine.optimizer, param, key, rank_slice(param, value))
     if optimizer_states:
         compat.set_optimizer_step_count(engine.optimizer, manifest.get("optimizer_steps", 0))
         compat.set_loss_scale_state(engine.optimizer, manifest.get("loss_scale"))

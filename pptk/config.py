@@ -33,6 +33,7 @@ class ParallelConfig:
     """How the ranks split the work; dp is what remains of WORLD_SIZE (see ``pptk.parallel.Layout``)."""
 
     pp: int = 2
+    tp: int = 1  # tensor-parallel shards per stage (pptk.tensor_parallel); dp = WORLD_SIZE / (pp * tp)
     micro_batch_size: int = 4
     grad_accum_steps: int | None = None  # default 2 * pp: keeps the 1F1B bubble at a third or less
     global_batch_size: int | None = None  # alternative to grad_accum_steps
@@ -92,6 +93,7 @@ class RunConfig:
         required: tuple[tuple[str, int], ...] = (
             ("micro_batch_size", self.parallel.micro_batch_size),
             ("pp", self.parallel.pp),
+            ("tp", self.parallel.tp),
             ("log_every", self.output.log_every),
             ("eval_every", self.output.eval_every),
             ("eval_batches", self.output.eval_batches),

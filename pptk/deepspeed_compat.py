@@ -52,6 +52,22 @@ def partition_by_boundaries(module, boundaries: list[int]) -> None:
     module._set_bounds(start=module.parts[stage_id], stop=module.parts[stage_id + 1])
 
 
+def tensor_parallel_functions():
+    """DeepSpeed 0.19.8's Megatron pair ``(ColumnParallel, RowParallel)`` from ``deepspeed.module_inject.layers``
+    (not a documented module): ColumnParallel.apply(group, x) is identity forward / all-reduce of the gradient
+    backward; RowParallel.apply(group, y, False) all-reduces forward (in place) / identity backward."""
+    from deepspeed.module_inject.layers import ColumnParallel, RowParallel
+
+    return ColumnParallel, RowParallel
+
+
+def tensor_parallel_group(module) -> tuple[object, int, int]:
+    """(group, rank, size) of the tensor-parallel ("model" axis, DeepSpeed's "slice") group of a PipelineModule's
+    grid in DeepSpeed 0.19.8 (``PipelineModule.mpu()`` is the ``PipelineParallelGrid``)."""
+    grid = module.mpu()
+    return grid.get_slice_parallel_group(), grid.get_slice_parallel_rank(), grid.get_slice_parallel_world_size()
+
+
 def load_layer_files(engine, tag_dir) -> None:
     """Load a checkpoint's per-layer weight files into this stage's layers (any pp), then re-sync tied weights.
 

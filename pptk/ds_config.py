@@ -44,6 +44,9 @@ _TOTAL_STEP_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
 _MAX_LR_SCHEDULERS = ("WarmupLR", "WarmupDecayLR")
 _PRECISION_KEYS = {"bf16.enabled": "bf16", "fp16.enabled": "fp16"}
 _MISSING = object()
+# With tp > 1 the pipeline engine would by default split the activations it sends between stages over the tp ranks
+# (and gather them on arrival); pptk sends them whole between matching tp ranks, the plain Megatron layout.
+TENSOR_PARALLEL_PIPELINE = {"pipe_partitioned": False, "grad_partitioned": False}
 
 
 def load_ds_config(path_or_dict: str | Path | dict) -> dict:
@@ -155,6 +158,11 @@ def fill_ds_config(
             _set(config, key, value)
         elif current != value:
             disagreements.append(f"{key}: JSON {current!r}, argument {arg_name}={value!r}")
+    if layout.tp > 1:
+        section = config.setdefault("pipeline", {})
+        for key, value in TENSOR_PARALLEL_PIPELINE.items():
+            if section.setdefault(key, value) != value:
+                disagreements.append(f"pipeline.{key}: JSON {section[key]!r}, tp({layout.tp}) > 1 needs {value!r}")
     if precision is not None:
         for key, name in _PRECISION_KEYS.items():
             if _get(config, key) == AUTO:

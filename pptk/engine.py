@@ -40,6 +40,7 @@ def resolve_layout(run: RunConfig, ds_config: dict) -> Layout:
     return Layout.from_world(
         world_size=world_size(),
         pp=parallel.pp,
+        tp=parallel.tp,
         micro_batch_size=parallel.micro_batch_size,
         grad_accum_steps=accum,
         global_batch_size=parallel.global_batch_size,
@@ -88,18 +89,22 @@ def build_engine(
     activation_checkpoint_interval: int = 0,
     dynamic_shape: bool = False,
 ):
-    """This rank's stage on DeepSpeed's pp x dp grid, wrapped in its pipeline engine."""
+    """This rank's stage on DeepSpeed's pp x tp x dp grid, wrapped in its pipeline engine."""
     import deepspeed
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
     if torch.distributed.get_world_size() != layout.world_size:
         raise PptkError(
             f"the layout needs {layout.world_size} ranks but the process group has {torch.distributed.get_world_size()}"
         )
     # Reproducible dropout: each rank's generators are seeded by the run's seed and its global rank, so a rerun, or
-    # the same layout spread over several nodes, draws the same masks.
-    deepspeed_compat.set_random_seed(seed + torch.distributed.get_rank())
-    topology = PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp)
+    # the same layout spread over several nodes, draws the same masks. The tp ranks of a stage share their seed (the
+    # "model" axis is the grid's innermost): dropout on the activations they all hold must drop the same elements.
+    deepspeed_compat.set_random_seed(seed + torch.distributed.get_rank() // layout.tp)
+    if layout.tp > 1:  # gradients are reduced over dp only; activations travel between matching tp ranks
+        topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    else:
+        topology = PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp)
     module = build_pipeline_module(
         plan,
         topology=topology,

@@ -1,4 +1,4 @@
-# The parallel layout (pp x dp ranks, micro-batches, ZeRO stage) as one frozen dataclass that validates itself.
+# The parallel layout (pp x tp x dp ranks, micro-batches, ZeRO stage) as one frozen dataclass that validates itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +10,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 @dataclass(frozen=True, kw_only=True)
 class Layout:
-    """How WORLD_SIZE ranks split into pp pipeline stages x dp data-parallel replicas, and how a step is batched.
+    """How WORLD_SIZE ranks split into pp pipeline stages x tp tensor-parallel shards x dp data-parallel replicas,
+    and how a step is batched. The tp ranks of one stage hold slices of the same layers (pptk.tensor_parallel).
 
     One optimizer step on one dp replica runs `grad_accum_steps` micro-batches of `micro_batch_size` sequences
     through the pipeline; DeepSpeed's pipeline engine calls these "micro_batches" and needs at least one.
@@ -24,13 +25,14 @@ class Layout:
     grad_accum_steps: int
     zero_stage: int = 1
     schedule: str = "1f1b"  # or "dualpipev" (see pptk.schedules)
+    tp: int = 1  # tensor-parallel shards of every stage (Megatron-style, see pptk.tensor_parallel)
 
     def __post_init__(self) -> None:
         self.validate()
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp
+        return self.pp * self.tp * self.dp
 
     @property
     def global_batch_size(self) -> int:
@@ -48,7 +50,7 @@ class Layout:
 
     def validate(self) -> None:
         problems = []
-        for name in ("pp", "dp", "micro_batch_size", "grad_accum_steps"):
+        for name in ("pp", "tp", "dp", "micro_batch_size", "grad_accum_steps"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
@@ -59,6 +61,8 @@ class Layout:
                 f"zero_stage {self.zero_stage} with pp({self.pp}) > 1: DeepSpeed's pipeline engine supports ZeRO "
                 "stage 0 or 1 only; use zero_stage 1 (optimizer-state sharding across the dp replicas) or pp=1"
             )
+        if _is_int(self.tp) and self.tp > 1 and self.schedule != "1f1b":
+            problems.append(f"schedule {self.schedule!r} with tp({self.tp}) > 1 is not supported yet; use 1f1b")
         if problems:
             raise PptkError("invalid parallel layout:\n  " + "\n  ".join(problems))
         from pptk.schedules import check_schedule
@@ -66,8 +70,9 @@ class Layout:
         check_schedule(self.schedule, pp=self.pp, micro_batches=self.grad_accum_steps)
 
     def describe(self) -> str:
+        ranks = f"pp({self.pp}) x tp({self.tp}) x dp({self.dp})" if self.tp > 1 else f"pp({self.pp}) x dp({self.dp})"
         text = (
-            f"pp({self.pp}) x dp({self.dp}) = WORLD_SIZE({self.world_size}); "
+            f"{ranks} = WORLD_SIZE({self.world_size}); "
             f"global batch {self.global_batch_size} = micro_batch {self.micro_batch_size} "
             f"x grad_accum {self.grad_accum_steps} x dp {self.dp}; ZeRO-{self.zero_stage}"
         )
@@ -83,22 +88,29 @@ class Layout:
         world_size: int,
         pp: int,
         micro_batch_size: int,
+        tp: int = 1,
         grad_accum_steps: int | None = None,
         global_batch_size: int | None = None,
         zero_stage: int = 1,
         schedule: str = "1f1b",
     ) -> Layout:
         """Derive dp from the launcher's WORLD_SIZE, and grad_accum_steps from a global batch size if given."""
-        for name, value in (("world_size", world_size), ("pp", pp), ("micro_batch_size", micro_batch_size)):
+        for name, value in (("world_size", world_size), ("pp", pp), ("tp", tp), ("micro_batch_size", micro_batch_size)):
             if not _is_int(value) or value < 1:
                 raise PptkError(f"{name} must be a positive integer, got {value!r}")
+        if tp > 1 and world_size % (pp * tp):
+            choices = ", ".join(f"{d} (dp {world_size // d})" for d in _divisors(world_size) if d % tp == 0 and d > 1)
+            raise PptkError(
+                f"pp({pp}) * tp({tp}) = {pp * tp} does not divide WORLD_SIZE({world_size}): WORLD_SIZE = pp x tp x dp; "
+                f"launch a multiple of {pp * tp} ranks, or choose pp x tp from: {choices or 'none with this tp'}"
+            )
         if world_size % pp:
             choices = ", ".join(str(d) for d in _divisors(world_size))
             raise PptkError(
                 f"pp({pp}) does not divide WORLD_SIZE({world_size}): every dp replica needs all {pp} stages; "
                 f"for WORLD_SIZE {world_size} use --pp {choices}, or launch a multiple of {pp} ranks"
             )
-        dp = world_size // pp
+        dp = world_size // (pp * tp)
         if global_batch_size is None and grad_accum_steps is None:
             raise PptkError(
                 "pass grad_accum_steps (micro-batches per step) or global_batch_size (sequences per step); "
@@ -117,6 +129,7 @@ class Layout:
         assert grad_accum_steps is not None  # given, or derived from global_batch_size above
         return cls(
             pp=pp,
+            tp=tp,
             dp=dp,
             micro_batch_size=micro_batch_size,
             grad_accum_steps=grad_accum_steps,

@@ -21,6 +21,7 @@ from pptk.models.common import init_layer_like_hf
 from pptk.partition import StagePlan, layer_costs, plan_stages
 from pptk.schedules import check_schedule, stages_for
 from pptk.tasks import get_task, hf_model_class, infer_task
+from pptk.tensor_parallel import check_tensor_parallel
 from pptk.weights import HFCheckpoint, load_stage_weights
 
 
@@ -133,10 +134,12 @@ def plan_pipeline(
     schedule: str = "1f1b",
     micro_batch_size: int = 1,
     measured_ms: tuple[float, ...] | None = None,
+    tp: int = 1,
 ) -> PipelinePlan:
     """task: None reads it from config.architectures (see pptk.tasks.infer_task); a name overrides that.
 
     num_stages: pipeline ranks (pp); under ``schedule="dualpipev"`` the model is cut into 2 x pp stages.
+    tp: tensor-parallel shards per stage; checked here (family, heads) so a bad value fails before ranks start.
     partition_method "profile" times every layer on one micro-batch of ``micro_batch_size x seq_len`` here,
     unless ``measured_ms`` (one time per layer, e.g. another rank's) is given.
     """
@@ -145,6 +148,7 @@ def plan_pipeline(
     config = prepare_config(source.config, attn_implementation=attn_implementation, dropout=dropout)
     task = infer_task(config, task, source=source.label)
     layers = layers_for(config, task)
+    check_tensor_parallel(config, tp)
     positions = max_positions(config) or 2048
     length = min(seq_len or positions, positions)
     costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=length)
@@ -224,10 +228,16 @@ def local_layers(module: PipelineModule, layers: list[PipeLayer]):
             yield int(name), child
 
 
-def initialise_weights(module: nn.Module, plan: PipelinePlan, *, seed: int = 1234) -> None:
-    """Hugging Face's initialisation for every local layer, then the pretrained tensors of this stage, if any."""
+def initialise_weights(module: nn.Module, plan: PipelinePlan, *, seed: int = 1234, before_load=None) -> None:
+    """Hugging Face's initialisation for every local layer, then the pretrained tensors of this stage, if any.
+
+    before_load(module): runs between the two (tensor parallelism slices the initialised layers there, so a random
+    init equals the unsharded one, and the pretrained tensors are read slice by slice).
+    """
     for index, layer_module in local_layers(module, plan.layers):
         init_layer_like_hf(layer_module, config=plan.config, hf_class=plan.hf_class, seed=seed + index)
+    if before_load is not None:
+        before_load(module)
     if plan.source.pretrained_dir is not None:
         optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)
         load_stage_weights(
@@ -265,8 +275,17 @@ def build_pipeline_module(
         dynamic_shape=dynamic_shape,
         **kwargs,
     )
-    initialise_weights(module, plan, seed=seed)
+    initialise_weights(module, plan, seed=seed, before_load=_shard_over_tp)
     return module
+
+
+def _shard_over_tp(module: PipelineModule) -> None:
+    from pptk.deepspeed_compat import tensor_parallel_group
+    from pptk.tensor_parallel import shard_stage
+
+    group, rank, size = tensor_parallel_group(module)
+    if size > 1:
+        shard_stage(module, group=group, rank=rank, size=size)
 
 
 def build_sequential_module(plan: PipelinePlan, *, seed: int = 1234) -> SequentialPipe:

@@ -128,6 +128,7 @@ class Trainer:
             dropout=run.model.dropout,
             schedule=layout.schedule,
             micro_batch_size=layout.micro_batch_size,
+            tp=layout.tp,
         )
         if task.task == "causal-lm":
             check_eval_micro_batches(

@@ -76,7 +76,9 @@ class PreparedJob:
     work: Path
 
 
-def _ds_config(*, micro_batch_size: int, micro_batches: int, dp: int, zero_stage: int, precision: str) -> dict:
+def _ds_config(
+    *, micro_batch_size: int, micro_batches: int, dp: int, zero_stage: int, precision: str, tp: int = 1
+) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": micro_batches,
@@ -86,6 +88,10 @@ def _ds_config(*, micro_batch_size: int, micro_batches: int, dp: int, zero_stage
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
+    if tp > 1:
+        from pptk.ds_config import TENSOR_PARALLEL_PIPELINE
+
+        config["pipeline"] = dict(TENSOR_PARALLEL_PIPELINE)
     if precision == "bf16":  # the precision sections of the config users train with
         from pptk.ds_config import load_ds_config, shipped_config
 
@@ -112,10 +118,14 @@ def _verify_rank(rank: int, workdir: str, jobs: list[dict], layout: dict) -> Non
 
 def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from pptk.deepspeed_compat import get_param_state
+    from pptk.deepspeed_compat import get_param_state, tensor_parallel_group
     from pptk.pipeline import build_pipeline_module
+    from pptk.tensor_parallel import gather_full, shard_spec
     from pptk.weights import hf_names
+
+    tp = layout["tp"]
 
     plan = plan_pipeline(
         resolve_model(work / "hf"),
@@ -127,8 +137,10 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
         seq_len=job["seq_len"],
         schedule=job["schedule"],
         measured_ms=job["measured_ms"],
+        tp=tp,
     )
-    module = build_pipeline_module(plan)
+    topology = PipeModelDataParallelTopology(layout["pp"], tp, layout["dp"]) if tp > 1 else None
+    module = build_pipeline_module(plan, topology=topology)
     optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
     engine, *_ = deepspeed.initialize(
         model=module,
@@ -139,6 +151,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
             dp=layout["dp"],
             zero_stage=layout["zero_stage"],
             precision=job["precision"],
+            tp=tp,
         ),
     )
     batch = torch.load(work / "batch.pt")
@@ -149,11 +162,17 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     names = hf_names(engine.module, plan.layers)
     # The fp32 master weights: in bf16 the module's own weights are only their rounded copies.
     params = {names[k]: get_param_state(engine.optimizer, p, "fp32") for k, p in engine.module.named_parameters()}
+    if tp > 1:  # each tp rank holds slices: gather them back into Hugging Face's shapes before comparing
+        group = tensor_parallel_group(engine.module)[0]
+        specs = {names[k]: shard_spec(p) for k, p in engine.module.named_parameters()}
+        params = {name: gather_full(value, specs[name], group=group) for name, value in params.items()}
     torch.save(
         {
             "loss": float(loss),
             "stage": engine.stage_id,
             "dp_rank": dp_rank,
+            "tp_rank": tensor_parallel_group(engine.module)[1],
+            "local_numel": sum(p.numel() for p in engine.module.parameters()),  # what this rank holds (a slice)
             "params": params,
             "owned": _owned_names(engine.module, plan, names),
         },
@@ -179,6 +198,7 @@ def verify(
     *,
     pp: int,
     dp: int = 1,
+    tp: int = 1,
     task: str | None = None,
     micro_batch_size: int = 2,
     micro_batches: int = 2,
@@ -207,7 +227,9 @@ def verify(
         schedule=schedule,
         allow_missing=allow_missing,
     )
-    return verify_many([job], pp=pp, dp=dp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top)[0]
+    return verify_many(
+        [job], pp=pp, dp=dp, tp=tp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top
+    )[0]
 
 
 def verify_many(
@@ -215,24 +237,27 @@ def verify_many(
     *,
     pp: int,
     dp: int = 1,
+    tp: int = 1,
     zero_stage: int = 1,
     tolerance: float | None = None,
     workdir: str | Path | None = None,
     top: int = 5,
 ) -> list[VerifyResult]:
-    """Check every job on one launch of ``pp * dp`` ranks; each job gets its own engine and its own result."""
+    """Check every job on one launch of ``pp * tp * dp`` ranks; each job gets its own engine and its own result."""
     owner = tempfile.TemporaryDirectory(prefix="pptk-verify-") if workdir is None else None
     work = Path(owner.name) if owner is not None else Path(workdir)  # type: ignore[arg-type]  # workdir given
     try:
-        prepared = prepare_jobs(jobs, pp=pp, dp=dp, zero_stage=zero_stage, work=work)
-        return launch_jobs(prepared, pp=pp, dp=dp, zero_stage=zero_stage, work=work, tolerance=tolerance, top=top)
+        prepared = prepare_jobs(jobs, pp=pp, dp=dp, tp=tp, zero_stage=zero_stage, work=work)
+        return launch_jobs(
+            prepared, pp=pp, dp=dp, tp=tp, zero_stage=zero_stage, work=work, tolerance=tolerance, top=top
+        )
     finally:
         if owner is not None:
             owner.cleanup()
 
 
 def prepare_jobs(
-    jobs: list[VerifyJob], *, pp: int, dp: int = 1, zero_stage: int = 1, work: str | Path
+    jobs: list[VerifyJob], *, pp: int, dp: int = 1, tp: int = 1, zero_stage: int = 1, work: str | Path
 ) -> list[PreparedJob]:
     """The parent's half, before any rank starts: check the input, plan each job, save its model and batch under
     ``work/job{i}``, and run the Hugging Face reference step."""
@@ -243,7 +268,11 @@ def prepare_jobs(
             f"ZeRO stage {zero_stage} with pp={pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 "
             "or 1 only; use --zero-stage 1"
         )
-    plans = [_plan_job(job, pp=pp) for job in jobs]
+    if tp < 1:
+        raise PptkError(f"tp must be at least 1, got {tp}")
+    if tp > 1 and any(job.schedule != "1f1b" for job in jobs):
+        raise PptkError(f"--tp {tp} runs the 1f1b schedule only (dualpipev with tensor parallelism is not supported)")
+    plans = [_plan_job(job, pp=pp, tp=tp) for job in jobs]
     work = Path(work)
     prepared: list[PreparedJob] = []
     for i, (job, plan) in enumerate(zip(jobs, plans)):
@@ -268,6 +297,7 @@ def launch_jobs(
     *,
     pp: int,
     dp: int = 1,
+    tp: int = 1,
     zero_stage: int = 1,
     work: str | Path,
     tolerance: float | None = None,
@@ -276,15 +306,16 @@ def launch_jobs(
     """The ranks' half: one launch of ``pp * dp`` gloo ranks runs every prepared job, then each is compared.
     ``tolerance`` None: ``FP32_TOLERANCE`` or ``BF16_TOLERANCE``, by each job's precision."""
     work = Path(work)
-    layout = dict(pp=pp, dp=dp, zero_stage=zero_stage)
+    layout = dict(pp=pp, dp=dp, tp=tp, zero_stage=zero_stage)
     # the resolved task travels, so a rank never re-infers it from the saved directory
     # the resolved task and profiled costs travel, so every rank plans exactly what the parent planned
     jobs = [
         asdict(p.job) | {"model": str(p.job.model), "task": p.plan.task, "measured_ms": p.plan.stages.measured_ms}
         for p in prepared
     ]
-    run_ranks(_verify_rank, world_size=pp * dp, args=(str(work), jobs, layout), log_dir=work / "logs")
-    results = [[torch.load(p.work / f"result{r}.pt") for r in range(pp * dp)] for p in prepared]
+    world = pp * tp * dp
+    run_ranks(_verify_rank, world_size=world, args=(str(work), jobs, layout), log_dir=work / "logs")
+    results = [[torch.load(p.work / f"result{r}.pt") for r in range(world)] for p in prepared]
     defaults = {"fp32": FP32_TOLERANCE, "bf16": BF16_TOLERANCE}
     return [
         compare(
@@ -294,6 +325,7 @@ def launch_jobs(
             model=str(p.job.model),
             pp=pp,
             dp=dp,
+            tp=tp,
             zero_stage=zero_stage,
             precision=p.job.precision,
             tolerance=defaults[p.job.precision] if tolerance is None else tolerance,
@@ -304,7 +336,7 @@ def launch_jobs(
     ]
 
 
-def _plan_job(job: VerifyJob, *, pp: int):
+def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
     if job.precision not in VERIFY_PRECISIONS:
         hint = (
             "; fp16 needs a GPU (DeepSpeed's CPU accelerator has fp16 only on CPUs with AVX512-FP16/AMX-FP16): "
@@ -330,6 +362,7 @@ def _plan_job(job: VerifyJob, *, pp: int):
         seq_len=job.seq_len,
         schedule=job.schedule,
         micro_batch_size=job.micro_batch_size,
+        tp=tp,
     )
     positions = max_positions(plan.config)
     if positions is not None and job.seq_len > positions:

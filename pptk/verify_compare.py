@@ -62,6 +62,8 @@ class VerifyResult:
     precision: str = "fp32"
     loss_noise_units: float = 0.0  # bf16: the loss difference in units of Hugging Face's bf16 loss error
     schedule: str = "1f1b"
+    tp: int = 1  # tensor-parallel shards per stage; their slices are gathered back to Hugging Face shapes
+    params_per_rank: list[int] = field(default_factory=list)  # parameters each global rank holds itself
 
     @property
     def passed(self) -> bool:
@@ -81,7 +83,7 @@ class VerifyResult:
                 f"{self.max_param_diff:.2f} (tolerance {self.tolerance:g}); loss {self.loss_noise_units:.2f}"
             )
         lines = [
-            f"pptk verify {self.model} ({self.model_type}, {self.task}) pp={self.pp} dp={self.dp} "
+            f"pptk verify {self.model} ({self.model_type}, {self.task}) pp={self.pp} tp={self.tp} dp={self.dp} "
             f"zero={self.zero_stage} {self.precision} {self.schedule}",
             *(
                 f"  rank {s}: {n:,} params  [{', '.join(layers)}]"
@@ -92,8 +94,8 @@ class VerifyResult:
             f"rel diff {self.loss_rel_diff:.2e}",
             f"  {measure}",
         ]
-        if self.dp > 1:
-            lines.append(f"  data-parallel replicas: max abs diff {self.replica_max_diff:.2e}")
+        if self.dp > 1 or self.tp > 1:
+            lines.append(f"  replicas (dp and tp ranks): max abs diff {self.replica_max_diff:.2e}")
         lines += [f"    {diff:.2e}  {name}" for name, diff in self.largest_diffs]
         lines += [f"  FAIL: {p}" for p in self.problems] or ["  PASS"]
         return "\n".join(lines)
@@ -234,6 +236,7 @@ def compare(
     tolerance: float,
     top: int,
     allow_missing: bool = False,
+    tp: int = 1,
 ) -> VerifyResult:
     problems = []
     # Both sides initialise a tensor the checkpoint lacks the same way and would agree: a parity check that passed
@@ -292,8 +295,9 @@ def compare(
             if precision == "fp32"
             else f"the gradient of {worst} differs by {max_diff:.1f} x Hugging Face's own bf16 error (> {tolerance:g})"
         )
-    if replica_diff > 0.0 and dp > 1:
-        problems.append(f"data-parallel replicas disagree by {replica_diff:.2e}")
+    if replica_diff > 0.0 and (dp > 1 or tp > 1):
+        # tp ranks hold the same replicated tensors (norms, embeddings) and, gathered, the same full sharded ones
+        problems.append(f"replicas (dp or tp ranks) disagree by {replica_diff:.2e}")
     largest = sorted(diffs.items(), key=lambda kv: -kv[1])[:top]
     return VerifyResult(
         model=model,
@@ -301,6 +305,8 @@ def compare(
         task=plan.task,
         pp=pp,
         dp=dp,
+        tp=tp,
+        params_per_rank=[r.get("local_numel", 0) for r in results],
         zero_stage=zero_stage,
         loss_pipeline=loss_pipeline,
         loss_reference=reference["loss"],

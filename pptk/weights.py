@@ -11,6 +11,7 @@ from torch import nn
 
 from pptk.errors import PptkError
 from pptk.models import PipeLayer
+from pptk.tensor_parallel import ShardSpec, shard_spec
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -184,6 +185,21 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         return self._entry(name).get(name)
 
+    def read_slice_into(self, name: str, target: torch.Tensor, spec: ShardSpec) -> None:
+        """Fill ``target`` with this tensor-parallel rank's slice only (safetensors' get_slice reads just those
+        bytes); the checkpoint's shape was checked against ``spec.full_shape`` beforehand."""
+        from safetensors import safe_open
+
+        with safe_open(self._entry(name).path, framework="pt") as f:
+            view = f.get_slice(name)
+            full = view.get_shape()
+            pieces = []
+            for begin, end in spec.ranges(full[spec.dim]):
+                index = [slice(None)] * len(full)
+                index[spec.dim] = slice(begin, end)
+                pieces.append(view[tuple(index)])
+        target.copy_(torch.cat(pieces, dim=spec.dim))
+
 
 def hf_names(module: nn.Module, layers: list[PipeLayer]) -> dict[str, str]:
     """Pipeline state-dict key -> Hugging Face state-dict key, for the layers this module holds.
@@ -234,7 +250,8 @@ def load_stage_weights(
     untouched and the error lists every problem at once.
     """
     state = module.state_dict()
-    plan: list[tuple[torch.Tensor, str]] = []
+    shards = {key: spec for key, p in module.named_parameters() if (spec := shard_spec(p)) is not None}
+    plan: list[tuple[torch.Tensor, str, ShardSpec | None]] = []
     missing: list[str] = []
     mismatched: list[str] = []
     allowed: list[str] = []
@@ -244,10 +261,12 @@ def load_stage_weights(
             (allowed if hf_name.startswith(allow_missing) and allow_missing else missing).append(hf_name)
             continue
         shape = checkpoint.shape(found)
-        if shape != tuple(state[key].shape):
-            mismatched.append(f"{hf_name}: checkpoint {list(shape)} vs model {list(state[key].shape)}")
+        spec = shards.get(key)
+        expected = spec.full_shape(tuple(state[key].shape)) if spec else tuple(state[key].shape)
+        if shape != expected:
+            mismatched.append(f"{hf_name}: checkpoint {list(shape)} vs model {list(expected)}")
             continue
-        plan.append((state[key], found))
+        plan.append((state[key], found, spec))
     problems = []
     if missing:
         problems.append(
@@ -261,6 +280,9 @@ def load_stage_weights(
             " | ".join(problems) + " -- the checkpoint does not match this config "
             "(wrong model type or size?); load the config.json saved with those weights"
         )
-    for target, name in plan:
-        checkpoint.read_into(name, target)  # straight into the parameter's storage
+    for target, name, spec in plan:
+        if spec is not None:
+            checkpoint.read_slice_into(name, target, spec)  # this tp rank's slice only
+        else:
+            checkpoint.read_into(name, target)  # straight into the parameter's storage
     return allowed

@@ -25,6 +25,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         args.model,
         pp=args.pp,
         dp=args.dp,
+        tp=args.tp,
         task=args.task,
         micro_batch_size=args.micro_batch_size,
         micro_batches=args.micro_batches or (2 * args.pp if args.schedule == "dualpipev" else 2),
@@ -61,17 +62,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         schedule=args.schedule,
         micro_batch_size=args.micro_batch_size,
+        tp=args.tp,
     )
     per_param = bytes_per_param(args.precision, dp=args.dp, zero_stage=args.zero_stage)
     rows = plan.stages.summary()
     for row in rows:
-        row["train_state_gib"] = row["params"] * per_param / 2**30
+        row["params_per_rank"] = _tp_share(plan, row, args.tp)
+        row["train_state_gib"] = row["params_per_rank"] * per_param / 2**30
     if args.json:
         print(
             json.dumps(
                 {
                     "model": plan.source.label,
                     "pp": args.pp,
+                    "tp": args.tp,
                     "dp": args.dp,
                     "method": args.partition_method,
                     "schedule": args.schedule,
@@ -83,19 +87,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
         return 0
     print(
-        f"{plan.source.label}: {plan.config.model_type}, {plan.task}, pp={args.pp} dp={args.dp} "
-        f"(world size {args.pp * args.dp}), partition method {args.partition_method!r}, schedule {args.schedule}"
+        f"{plan.source.label}: {plan.config.model_type}, {plan.task}, pp={args.pp} tp={args.tp} dp={args.dp} "
+        f"(world size {args.pp * args.tp * args.dp}), partition method {args.partition_method!r}, "
+        f"schedule {args.schedule}"
     )
     print(plan.stages.describe())
     print(
-        f"weights+grads+Adam per rank ({args.precision}, ZeRO-{args.zero_stage} over dp={args.dp}), "
-        "activations not included:"
+        f"weights+grads+Adam per rank ({args.precision}, ZeRO-{args.zero_stage} over dp={args.dp}"
+        + (f", blocks split over tp={args.tp}, embeddings and head replicated" if args.tp > 1 else "")
+        + "), activations not included:"
     )
     for rank in range(args.pp):
         gib = sum(row["train_state_gib"] for row in rows if row["rank"] == rank)
         label = "rank" if args.schedule == "dualpipev" else "stage"
         print(f"  {label} {rank}: " + (f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"))
     return 0
+
+
+def _tp_share(plan, row: dict, tp: int) -> float:
+    """Parameters one tp rank of this stage holds: blocks split tp ways (their few norm weights, replicated, are
+    counted as split too), everything else replicated."""
+    blocks = sum(c.params for c in plan.stages.stage_layers(row["stage"]) if c.role == "block")
+    return row["params"] - blocks + blocks / tp
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -122,19 +135,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from pptk.models import get_adapter, supported_model_types
+    from pptk.tensor_parallel import TP_FAMILIES
 
-    rows = [{"model_type": t, "tasks": sorted(get_adapter(t).tasks)} for t in supported_model_types()]
+    rows: list[dict] = [
+        {"model_type": t, "tasks": sorted(get_adapter(t).tasks), "tensor_parallel": t in TP_FAMILIES}
+        for t in supported_model_types()
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            print(f"{row['model_type']:<12} {', '.join(row['tasks'])}")
+            tp = "tp" if row["tensor_parallel"] else "  "
+            print(f"{row['model_type']:<12} {tp}  {', '.join(row['tasks'])}")
+        print("tp: supports --tp > 1 (tensor parallelism)")
     return 0
 
 
 def _common_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--pp", type=int, required=True, help="pipeline stages")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per stage (world = pp * tp * dp)")
     parser.add_argument("--task", default=None, help=TASK_HELP)
     parser.add_argument("--partition-method", default="compute", help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES), help="pipeline schedule")

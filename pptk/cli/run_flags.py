@@ -12,6 +12,7 @@ from pptk.config import ModelConfig, OptimConfig, OutputConfig, ParallelConfig, 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('layout and optimisation (batch sizes, lr and ZeRO stage fill the JSON\'s "auto")')
     g.add_argument("--pp", type=int, default=2, help="pipeline stages; data-parallel replicas = world size / pp")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per stage (world size = pp * tp * dp)")
     g.add_argument(
         "--ds-config",
         "--deepspeed_config",
@@ -118,6 +119,7 @@ def run_config(
         data=data,
         parallel=ParallelConfig(
             pp=args.pp,
+            tp=args.tp,
             micro_batch_size=args.micro_batch_size,
             grad_accum_steps=args.grad_accum_steps,
             global_batch_size=args.global_batch_size,

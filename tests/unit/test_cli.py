@@ -27,7 +27,9 @@ def test_plan_table_and_memory(capsys):
 
 def test_models_lists_gpt2(capsys):
     assert main(["models", "--json"]) == 0
-    assert {"model_type": "gpt2", "tasks": ["causal-lm"]} in json.loads(capsys.readouterr().out)
+    rows = {row["model_type"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["gpt2"] == {"model_type": "gpt2", "tasks": ["causal-lm"], "tensor_parallel": True}
+    assert rows["phi3"]["tensor_parallel"] is False
 
 
 @pytest.mark.parametrize(
