@@ -259,15 +259,14 @@ def _measure(spec: RunSpec, args: argparse.Namespace, device) -> dict:
 
 
 def rank_main(rank: int, args: dict, runs: list[dict], out_dir: str) -> None:
-    import deepspeed
-
-    from pptk.launch import COLLECTIVE_TIMEOUT
 
     args = argparse.Namespace(**args)
     on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=None if on_gpu else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    from pptk.engine import init_distributed
+
+    init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     results = {}
     for spec in (RunSpec(**r) for r in runs):

@@ -38,11 +38,11 @@ def peak_rss_bytes() -> int:
 
 
 def _load_stage(rank: int, model_dir: str, pp: int, out: str) -> None:
-    import deepspeed
 
+    from pptk.engine import init_distributed
     from pptk.pipeline import build_pipeline_module, plan_pipeline, resolve_model
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     plan = plan_pipeline(resolve_model(model_dir), num_stages=pp)
     before = rss_bytes()
     module = build_pipeline_module(plan)

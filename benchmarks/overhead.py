@@ -49,7 +49,9 @@ def main() -> None:
     from pptk.pipeline import build_pipeline_module, plan_pipeline
 
     device = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    from pptk.engine import init_distributed
+
+    init_distributed()
     config = GPT2Config(
         vocab_size=args.vocab,
         n_positions=args.seq_len,

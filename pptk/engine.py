@@ -76,6 +76,9 @@ def init_distributed() -> None:
 
     from pptk.launch import COLLECTIVE_TIMEOUT
 
+    deepspeed_compat.check_build_locks()
+    if on_cpu():
+        deepspeed_compat.skip_unused_cpu_ops()
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else None, timeout=COLLECTIVE_TIMEOUT)
 
 

@@ -107,11 +107,9 @@ def _grad_accum_dtype(precision: str, zero_stage: int) -> torch.dtype:
 
 
 def _verify_rank(rank: int, workdir: str, jobs: list[dict], layout: dict) -> None:
-    import deepspeed
+    from pptk.engine import init_distributed
 
-    from pptk.launch import COLLECTIVE_TIMEOUT
-
-    deepspeed.init_distributed(dist_backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    init_distributed()  # pptk verify runs on CPU ranks (gloo)
     for index, job in enumerate(jobs):
         _verify_one(rank, Path(workdir) / f"job{index}", job, layout)
 

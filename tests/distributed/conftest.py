@@ -1,6 +1,7 @@
 # Shared launches for the distributed tier, each started once per session and read by every test that needs it: a
 # recipe run through the real deepspeed launcher, and one verify launch for every pp=2 parity check.
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,28 @@ def run_recipe(
         str(output_dir),
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=recipe_env())
+    return run_group(cmd, timeout=timeout)
+
+
+def run_group(cmd: list[str], *, timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; past ``timeout`` kill the whole group (launcher and ranks), so a hung
+    launch fails its test with its output instead of leaving ranks behind that hold ports and locks."""
+    process = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env or recipe_env(),
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])} ... ran past {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

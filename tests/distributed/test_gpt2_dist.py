@@ -58,9 +58,9 @@ def test_pp2_dp2_zero1_matches_and_replicas_are_identical(pp2_dp2):
 
 
 def _wait_then_fail(rank: int) -> None:
-    import deepspeed
+    from pptk.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     if rank == 1:
         raise ValueError("rank 1 broke on purpose")
     dist.barrier()  # rank 0 would wait here forever without fail-fast

@@ -215,9 +215,9 @@ def _fp16_wrappers_built_alone() -> dict:
 def _worker(rank: int, work: str, cases: dict, fp16_engine: bool) -> None:
     from pathlib import Path
 
-    import deepspeed
+    from pptk.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     work = Path(work)
     results = {name: _run_case(name, case, work) for name, case in cases.items()}
     results["fp16-built-alone"] = _fp16_wrappers_built_alone()

@@ -1,0 +1,200 @@
+# DeepSpeed internals of the pipeline module and engine: partitioning, layer files, schedules, progress.
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pptk.deepspeed_compat.optimizer import check_per_layer_states_supported
+from pptk.errors import PptkError
+
+# ----------------------------------------------------------------------------- pipeline module
+
+
+def partition_by_boundaries(module, boundaries: list[int]) -> None:
+    """Give this rank the layers ``boundaries[stage]:boundaries[stage + 1]`` of a ``PipelineModule``.
+
+    Written against DeepSpeed 0.19.8: ``PipelineModule.__init__`` calls the private ``_partition_layers``, which
+    must set ``self.parts`` and call ``self._set_bounds``; this rank's stage is ``self._topo.get_coord(
+    self.global_rank).pipe``. pptk's ``PlannedPipelineModule._partition_layers`` delegates here.
+    """
+    if len(boundaries) != module.num_stages + 1:
+        raise PptkError(
+            f"the stage plan has {len(boundaries) - 1} stages but the topology has {module.num_stages}; "
+            f"plan with num_stages={module.num_stages}"
+        )
+    module.parts = list(boundaries)
+    stage_id = module._topo.get_coord(module.global_rank).pipe
+    module._set_bounds(start=module.parts[stage_id], stop=module.parts[stage_id + 1])
+
+
+def tensor_parallel_functions():
+    """DeepSpeed 0.19.8's Megatron pair ``(ColumnParallel, RowParallel)`` from ``deepspeed.module_inject.layers``
+    (not a documented module): ColumnParallel.apply(group, x) is identity forward / all-reduce of the gradient
+    backward; RowParallel.apply(group, y, False) all-reduces forward (in place) / identity backward."""
+    from deepspeed.module_inject.layers import ColumnParallel, RowParallel
+
+    return ColumnParallel, RowParallel
+
+
+def tensor_parallel_group(module) -> tuple[object, int, int]:
+    """(group, rank, size) of the tensor-parallel ("model" axis, DeepSpeed's "slice") group of a PipelineModule's
+    grid in DeepSpeed 0.19.8 (``PipelineModule.mpu()`` is the ``PipelineParallelGrid``)."""
+    grid = module.mpu()
+    return grid.get_slice_parallel_group(), grid.get_slice_parallel_rank(), grid.get_slice_parallel_world_size()
+
+
+def load_layer_files(engine, tag_dir) -> None:
+    """Load a checkpoint's per-layer weight files into this stage's layers (any pp), then re-sync tied weights.
+
+    Written against DeepSpeed 0.19.8: ``PipelineModule.load_state_dir(dir, checkpoint_engine)`` reads
+    ``layer_NN-model_states.pt`` for each local layer; ``engine.checkpoint_engine`` is the engine's reader.
+    """
+    engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine)
+
+
+def swap_loss_fn(engine, fn: Callable) -> Callable | None:
+    """Make the last stage compute ``fn(outputs, labels)`` from now on; returns the previous loss function.
+
+    Written against DeepSpeed 0.19.8: ``PipelineEngine._exec_forward_pass`` reads ``self.module.loss_fn`` on every
+    micro-batch, so assigning the module's attribute takes effect at the next ``train_batch``/``eval_batch``.
+    """
+    previous = engine.module.loss_fn
+    engine.module.loss_fn = fn
+    return previous
+
+
+def after_initialize(engine) -> None:
+    """What every pptk engine needs right after ``deepspeed.initialize``: refuse an optimizer wrapper pptk cannot
+    checkpoint, and correct the fp32 ZeRO-0 pipeline clipping norm (see ``fix_pipeline_clipping``). Written
+    against DeepSpeed 0.19.8, as the two functions it calls."""
+    check_per_layer_states_supported(engine.optimizer)
+    fix_pipeline_clipping(engine)
+    fix_dualpipev_eval(engine)
+
+
+def fix_dualpipev_eval(engine) -> None:
+    """Let a DualPipeV engine evaluate a number of micro-batches other than its gradient accumulation steps.
+
+    Written against DeepSpeed 0.19.8: ``DualPipeVEngine._phase1_buffer`` maps a phase-0 buffer to its phase-1 slot
+    with ``self.micro_batches`` (the training count) while ``DualPipeVSchedule`` numbers the slots with the
+    count it was built for, so ``eval_batch(num_micro_batches=n)`` with n != micro_batches reads an empty slot on
+    the last rank. The engine's count is set to n for the duration of the call.
+    """
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
+
+    if not isinstance(engine, DualPipeVEngine):
+        return
+    eval_batch = engine.eval_batch
+
+    def eval_batch_with_own_count(data_iter, *args, num_micro_batches=None, **kwargs):
+        training_count = engine.micro_batches
+        engine.micro_batches = training_count if num_micro_batches is None else num_micro_batches
+        try:
+            return eval_batch(data_iter, *args, num_micro_batches=num_micro_batches, **kwargs)
+        finally:
+            engine.micro_batches = training_count
+
+    engine.eval_batch = eval_batch_with_own_count
+
+
+def fix_pipeline_clipping(engine) -> None:
+    """Make gradient clipping use the norm over every pipeline stage for fp32 without ZeRO.
+
+    Written against DeepSpeed 0.19.8: for fp32 and ZeRO stage 0, ``_take_model_step`` calls
+    ``clip_fp32_gradients`` -> ``runtime.utils.clip_grad_norm_(..., mpu=grid)``, which counts a gradient only where
+    ``mpu.get_model_parallel_rank() == 0``. A pipeline grid's model-parallel rank is the stage (times the tensor
+    rank), so every stage but the first is left out of the norm and the clipping factor depends on pp. (The ZeRO,
+    BF16 and fp16 wrappers compute the norm themselves and count every stage.) This replaces the engine's
+    ``clip_fp32_gradients`` with the norm over all stages, each tied weight counted once (``ds_pipe_replicated``).
+    """
+    if (
+        engine.zero_optimization()
+        or engine.fp16_enabled()
+        or engine.bfloat16_enabled()
+        or engine.gradient_clipping() <= 0
+        or getattr(engine, "grid", None) is None
+        or engine.grid.get_pipe_parallel_world_size() == 1
+    ):
+        return
+    import torch.distributed as dist
+
+    def clip_fp32_gradients():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        counted = [p.grad.detach().float().pow(2).sum() for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        total = torch.stack(counted).sum() if counted else torch.zeros(())
+        dist.all_reduce(total, group=engine.grid.get_pipe_parallel_group())
+        norm = total.sqrt()
+        coefficient = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        for p in params:
+            p.grad.detach().mul_(coefficient.to(p.grad.dtype))
+        return norm
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+# ----------------------------------------------------------------------------- training progress
+
+
+def training_progress(engine) -> tuple[int, int]:
+    """(optimizer steps, samples) the engine has counted.
+
+    Written against DeepSpeed 0.19.8: ``DeepSpeedEngine.global_steps`` / ``global_samples``.
+    """
+    return int(engine.global_steps), int(engine.global_samples)
+
+
+def set_global_steps(engine, step: int, samples: int) -> None:
+    """Set the engine's step and sample counters, as its own checkpoint loader does on a resume.
+
+    Written against DeepSpeed 0.19.8: ``DeepSpeedEngine._load_checkpoint`` assigns ``global_steps`` and
+    ``global_samples``; there is no public setter. Learning-rate schedulers are restored separately.
+    """
+    engine.global_steps = int(step)
+    engine.global_samples = int(samples)
+
+
+# ----------------------------------------------------------------------------- instructions
+
+
+def time_instructions(
+    engine, record: Callable[[str, dict, float, float], None], clock: Callable[[], float] | None = None
+) -> None:
+    """Call ``record(instruction class name, its kwargs, start, end)`` (``clock()`` seconds, by default
+    ``time.perf_counter``) around every pipeline instruction this engine executes (forward, backward, send/recv,
+    all-reduces, optimizer step).
+
+    Written against DeepSpeed 0.19.8: ``PipelineEngine._exec_schedule`` looks each instruction's method up in
+    ``self._INSTRUCTION_MAP`` (a class attribute keyed by instruction type, extended by ``DualPipeVEngine``) and
+    calls it with the instruction's kwargs; an instance attribute of wrapped methods takes precedence.
+    """
+    import time
+
+    now = clock or time.perf_counter
+
+    def timed(name: str, method: Callable) -> Callable:
+        def run(self, **kwargs):
+            began = now()
+            try:
+                return method(self, **kwargs)
+            finally:
+                record(name, kwargs, began, now())
+
+        return run
+
+    engine._INSTRUCTION_MAP = {
+        kind: timed(kind.__name__, method) for kind, method in type(engine)._INSTRUCTION_MAP.items()
+    }
+
+
+def schedule_instructions(*, dualpipev: bool, micro_batches: int, stages: int, stage_id: int) -> list[tuple[str, dict]]:
+    """The instructions (class name, kwargs) one pipeline rank executes in a training step, in order.
+
+    Written against DeepSpeed 0.19.8: ``TrainSchedule`` and ``DualPipeVSchedule`` live in
+    ``deepspeed.runtime.pipe.schedule``; ``steps()`` yields lists of ``PipeInstruction`` with ``kwargs``.
+    """
+    from deepspeed.runtime.pipe import schedule
+
+    kind = schedule.DualPipeVSchedule if dualpipev else schedule.TrainSchedule
+    steps = kind(micro_batches=micro_batches, stages=stages, stage_id=stage_id).steps()
+    return [(type(cmd).__name__, dict(cmd.kwargs)) for cmds in steps for cmd in cmds]
