@@ -18,6 +18,7 @@ from pptk.models import PipeLayer, first_tied_index
 from pptk.models.common import init_layer_like_hf
 from pptk.pipeline import ModelSource, plan_pipeline, resolve_model
 from pptk.tasks import hf_model_class
+from pptk.tensor_parallel import check_tensor_parallel
 from pptk.weights import HFCheckpoint, TensorSource, load_stage_weights, write_safetensors
 
 TOKENIZER_FILES = (
@@ -49,6 +50,7 @@ def hf_to_ds(
     dst: str | Path,
     *,
     pp: int = 1,
+    tp: int = 1,
     task: str | None = None,
     partition_method: str = "compute",
     seed: int = 1234,
@@ -56,7 +58,9 @@ def hf_to_ds(
 ) -> Path:
     """Write a pipeline checkpoint (tag ``step0``) that recipes resume from with ``--resume-from DST``.
 
-    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest. ``task``
+    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest. They hold full
+    tensors at any ``tp`` too (pptk's checkpoints gather tp slices; each rank cuts its own when it resumes), so ``tp``
+    only checks that the model can be split that way, before anything is written. ``task``
     defaults to the one ``config.architectures`` names (pptk.tasks.infer_task). A destination that already holds
     checkpoints is refused unless ``overwrite``: pointing its ``latest`` at step0 would make a resume restart
     from zero.
@@ -66,6 +70,7 @@ def hf_to_ds(
     if source.pretrained_dir is None:
         raise PptkError(f"{src} has no weights (model.safetensors or an index); hf-to-ds needs a model directory")
     plan = plan_pipeline(source, num_stages=pp, task=task, partition_method=partition_method)
+    check_tensor_parallel(plan.config, tp)
     checkpoint = HFCheckpoint(source.pretrained_dir)
     dst = Path(dst)
     tag_dir = dst / "step0"

@@ -32,6 +32,9 @@ def run_main(main, *, program: str) -> int:
         print(f"{program}: error: {where}{err}", file=sys.stderr, flush=True)
         _leave(2)
         return 2
+    except SystemExit as err:  # SIGTERM (pptk.launch_watch.exit_on_sigterm) or argparse: already unwound
+        _leave(err.code if isinstance(err.code, int) else 1)
+        raise
     except RuntimeError as err:
         if not (distributed and any(marker in str(err) for marker in PEER_GONE)):
             raise

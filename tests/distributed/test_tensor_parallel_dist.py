@@ -1,5 +1,6 @@
 # Tensor parallelism against Hugging Face: one launch of 4 gloo ranks (pp=2 x tp=2) checks every job below; then a
-# checkpoint of a tp=1 run is resumed at tp=2 (each rank cuts its slices) and exported from the gathered layers.
+# checkpoint of a tp=1 run is resumed at tp=2 (each rank cuts its slices) and exported from the gathered layers, and
+# that tp=2 x pp=1 run's checkpoint is resumed at tp=1 x pp=2.
 import json
 
 import pytest
@@ -13,6 +14,7 @@ JOBS = {  # name -> (model, task, precision)
     "gpt2": ("gpt2", None, "fp32"),  # tied embedding / LM head across the stages; c_attn's fused q|k|v split per head
     "llama": ("llama", None, "fp32"),  # grouped-query attention: 4 heads, 2 key/value heads, one of each per rank
     "qwen3": ("qwen3", None, "fp32"),  # per-head q/k norms: replicated weights, gradients summed over the tp ranks
+    "mistral": ("mistral", None, "fp32"),
     "bert": ("bert", "token-classification", "fp32"),
     "llama-bf16": ("llama", None, "bf16"),
 }
@@ -52,7 +54,7 @@ RUN_ARGS = [
     "--model",
     "llama",
     "--max-steps",
-    "4",
+    "6",
     "--save-every",
     "2",
     "--log-every",
@@ -83,31 +85,41 @@ def _run(out_dir, ranks: int, extra: list[str]):
 
 @pytest.fixture(scope="module")
 def tp1_then_tp2(tmp_path_factory):
-    """1 rank at tp=1 for 4 steps (saves at 2), then 2 ranks at tp=2 resuming from step 2, exporting at the end."""
-    base, resumed = tmp_path_factory.mktemp("tp1"), tmp_path_factory.mktemp("tp2")
+    """1 rank at tp=1 for 6 steps (saves every 2); 2 ranks at tp=2 x pp=1 resuming from step 2, exporting at the end;
+    2 ranks at tp=1 x pp=2 resuming from the tp=2 run's step 4."""
+    base, resumed, swapped = (tmp_path_factory.mktemp(name) for name in ("tp1", "tp2", "pp2"))
     _run(base, 1, ["--tp", "1"])
     run = _run(
         resumed,
         2,
         ["--tp", "2", "--resume-from", str(base / "checkpoints" / "step2"), "--export-hf", str(resumed / "hf")],
     )
-    return base, resumed, run
+    _run(swapped, 2, ["--tp", "1", "--pp", "2", "--resume-from", str(resumed / "checkpoints" / "step4")])
+    return base, resumed, run, swapped
 
 
 def test_tp2_resumes_a_tp1_checkpoint_on_the_same_curve(tp1_then_tp2):
-    base, resumed, run = tp1_then_tp2
+    base, resumed, run, _ = tp1_then_tp2
     assert "pp(1) x tp(2) x dp(1) = WORLD_SIZE(2)" in run.stdout + run.stderr
     before, after = _losses(base), _losses(resumed)
-    assert sorted(after) == [3, 4]
+    assert sorted(after) == [3, 4, 5, 6]
+    for step, loss in after.items():
+        assert loss == pytest.approx(before[step], rel=1e-5), (step, before[step], loss)
+
+
+def test_a_tp2_pp1_checkpoint_resumes_at_tp1_pp2_on_the_same_curve(tp1_then_tp2):
+    base, _, _, swapped = tp1_then_tp2
+    before, after = _losses(base), _losses(swapped)
+    assert sorted(after) == [5, 6]
     for step, loss in after.items():
         assert loss == pytest.approx(before[step], rel=1e-5), (step, before[step], loss)
 
 
 def test_tp2_checkpoint_is_gathered_and_exports_hugging_face_shapes(tp1_then_tp2):
-    """The tp=2 run's step-4 checkpoint holds full tensors equal to the tp=1 run's own step 4, and --export-hf
+    """The tp=2 run's step-6 checkpoint holds full tensors equal to the tp=1 run's own step 6, and --export-hf
     wrote exactly those tensors under Hugging Face's names."""
-    base, resumed, _ = tp1_then_tp2
-    tag, reference = resumed / "checkpoints" / "step4", base / "checkpoints" / "step4"
+    base, resumed, _, _ = tp1_then_tp2
+    tag, reference = resumed / "checkpoints" / "step6", base / "checkpoints" / "step6"
     assert json.loads((tag / "pptk.json").read_text())["layout"]["tp"] == 2
     assert not list(tag.glob("*model_01*")), "layer files are gathered, not one per tp rank"
     for ours in sorted(tag.glob("layer_*-model_states.pt")):

@@ -296,3 +296,41 @@ def test_mlm_masks_depend_only_on_replica_and_micro_batch_number(minilm):
     other = data.train_batch(indices, 18, shard)
     assert torch.equal(first[1], again[1]) and torch.equal(first[0][0], again[0][0])
     assert not torch.equal(first[1], other[1])
+
+
+def test_mlm_on_a_prepared_set_packs_blocks_in_cls_sep_of_fixed_length(minilm, tokenizer, tmp_path):
+    """bert_mlm reads prepared, memory-mapped sets: every example is [CLS] + a block of the set's tokens + [SEP]
+    (documents inside separated by [SEP]), masked per micro-batch number as for text lines."""
+    from pptk.data.prepare import prepare_documents
+
+    lines = (DATA / "mlm_train.txt").read_text().splitlines()
+    prepared = prepare_documents(lines, tokenizer=tokenizer, out=tmp_path / "set", name="mlm lines")
+    data = _prepared(
+        "bert_mlm",
+        "--model",
+        str(minilm),
+        "--data",
+        str(prepared.path),
+        "--max-seq-len",
+        "32",
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
+    assert not data.dynamic_shape and data.samples_by_position
+    tokens = np.fromfile(prepared.path / "tokens.bin", dtype=np.uint16)
+    assert len(data.corpus.train) + len(data.corpus.eval) <= len(tokens) // 30
+    shard = Shard(dp_rank=0, dp_size=1, micro_batch_size=4)
+    (ids, mask, types), labels = data.train_batch(np.arange(4), 3, shard)
+    assert ids.shape == (4, 32) and bool((mask == 1).all()) and bool((types == 0).all())
+    original = torch.where(labels != IGNORE, labels, ids)
+    assert bool((original[:, 0] == tokenizer.cls_token_id).all()) and bool(
+        (original[:, -1] == tokenizer.sep_token_id).all()
+    )
+    assert torch.equal(original[:, 1:-1], data.corpus.train.read(np.arange(4)))  # the blocks themselves, unmasked
+    assert bool((labels[:, 0] == IGNORE).all()) and bool((labels[:, -1] == IGNORE).all())  # specials never masked
+    again = data.train_batch(np.arange(4), 3, shard)
+    assert torch.equal(again[1], labels) and not torch.equal(data.train_batch(np.arange(4), 4, shard)[1], labels)
+    with pytest.raises(PptkError, match="eval split is by document"):
+        _prepared(
+            "bert_mlm", "--model", str(minilm), "--data", str(prepared.path), "--eval-data", str(DATA / "mlm_dev.txt")
+        )

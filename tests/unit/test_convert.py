@@ -59,6 +59,19 @@ def test_hf_to_pipeline_to_hf_is_bitwise_identical(tmp_path, model_type, task, t
     )
 
 
+def test_hf_to_ds_at_pp2_tp2_round_trips_bitwise_and_refuses_a_layout_the_model_cannot_split(tmp_path, capsys):
+    model = _save_hf(tmp_path / "hf", "llama", "causal-lm")
+    assert main(["convert", "hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "ds"), "--pp", "2", "--tp", "2"]) == 0
+    assert main(["convert", "ds-to-hf", str(tmp_path / "ds"), str(tmp_path / "out")]) == 0
+    original, exported = _tensors(tmp_path / "hf"), _tensors(tmp_path / "out")
+    assert sorted(original) == sorted(exported) and all(torch.equal(original[k], exported[k]) for k in original)
+    heads = model.config.num_attention_heads
+    bad = ["convert", "hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "ds3"), "--tp", str(heads + 1)]
+    assert main(bad) == 2
+    assert f"not divisible by tp({heads + 1})" in capsys.readouterr().err
+    assert not (tmp_path / "ds3").exists()
+
+
 def test_cli_convert_both_ways(tmp_path, capsys):
     _save_hf(tmp_path / "hf", "gpt2")
     assert main(["convert", "hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "ds"), "--pp", "2"]) == 0

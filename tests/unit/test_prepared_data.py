@@ -228,3 +228,15 @@ def test_demo_documents_are_prepared_once(tokenizer, tmp_path):
     other = prepare_documents(DOCS[:6], tokenizer=tokenizer, out=tmp_path / "demo", name="demo")
     assert (first.reused, again.reused, other.reused) == (False, True, False)
     assert other.manifest["num_documents"] == 6 and os.listdir(tmp_path) == ["demo"]
+
+
+def test_the_tokenizer_hash_ignores_truncation_and_padding_settings():
+    """transformers sets them on the backend when called with truncation=True: the same tokenizer must still match."""
+    from pptk.data.prepare import tokenizer_fingerprint
+
+    fresh = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    used = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    used.pad_token = used.eos_token
+    used(["a b c", "d"], truncation=True, max_length=2, padding="max_length")
+    assert used.backend_tokenizer.truncation is not None  # the call really changed the backend
+    assert tokenizer_fingerprint(used)["hash"] == tokenizer_fingerprint(fresh)["hash"]
