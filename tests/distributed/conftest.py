@@ -81,7 +81,7 @@ def minilm_dir() -> Path:
 
 def pp2_jobs(untied_gpt2_config: Path) -> dict:
     """Every job checked at pp=2, by (group, name); fp32 and bf16 jobs alike."""
-    from pptk.models.decoder import FAMILIES
+    from pptk.models.decoder_families import FAMILIES
     from pptk.verify import VerifyJob
 
     jobs = {

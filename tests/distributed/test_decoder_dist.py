@@ -4,7 +4,7 @@
 import pytest
 from conftest import pp2_jobs
 
-from pptk.models.decoder import FAMILIES
+from pptk.models.decoder_families import FAMILIES
 from pptk.verify import verify_many
 
 pytestmark = pytest.mark.dist

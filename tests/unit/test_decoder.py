@@ -11,15 +11,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForCaus
 
 from pptk.errors import PptkError
 from pptk.models import get_adapter, supported_model_types
-from pptk.models.decoder import (
-    FAMILIES,
-    LLAMA3_ROPE,
-    SMALL_COMMON,
-    WINDOW,
-    RotaryTables,
-    decoder_parts,
-    layer_mask_kinds,
-)
+from pptk.models.decoder import RotaryTables, decoder_parts, layer_mask_kinds
+from pptk.models.decoder_families import FAMILIES, LLAMA3_ROPE, SMALL_COMMON, WINDOW
 from pptk.pipeline import build_sequential_module, plan_pipeline
 from pptk.weights import INDEX_FILE, HFCheckpoint, hf_names, load_stage_weights
 
