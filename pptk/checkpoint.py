@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from pptk import deepspeed_compat as compat
 from pptk.deepspeed_compat import ADAM_STATES
-from pptk.errors import PptkError
+from pptk.errors import PptkError, StoppedByPeer
 from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, local_layers
 from pptk.tensor_parallel import gather_full, gathered_state, load_sliced_state, rank_slice, shard_spec
@@ -131,7 +131,7 @@ def _write_atomically(path: Path, text: str) -> None:
 def failpoint(name: str, *, step: int) -> None:
     """Fault injection for the tests: PPTK_FAILPOINT=save:1:16 SIGKILLs global rank 1 midway through the step-16
     save; PPTK_FAILPOINT=disk:0:4 makes rank 0's step-4 save fail as a full disk does (an error on one rank after
-    the process group formed)."""
+    the process group formed); nan:R:S is checked by save_checkpoint itself (a NaN in rank R's weights)."""
     if os.environ.get("PPTK_FAILPOINT") != f"{name}:{dist.get_rank()}:{step}":
         return
     if name == "save":
@@ -208,11 +208,34 @@ def _save_gathered_layers(engine, plan: PipelinePlan, tag_dir: Path) -> None:
             torch.save(state, layer_file(tag_dir, index))
 
 
+def _refuse_non_finite(module: torch.nn.Module, *, checkpoints_dir: Path, step: int) -> None:
+    """Never save non-finite weights (collective): rank 0 names the ranks holding NaN/inf, the others stop."""
+    bad = torch.tensor([0.0 if all(bool(torch.isfinite(p).all()) for p in module.parameters()) else 1.0])
+    flags = [torch.zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, bad)
+    bad_ranks = [rank for rank, flag in enumerate(flags) if flag.item()]
+    if not bad_ranks:
+        return
+    if dist.get_rank() != 0:
+        raise StoppedByPeer
+    latest = checkpoints_dir / "latest"
+    kept = f"latest ({latest.read_text().strip()}) is the last good checkpoint" if latest.exists() else "none saved"
+    raise PptkError(
+        f"the weights at step {step} are not finite (NaN or inf) on rank(s) {bad_ranks}: not saved; {kept}. Resume "
+        "from it with a lower --lr or more warmup (a loss that stays finite while weights overflow: check fp16 "
+        "loss scaling or gradient clipping)"
+    )
+
+
 def save_checkpoint(
     engine, plan: PipelinePlan, *, layout: Layout, checkpoints_dir: Path, step: int, extra: dict | None = None
 ) -> Path:
     """Save collectively (every rank calls this); returns the final tag directory."""
     compat.check_per_layer_states_supported(engine.optimizer)
+    if os.environ.get("PPTK_FAILPOINT") == f"nan:{dist.get_rank()}:{step}":
+        with torch.no_grad():
+            next(engine.module.parameters()).view(-1)[0] = float("nan")
+    _refuse_non_finite(engine.module, checkpoints_dir=checkpoints_dir, step=step)
     tag = f"step{step}"
     partial, final = checkpoints_dir / f"{tag}.partial", checkpoints_dir / tag
     rank = dist.get_rank()

@@ -10,6 +10,10 @@ class PptkError(ValueError):
     """
 
 
+class StoppedByPeer(Exception):
+    """This rank stops because a collective told it another rank reports the failure: one line, not two."""
+
+
 # What a rank's collective raises when a peer has gone (gloo and NCCL wording): a consequence, not a cause.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
@@ -32,6 +36,10 @@ def run_main(main, *, program: str) -> int:
         print(f"{program}: error: {where}{err}", file=sys.stderr, flush=True)
         _leave(2)
         return 2
+    except StoppedByPeer:
+        print(f"{program}: {where}stopping: another rank failed (its error is above)", file=sys.stderr, flush=True)
+        _leave(1)
+        return 1
     except SystemExit as err:  # SIGTERM (pptk.launch_watch.exit_on_sigterm) or argparse: already unwound
         _leave(err.code if isinstance(err.code, int) else 1)
         raise

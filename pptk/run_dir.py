@@ -104,3 +104,25 @@ def _alive(holder: dict) -> bool:
     except (PermissionError, KeyError, ValueError):
         return True
     return True
+
+
+# Bytes per parameter of one checkpoint: the weights (fp32 layer files), DeepSpeed's ZeRO shards (fp32 master copy
+# and two Adam moments: 12) and pptk's per-layer optimizer states (the same 12 again, for resuming on any layout).
+CHECKPOINT_BYTES_PER_PARAM = 4 + 12 + 12
+
+
+def check_free_space(directory: Path, *, params: int) -> None:
+    """Refuse to start when ``directory``'s file system cannot hold one checkpoint of ``params`` parameters: a run
+    that fills the disk at its first save has trained for nothing."""
+    import shutil
+
+    needed = params * CHECKPOINT_BYTES_PER_PARAM
+    existing = directory
+    while not existing.exists():  # the run creates its directories later; measure the file system they land on
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise PptkError(
+            f"one checkpoint of this model ({params:,} parameters) needs about {needed / 2**30:.1f} GiB, and "
+            f"{existing} has {free / 2**30:.1f} GiB free; free space there or use another --output-dir"
+        )

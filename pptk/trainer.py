@@ -34,7 +34,7 @@ from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, plan_pipeline
 from pptk.profile import agree_on_profile
 from pptk.reporting import MetricsLog, Summary, format_evaluation
-from pptk.run_dir import claim_output_dir, release_output_dir, start_fresh
+from pptk.run_dir import check_free_space, claim_output_dir, release_output_dir, start_fresh
 from pptk.schedules import check_eval_micro_batches
 from pptk.tasks.base import Batch, PreparedTask
 
@@ -138,6 +138,7 @@ class Trainer:
         start_step = self._check_resume(plan, layout, steps)
         if run.output.export_hf is not None:  # found out now, not after the training
             check_export_destination(run.output.export_hf, overwrite=True)
+        check_free_space(run.output.output_dir / "checkpoints", params=sum(c.unique_params for c in plan.stages.costs))
 
         init_distributed()
         plan = agree_on_profile(plan)

@@ -104,3 +104,17 @@ def test_overwrite_replaces_only_a_previous_export(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(PptkError, match="not a Hugging Face export"):
         check_export_destination(tmp_path, overwrite=True)
+
+
+def test_a_disk_that_cannot_hold_one_checkpoint_is_refused_before_training(tmp_path):
+    import shutil
+
+    from pptk.run_dir import CHECKPOINT_BYTES_PER_PARAM, check_free_space
+
+    free = shutil.disk_usage(tmp_path).free
+    fits = free // CHECKPOINT_BYTES_PER_PARAM // 2
+    check_free_space(tmp_path / "run" / "checkpoints", params=fits)  # not created yet: its file system is measured
+    too_big = free // CHECKPOINT_BYTES_PER_PARAM + 10**9
+    with pytest.raises(PptkError, match=rf"needs about [\d.]+ GiB, and {tmp_path} has [\d.]+ GiB free; free space"):
+        check_free_space(tmp_path / "run" / "checkpoints", params=too_big)
+    assert not (tmp_path / "run").exists()
