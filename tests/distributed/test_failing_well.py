@@ -98,3 +98,24 @@ def test_sigterm_to_the_launcher_leaves_no_rank_running(tmp_path):
         for pid in _pids_running(str(out)):
             os.kill(pid, signal.SIGKILL)
         runner.kill()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """Rank 1's weights turn NaN before the step-4 save (the loss of step 4 was still finite): rank 0 reports it in
+    one line naming rank 1, nothing is written, and latest stays on step 2."""
+    out = tmp_path / "nan"
+    env = dict(recipe_env(), PPTK_FAILPOINT="nan:1:4")
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "recipes" / "gpt_pretrain.py"), "--output-dir", str(out), *QUICK,
+           "--max-steps", "6", "--save-every", "2"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    text = run.stdout + run.stderr
+    assert run.returncode != 0
+    errors = [line for line in text.splitlines() if "gpt_pretrain: error:" in line]
+    assert len(errors) == 1, text[-3000:]
+    assert "rank 0: the weights at step 4 are not finite (NaN or inf) on rank(s) [1]: not saved" in errors[0]
+    assert "latest (step2) is the last good checkpoint" in errors[0]
+    assert "rank 1: stopping: another rank failed" in text and "Traceback" not in text, text[-3000:]
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step2"
+    assert not (ckpt / "step4").exists() and not list(ckpt.glob("*.partial"))
