@@ -24,11 +24,18 @@ from torch.nn import functional as F
 
 from pptk.errors import PptkError
 
-# Families whose blocks shard_stage knows; gpt2, llama and bert have a parity check in
-# tests/distributed/test_tensor_parallel_dist.py; mistral, qwen2 and qwen3 share llama's attention and MLP modules
-# (separate q/k/v/o and gate/up/down projections; per-head norms get their gradient summed over the tp ranks)
-# and were checked by hand (README).
-TP_FAMILIES = ("bert", "gpt2", "llama", "mistral", "qwen2", "qwen3")
+# Families whose blocks shard_stage cannot split, and why; every other registered family shards (gpt2, bert, and the
+# decoders with separate q/k/v/o projections and an up/down MLP, with or without gate), each checked against
+# Hugging Face at tp=2 by tests/distributed/test_tensor_parallel_dist.py.
+TP_REFUSED = {
+    "phi3": "its attention and MLP use fused projections (qkv_proj, gate_up_proj)",
+    "glm": "its MLP uses a fused gate_up_proj",
+    "glm4": "its MLP uses a fused gate_up_proj",
+    "olmo2": "its q/k norms run over all heads at once, which a rank holding some heads cannot compute",
+    "olmo3": "its q/k norms run over all heads at once, which a rank holding some heads cannot compute",
+    "cohere": "its q/k layer norms hold one weight row per head, which pptk does not slice yet",
+    "youtu": "its multi-head latent attention (q_a/q_b, kv_a/kv_b projections) has no Megatron split here",
+}
 SHARD_ATTR = "pptk_shard"
 # DeepSpeed's mark of a tensor-parallel parameter (deepspeed.runtime.utils.is_model_parallel_parameter): gradient
 # norms count it on every tp rank, and a replicated one on tp rank 0 only.
@@ -108,11 +115,10 @@ def check_tensor_parallel(config, tp: int) -> None:
     if tp == 1:
         return
     family = config.model_type
-    if family not in TP_FAMILIES:
-        reason = "its attention or MLP has a layout pptk does not shard yet (fused projections, norms over all heads)"
+    if family in TP_REFUSED:
         raise PptkError(
-            f"--tp {tp}: {family} has no tensor-parallel support: {reason}. Families with TP: "
-            f"{', '.join(TP_FAMILIES)}; train {family} with --tp 1 (pipeline and data parallelism)"
+            f"--tp {tp}: {family} has no tensor-parallel support: {TP_REFUSED[family]}; train {family} with --tp 1 "
+            "(pipeline and data parallelism)"
         )
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -155,6 +161,16 @@ def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: i
         else:
             bias = layer.bias
     setattr(parent, name, ShardedLinear(weight, bias, kind=kind, conv1d=conv1d, group=group))
+
+
+def _sum_partial_gradients(module: nn.Module, *, row: nn.Module, group) -> None:
+    """A replicated parameter inside a sharded module (a per-head norm, a learned activation) acts on this rank's
+    heads or features only, so its gradient here is a part: sum it over the tp ranks. The row-parallel bias is
+    added after the all-reduce and already has the whole gradient."""
+    row_bias = getattr(row, "bias", None)
+    for param in module.parameters():
+        if shard_spec(param) is None and param is not row_bias and group is not None:
+            param.register_hook(partial(_sum_over_tp, group=group))
 
 
 def _sum_over_tp(grad: torch.Tensor, *, group) -> torch.Tensor:
@@ -215,16 +231,16 @@ def shard_stage(module: nn.Module, *, group, rank: int, size: int) -> int:
             _shard(sub, "o_proj", kind="row", **kw)
             if hasattr(sub, "config"):
                 sub.config = _rank_config(sub.config, size)
-            # per-head norms (Qwen3's q_norm/k_norm) are replicated but each rank sees only its own heads: their
-            # gradient is the sum over the ranks
-            row_bias = getattr(sub.o_proj, "bias", None)
-            for param in sub.parameters():
-                if shard_spec(param) is None and param is not row_bias and group is not None:
-                    param.register_hook(partial(_sum_over_tp, group=group))
-        elif all(hasattr(sub, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            _shard(sub, "gate_proj", kind="column", **kw)
-            _shard(sub, "up_proj", kind="column", **kw)
+            _sum_partial_gradients(sub, row=sub.o_proj, group=group)  # per-head q/k norms (Qwen3, Gemma 3)
+        elif hasattr(sub, "up_proj") and hasattr(sub, "down_proj"):  # gated (SwiGLU) or not (Arcee, Apertus)
+            for name in ("gate_proj", "up_proj"):
+                if hasattr(sub, name):
+                    _shard(sub, name, kind="column", **kw)
             _shard(sub, "down_proj", kind="row", **kw)
+            _sum_partial_gradients(sub, row=sub.down_proj, group=group)  # a learned activation (Apertus' xIELU)
+        elif isinstance(getattr(sub, "c_fc", None), nn.Linear) and isinstance(getattr(sub, "c_proj", None), nn.Linear):
+            _shard(sub, "c_fc", kind="column", **kw)  # StarCoder2's MLP: GPT-2's names on nn.Linear
+            _shard(sub, "c_proj", kind="row", **kw)
         else:
             continue
         count += 1

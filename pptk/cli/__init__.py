@@ -136,10 +136,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from pptk.models import get_adapter, supported_model_types
-    from pptk.tensor_parallel import TP_FAMILIES
+    from pptk.tensor_parallel import TP_REFUSED
 
     rows: list[dict] = [
-        {"model_type": t, "tasks": sorted(get_adapter(t).tasks), "tensor_parallel": t in TP_FAMILIES}
+        {"model_type": t, "tasks": sorted(get_adapter(t).tasks), "tensor_parallel": t not in TP_REFUSED}
         for t in supported_model_types()
     ]
     if args.json:

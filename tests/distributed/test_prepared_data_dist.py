@@ -96,7 +96,8 @@ def test_a_prepared_set_of_another_tokenizer_is_refused_before_the_ranks_start(s
     assert run.returncode != 0 and "was made with tokenizer" in run.stderr + run.stdout
 
 
-# bert_mlm on a prepared set of the real MiniLM tokenizer: [CLS] block [SEP] examples, exact resume, bf16.
+# bert_mlm on a prepared set of the real MiniLM tokenizer: [CLS] block [SEP] examples, exact resume (bf16 reading of
+# prepared sets is checked above, with the GPT recipe).
 MLM = ["--max-seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--no-dropout", "--lr", "1e-4"]
 MLM += ["--warmup-steps", "1", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--wandb-mode", "disabled"]
 
@@ -139,13 +140,3 @@ def test_bert_mlm_trains_on_a_prepared_set_and_resumes_exactly_on_another_layout
     resumed, full = losses(work / "resumed"), losses(out_dir)
     assert sorted(resumed) == [3, 4]
     assert resumed == pytest.approx({s: full[s] for s in resumed}, rel=1e-5)
-
-
-def test_bert_mlm_on_a_prepared_set_in_bf16_follows_fp32(mlm_set, mlm_fp32):
-    work, model = mlm_set
-    bf16 = ["--ds-config", str(ROOT / "ds_configs" / "pipe_zero1_bf16.json"), "--eval-every", "100"]
-    run = run_recipe("bert_mlm.py", [*model, *MLM, "--max-steps", "2", *bf16], output_dir=work / "bf16")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    curve, fp32 = losses(work / "bf16"), losses(mlm_fp32[0])
-    assert sorted(curve) == [1, 2]
-    assert curve == pytest.approx({1: fp32[1], 2: fp32[2]}, rel=2e-2)

@@ -8,6 +8,9 @@ import torch
 from conftest import free_port, run_recipe
 from transformers import AutoModelForCausalLM
 
+from pptk.models.decoder_families import FAMILIES
+from pptk.tensor_parallel import TP_REFUSED
+
 pytestmark = pytest.mark.dist
 
 JOBS = {  # name -> (model, task, precision)
@@ -35,6 +38,36 @@ def test_pp2_tp2_matches_hugging_face(verified_tp2, name):
     assert result.passed, result.describe()
     assert (result.pp, result.tp, result.precision) == (2, 2, JOBS[name][2])
     assert result.params_pipeline == result.params_reference
+
+
+# Every family with TP support, at pp=1 x tp=2 x dp=2 (tensor parallelism alone within a stage, and with data
+# parallelism): one launch of 4 ranks.
+TP_DECODERS = [name for name in FAMILIES if name not in TP_REFUSED]
+EAGER_ONLY = {"gemma2", "vaultgemma"}  # attention soft-capping: transformers has no SDPA path for them
+
+
+@pytest.fixture(scope="module")
+def verified_tp2_dp2(tmp_path_factory):
+    from pptk.verify import VerifyJob, verify_many
+
+    jobs = [
+        VerifyJob(name, seq_len=24, attn_implementation="eager" if name in EAGER_ONLY else "sdpa")
+        for name in TP_DECODERS
+    ]
+    jobs += [VerifyJob("gpt2", seq_len=24), VerifyJob("bert", task="token-classification", seq_len=24)]
+    names = [*TP_DECODERS, "gpt2", "bert"]
+    return dict(zip(names, verify_many(jobs, pp=1, tp=2, dp=2, workdir=tmp_path_factory.mktemp("verify-tp2-dp2"))))
+
+
+@pytest.mark.parametrize("name", [*TP_DECODERS, "gpt2", "bert"])
+def test_every_tp_family_matches_hugging_face_at_tp2_dp2(verified_tp2_dp2, name):
+    result = verified_tp2_dp2[name]
+    assert result.passed, result.describe()
+    assert (result.pp, result.tp, result.dp) == (1, 2, 2)
+
+
+def test_refused_families_are_few_and_said_why():
+    assert set(TP_REFUSED) <= set(FAMILIES) and len(TP_DECODERS) >= 20
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
@@ -126,7 +159,8 @@ def test_tp2_checkpoint_is_gathered_and_exports_hugging_face_shapes(tp1_then_tp2
         theirs = torch.load(reference / ours.name)
         torch.testing.assert_close(torch.load(ours), theirs, rtol=1e-5, atol=1e-6)
         optim = ours.name.replace("-model_states", "").replace("layer_", "optim_layer_")
-        torch.testing.assert_close(torch.load(tag / optim), torch.load(reference / optim), rtol=1e-4, atol=1e-7)
+        # Adam normalises each gradient: reduction-order noise in a near-zero gradient moves its state by ~1e-7
+        torch.testing.assert_close(torch.load(tag / optim), torch.load(reference / optim), rtol=1e-4, atol=1e-6)
     exported = AutoModelForCausalLM.from_pretrained(resumed / "hf").state_dict()
     layer = torch.load(tag / "layer_01-model_states.pt")  # the first decoder layer
     for name, tensor in layer.items():
