@@ -163,7 +163,7 @@ def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: i
     setattr(parent, name, ShardedLinear(weight, bias, kind=kind, conv1d=conv1d, group=group))
 
 
-def _sum_partial_gradients(module: nn.Module, *, row: nn.Module, group) -> None:
+def _sum_partial_gradients(module: nn.Module, *, row: object, group) -> None:
     """A replicated parameter inside a sharded module (a per-head norm, a learned activation) acts on this rank's
     heads or features only, so its gradient here is a part: sum it over the tp ranks. The row-parallel bias is
     added after the all-reduce and already has the whole gradient."""
