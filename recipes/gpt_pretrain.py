@@ -54,7 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ".jsonl.gz, .parquet), which are prepared once into --data-cache",
     )
     parser.add_argument(
-        "--data-cache", type=Path, default=None, help="where text files are prepared (default: <output-dir>/data)"
+        "--data-cache",
+        type=Path,
+        default=None,
+        help="where text files (and --demo's corpus and tokenizer) are prepared, reused by every run that shares it "
+        "(default: <output-dir>/data)",
     )
     parser.add_argument(
         "--document-masking",

@@ -69,9 +69,11 @@ def _model_and_sets(run: RunConfig) -> tuple[ModelSource, Any, list]:
     if data.demo:
         if run.model.model is not None:
             get_adapter(run.model.model)  # --demo --model llama: the embedded default with another family
-        # Every rank trains the same tokenizer (deterministic, a second or two) and renames it into place atomically.
+        # Every rank trains the same tokenizer (deterministic, a second or two) and renames it into place atomically;
+        # with --data-cache it lives there too, so runs sharing the cache train it once.
+        tokenizer_home = data.data_cache / "demo-tokenizer" if data.data_cache else run.output.output_dir / "tokenizer"
         tokenizer_dir = train_demo_tokenizer(
-            text=demo_corpus(), vocab_size=DEMO_MODEL["vocab_size"], out_dir=run.output.output_dir / "tokenizer"
+            text=demo_corpus(), vocab_size=DEMO_MODEL["vocab_size"], out_dir=tokenizer_home
         )
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         config = demo_config(len(tokenizer), run.model.model)
@@ -79,8 +81,9 @@ def _model_and_sets(run: RunConfig) -> tuple[ModelSource, Any, list]:
         # a sample of the corpus, not its last section (the language-reference topics, a quarter of the tokens).
         documents = demo_documents()
         order = np.random.default_rng(0).permutation(len(documents))
+        demo_set = data.data_cache / "demo" if data.data_cache else cache_dir
         prepared = prepare_documents(
-            [documents[i] for i in order], tokenizer=tokenizer, out=cache_dir, name="pptk demo corpus, shuffled"
+            [documents[i] for i in order], tokenizer=tokenizer, out=demo_set, name="pptk demo corpus, shuffled"
         )
         return ModelSource(config, None, f"demo {config.model_type}"), tokenizer, [(open_prepared(prepared.path), None)]
     if run.model.model is None or not data.files:

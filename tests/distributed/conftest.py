@@ -1,16 +1,30 @@
 # Shared launches for the distributed tier, each started once per session and read by every test that needs it: a
 # recipe run through the real deepspeed launcher, and one verify launch for every pp=2 parity check.
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+# The demo preset at a quarter of its batch (micro-batches of 2, not 8): the same code paths, a quarter of the compute.
 DEMO_ARGS = ["--demo", "--max-steps", "40", "--log-every", "5", "--eval-every", "20", "--save-every", "20"]
+DEMO_ARGS += ["--micro-batch-size", "2"]
+
+
+# Shared by the demo launches of one session (see run_recipe); every launch still checks it (content hashes).
+DEMO_CACHE = Path(tempfile.gettempdir()) / f"pptk-test-demo-cache-{os.getpid()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_demo_cache():
+    yield
+    shutil.rmtree(DEMO_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -28,6 +42,8 @@ def run_recipe(
 ) -> subprocess.CompletedProcess:
     """`deepspeed [launcher args] recipes/<recipe> --output-dir DIR args...`, as a user runs it."""
     launcher = launcher if launcher is not None else ["--num_gpus", "2", "--master_port", str(free_port())]
+    if "--demo" in args and "--data-cache" not in args:  # the demo's tokenizer and set, prepared once per session
+        args = [*args, "--data-cache", str(DEMO_CACHE)]
     cmd = [
         str(VENV_BIN / "deepspeed"),
         *launcher,

@@ -223,3 +223,17 @@ def test_masked_lm_continued_pretraining_lowers_the_eval_loss(mlm):
     assert after["eval_loss"] < before["eval_loss"] - 1.0, mlm.evaluations
     assert after["eval_perplexity"] < before["eval_perplexity"]
     assert mlm.summary["last_loss"] < mlm.summary["first_loss"]
+
+
+@pytest.mark.parametrize("recipe", ["ner", "cls", "mlm"])
+def test_timeline_and_curves_render_for_every_bert_recipe(recipe, request, tmp_path):
+    """pptk timeline / pptk plot work on runs of every recipe (the GPT recipe's are checked with the demo run)."""
+    from pptk.cli import main
+
+    run = request.getfixturevalue(recipe)
+    png, trace, curves = tmp_path / "timeline.png", tmp_path / "trace.json", tmp_path / "curves.png"
+    assert main(["timeline", str(run.output_dir), "--png", str(png), "--trace", str(trace)]) == 0
+    assert main(["plot", str(run.output_dir), "--png", str(curves)]) == 0
+    assert png.stat().st_size > 10_000 and curves.stat().st_size > 10_000
+    names = {event["name"] for event in json.loads(trace.read_text())["traceEvents"]}
+    assert {"ForwardPass", "BackwardPass", "SendActivation", "RecvActivation", "OptimizerStep"} <= names

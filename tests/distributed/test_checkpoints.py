@@ -33,6 +33,8 @@ LAYOUT_ARGS = [
     "--no-dropout",
     "--global-batch-size",
     "16",
+    "--seq-len",
+    "32",
 ]
 # After a resume on another layout the weights and optimizer state are exact; only the order of the fp32 gradient
 # reductions changes, and a bf16 weight next to a rounding boundary may then round the other way.

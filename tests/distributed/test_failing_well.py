@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, VENV_BIN, free_port, recipe_env, run_recipe
+from conftest import DEMO_CACHE, ROOT, VENV_BIN, free_port, recipe_env, run_recipe
 
 pytestmark = pytest.mark.dist
 QUICK = ["--demo", "--log-every", "1", "--eval-every", "1000", "--wandb-mode", "disabled", "--micro-batch-size", "2"]
+QUICK += ["--data-cache", str(DEMO_CACHE)]  # the demo's tokenizer and set, prepared once per session
 
 
 def _pids_running(marker: str) -> list[int]:
