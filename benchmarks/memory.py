@@ -1,10 +1,12 @@
 """Peak resident memory of each rank while loading its stage, and of each converter, against the weights it holds.
 
 For every measured process: extra peak RSS = peak RSS (VmHWM) - RSS before the work (after imports), divided
-by the bytes of the weights that process must hold (its stage for a rank; the largest layer for hf-to-ds, which
-converts layer by layer; one shard for ds-to-hf). Target: at most 1.3x. Writes benchmarks/results/memory.json.
+by the bytes of the weights that process must hold (its stage, or its tp slice of it, for a rank; the largest
+layer for hf-to-ds, which converts layer by layer; one shard for ds-to-hf). Target: at most 1.3x.
+Writes benchmarks/results/memory.json.
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/memory.py              # ~540 MB GPT-2, pp=2, CPU
+    python benchmarks/memory.py --pp 2 --tp 2 --output benchmarks/results/memory_tp2.json  # 4 ranks, each a slice
     python benchmarks/memory.py --hidden 2048 --layers 16 --pp 4                 # bigger, on a larger machine
 """
 
@@ -37,20 +39,24 @@ def peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def _load_stage(rank: int, model_dir: str, pp: int, out: str) -> None:
+def _load_stage(rank: int, model_dir: str, pp: int, tp: int, out: str) -> None:
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from pptk.engine import init_distributed
     from pptk.pipeline import build_pipeline_module, plan_pipeline, resolve_model
 
     init_distributed()
-    plan = plan_pipeline(resolve_model(model_dir), num_stages=pp)
+    plan = plan_pipeline(resolve_model(model_dir), num_stages=pp, tp=tp)
+    topology = PipeModelDataParallelTopology(pp, tp, 1) if tp > 1 else None
     before = rss_bytes()
-    module = build_pipeline_module(plan)
+    module = build_pipeline_module(plan, topology=topology)
     held = sum(p.numel() * p.element_size() for p in module.parameters())
+    grid = module.mpu()
     Path(out, f"rank{rank}.json").write_text(
         json.dumps(
             {
-                "what": f"rank {rank}: build + load stage {rank}",
+                "what": f"rank {rank}: build + load stage {grid.get_stage_id()}"
+                + (f", tp slice {grid.get_slice_parallel_rank()}" if tp > 1 else ""),
                 "rss_before": before,
                 "peak": peak_rss_bytes(),
                 "weights_bytes": held,
@@ -87,6 +93,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1, help="also shard each stage over tp ranks (each reads its slices)")
     p.add_argument("--max-shard-size", default="200MB")
     p.add_argument("--output", type=Path, default=RESULTS / "memory.json")
     p.add_argument("--convert", nargs=3, metavar=("DIRECTION", "SRC", "DST"), help=argparse.SUPPRESS)
@@ -131,8 +138,11 @@ def main() -> None:
             check=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    run_ranks(_load_stage, world_size=args.pp, args=(str(work / "hf"), args.pp, str(work)), log_dir=work / "logs")
-    rows += [json.loads((work / f"rank{r}.json").read_text()) for r in range(args.pp)]
+    world = args.pp * args.tp
+    run_ranks(
+        _load_stage, world_size=world, args=(str(work / "hf"), args.pp, args.tp, str(work)), log_dir=work / "logs"
+    )
+    rows += [json.loads((work / f"rank{r}.json").read_text()) for r in range(world)]
 
     for row in rows:
         row["extra_peak_bytes"] = row["peak"] - row["rss_before"]
@@ -148,6 +158,7 @@ def main() -> None:
             "layers": args.layers,
             "vocab": args.vocab,
             "pp": args.pp,
+            "tp": args.tp,
             "params": num_params,
         },
         "rows": rows,

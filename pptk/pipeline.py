@@ -14,7 +14,7 @@ from deepspeed.pipe import DualPipeVModule, PipelineModule, TiedLayerSpec
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from pptk.deepspeed_compat import partition_by_boundaries
+from pptk.deepspeed_compat import build_each_layer_with, partition_by_boundaries
 from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index, get_adapter, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
@@ -173,15 +173,25 @@ def plan_pipeline(
 
 
 class PlannedPipelineModule(PipelineModule):
-    """DeepSpeed's PipelineModule, partitioned by pptk's plan (see pptk.partition) rather than its own."""
+    """DeepSpeed's PipelineModule, partitioned by pptk's plan (see pptk.partition) rather than its own.
 
-    def __init__(self, layers, *, boundaries: tuple[int, ...], **kwargs):
-        # _partition_layers runs inside PipelineModule.__init__, so the plan must be in place before it.
+    make_layer(module, index, spec): builds and finishes each local layer, one at a time (see _make_layer).
+    """
+
+    def __init__(self, layers, *, boundaries: tuple[int, ...], make_layer: Callable | None = None, **kwargs):
+        # _partition_layers and _build run inside PipelineModule.__init__, so the plan must be in place before it.
         object.__setattr__(self, "_pptk_boundaries", list(boundaries))
+        object.__setattr__(self, "_pptk_make_layer", make_layer)
         super().__init__(layers, **kwargs)
 
     def _partition_layers(self, method: str = "uniform") -> None:
         partition_by_boundaries(self, self._pptk_boundaries)  # DeepSpeed's private hook: see deepspeed_compat
+
+    def _build(self) -> None:
+        if self._pptk_make_layer is None:
+            super()._build()
+        else:
+            build_each_layer_with(self, super()._build, partial(self._pptk_make_layer, self))
 
 
 class PlannedDualPipeVModule(DualPipeVModule, PlannedPipelineModule):
@@ -228,16 +238,15 @@ def local_layers(module: PipelineModule, layers: list[PipeLayer]):
             yield int(name), child
 
 
-def initialise_weights(module: nn.Module, plan: PipelinePlan, *, seed: int = 1234, before_load=None) -> None:
-    """Hugging Face's initialisation for every local layer, then the pretrained tensors of this stage, if any.
-
-    before_load(module): runs between the two (tensor parallelism slices the initialised layers there, so a random
-    init equals the unsharded one, and the pretrained tensors are read slice by slice).
-    """
+def initialise_weights(module: nn.Module, plan: PipelinePlan, *, seed: int = 1234) -> None:
+    """Hugging Face's initialisation for every local layer, then the pretrained tensors of this stage, if any."""
     for index, layer_module in local_layers(module, plan.layers):
         init_layer_like_hf(layer_module, config=plan.config, hf_class=plan.hf_class, seed=seed + index)
-    if before_load is not None:
-        before_load(module)
+    load_pretrained(module, plan)
+
+
+def load_pretrained(module: nn.Module, plan: PipelinePlan) -> None:
+    """Copy this stage's tensors (each tp rank its slices) from the model's checkpoint, if it has one."""
     if plan.source.pretrained_dir is not None:
         optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)
         load_stage_weights(
@@ -258,7 +267,8 @@ def build_pipeline_module(
     seed: int = 1234,
     loss_fn: Callable | None = None,
 ) -> PlannedPipelineModule:
-    """Build this rank's stage (only its own layers) and fill it. Needs torch.distributed to be initialised.
+    """Build this rank's stage (only its own layers, each initialised and sharded as it is built), then load it.
+    Needs torch.distributed to be initialised.
 
     loss_fn: what the last stage computes from (logits, labels); default the task's Hugging Face loss.
     """
@@ -268,6 +278,7 @@ def build_pipeline_module(
     module = module_class(
         specs,
         boundaries=plan.stages.boundaries,
+        make_layer=partial(_make_layer, plan=plan, seed=seed, tied_index=first_tied_index(plan.layers)),
         loss_fn=loss_fn or plan.loss_fn(),
         activation_checkpoint_interval=activation_checkpoint_interval,
         # only blocks: the embedding's inputs carry no gradient, which the reentrant checkpoint cannot handle
@@ -275,17 +286,43 @@ def build_pipeline_module(
         dynamic_shape=dynamic_shape,
         **kwargs,
     )
-    initialise_weights(module, plan, seed=seed, before_load=_shard_over_tp)
+    load_pretrained(module, plan)
     return module
 
 
-def _shard_over_tp(module: PipelineModule) -> None:
+def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan, seed: int, tied_index) -> nn.Module:
+    """One local layer, initialised like Hugging Face and cut to this tp rank's slice.
+
+    A rank thus holds at most its shard plus the layer in hand. With pretrained weights at tp > 1 a block is built
+    on the meta device and only its slices are allocated, as the checkpoint overwrites the init anyway; from
+    scratch it is initialised whole and then cut, so any tp starts from the same model as tp=1.
+    """
+    from accelerate import init_empty_weights
+
     from pptk.deepspeed_compat import tensor_parallel_group
-    from pptk.tensor_parallel import shard_stage
+    from pptk.tensor_parallel import materialize_parameters, shard_stage, sum_partial_gradients
 
     group, rank, size = tensor_parallel_group(module)
+    init = partial(
+        init_layer_like_hf,
+        config=plan.config,
+        hf_class=plan.hf_class,
+        seed=seed + (tied_index[spec.key] if isinstance(spec, TiedLayerSpec) else index),
+    )
+    if size > 1 and plan.source.pretrained_dir is not None and plan.layers[index].role == "block":
+        with init_empty_weights(include_buffers=False):
+            layer = spec.build()
+        shard_stage(layer, group=group, rank=rank, size=size)
+        materialize_parameters(layer)
+        init(layer)  # what sharding left whole; the sliced parameters come from the checkpoint
+    else:
+        layer = spec.build()
+        init(layer)
+        if size > 1:
+            shard_stage(layer, group=group, rank=rank, size=size)
     if size > 1:
-        shard_stage(module, group=group, rank=rank, size=size)
+        sum_partial_gradients(layer, group=group)
+    return layer
 
 
 def build_sequential_module(plan: PipelinePlan, *, seed: int = 1234) -> SequentialPipe:

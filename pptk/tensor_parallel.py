@@ -37,6 +37,7 @@ TP_REFUSED = {
     "youtu": "its multi-head latent attention (q_a/q_b, kv_a/kv_b projections) has no Megatron split here",
 }
 SHARD_ATTR = "pptk_shard"
+PARTIAL_GRAD_ATTR = "pptk_partial_grad"  # a replicated parameter whose gradient is summed over tp
 # DeepSpeed's mark of a tensor-parallel parameter (deepspeed.runtime.utils.is_model_parallel_parameter): gradient
 # norms count it on every tp rank, and a replicated one on tp rank 0 only.
 DEEPSPEED_TP_ATTR = "tensor_model_parallel"
@@ -163,13 +164,22 @@ def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: i
     setattr(parent, name, ShardedLinear(weight, bias, kind=kind, conv1d=conv1d, group=group))
 
 
-def _sum_partial_gradients(module: nn.Module, *, row: object, group) -> None:
+def _mark_partial_gradients(module: nn.Module, *, row: object) -> None:
     """A replicated parameter inside a sharded module (a per-head norm, a learned activation) acts on this rank's
-    heads or features only, so its gradient here is a part: sum it over the tp ranks. The row-parallel bias is
-    added after the all-reduce and already has the whole gradient."""
+    heads or features only, so its gradient here is a part to be summed over the tp ranks (see
+    sum_partial_gradients). The row-parallel bias is added after the all-reduce and already has the whole
+    gradient."""
     row_bias = getattr(row, "bias", None)
     for param in module.parameters():
-        if shard_spec(param) is None and param is not row_bias and group is not None:
+        if shard_spec(param) is None and param is not row_bias:
+            setattr(param, PARTIAL_GRAD_ATTR, True)
+
+
+def sum_partial_gradients(module: nn.Module, *, group) -> None:
+    """Sum over the tp group the gradients of the parameters shard_stage marked as partial (once the parameters
+    are final: a hook does not follow a parameter that is replaced)."""
+    for param in module.parameters():
+        if getattr(param, PARTIAL_GRAD_ATTR, False):
             param.register_hook(partial(_sum_over_tp, group=group))
 
 
@@ -177,6 +187,20 @@ def _sum_over_tp(grad: torch.Tensor, *, group) -> torch.Tensor:
     grad = grad.clone()
     torch.distributed.all_reduce(grad, group=group)
     return grad
+
+
+@torch.no_grad()
+def materialize_parameters(module: nn.Module) -> None:
+    """Allocate (uninitialised, on the CPU) every parameter a meta-device build left empty, keeping its marks.
+
+    With a pretrained checkpoint a rank builds its blocks' parameters on the meta device, shards them there and
+    allocates only its slices here, so loading never holds a whole unsharded block (buffers are built for real)."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.is_meta:
+                real = nn.Parameter(torch.empty(param.shape, dtype=param.dtype), requires_grad=param.requires_grad)
+                real.__dict__.update(param.__dict__)  # ShardSpec and DeepSpeed's tensor-parallel mark
+                sub._parameters[name] = real
 
 
 def _sharded_parameter(full: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
@@ -231,13 +255,13 @@ def shard_stage(module: nn.Module, *, group, rank: int, size: int) -> int:
             _shard(sub, "o_proj", kind="row", **kw)
             if hasattr(sub, "config"):
                 sub.config = _rank_config(sub.config, size)
-            _sum_partial_gradients(sub, row=sub.o_proj, group=group)  # per-head q/k norms (Qwen3, Gemma 3)
+            _mark_partial_gradients(sub, row=sub.o_proj)  # per-head q/k norms (Qwen3, Gemma 3)
         elif hasattr(sub, "up_proj") and hasattr(sub, "down_proj"):  # gated (SwiGLU) or not (Arcee, Apertus)
             for name in ("gate_proj", "up_proj"):
                 if hasattr(sub, name):
                     _shard(sub, name, kind="column", **kw)
             _shard(sub, "down_proj", kind="row", **kw)
-            _sum_partial_gradients(sub, row=sub.down_proj, group=group)  # a learned activation (Apertus' xIELU)
+            _mark_partial_gradients(sub, row=sub.down_proj)  # a learned activation (Apertus' xIELU)
         elif isinstance(getattr(sub, "c_fc", None), nn.Linear) and isinstance(getattr(sub, "c_proj", None), nn.Linear):
             _shard(sub, "c_fc", kind="column", **kw)  # StarCoder2's MLP: GPT-2's names on nn.Linear
             _shard(sub, "c_proj", kind="row", **kw)

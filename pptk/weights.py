@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,35 @@ class SafetensorsFile:
         tensor = torch.empty(self.shape(name), dtype=self.dtype(name))
         self.read_into(name, tensor)
         return tensor
+
+    def read_slice_into(self, name: str, target: torch.Tensor, spec: ShardSpec) -> None:
+        """Fill ``target`` with this tensor-parallel rank's slice (``spec``) of the tensor, reading only its bytes.
+
+        The slice of each piece along ``spec.dim`` is, for every index of the dimensions before it, one contiguous
+        run of the file: each run is read straight into its place in ``target`` (through a run-sized buffer when
+        the dtypes differ). safetensors' ``get_slice`` would map the file, keep every page a strided slice touches
+        resident while it is open, and return a copy to be copied again.
+        """
+        shape, dtype = self.shape(name), self.dtype(name)
+        begin, _ = self.entries[name]["data_offsets"]
+        outer = math.prod(shape[: spec.dim])
+        inner = math.prod(shape[spec.dim + 1 :])
+        dest = target.view(outer, target.shape[spec.dim], inner)  # target is a parameter: contiguous
+        same = target.dtype == dtype and target.device.type == "cpu"
+        column = 0
+        with open(self.path, "rb") as f:
+            for first, last in spec.ranges(shape[spec.dim]):
+                width = last - first
+                for row in range(outer):
+                    run = dest[row, column : column + width]
+                    buffer = run if same else torch.empty((width, inner), dtype=dtype)
+                    f.seek(self.data_start + begin + (row * shape[spec.dim] + first) * inner * dtype.itemsize)
+                    want = width * inner * dtype.itemsize
+                    if f.readinto(memoryview(_bytes_of(buffer))) != want:
+                        raise PptkError(f"{self.path} is truncated inside tensor {name}; re-download")
+                    if not same:
+                        run.copy_(buffer)
+                column += width
 
 
 def write_safetensors(path: Path, tensors: dict[str, TensorSource], *, metadata: dict | None = None) -> None:
@@ -186,19 +216,9 @@ class HFCheckpoint:
         return self._entry(name).get(name)
 
     def read_slice_into(self, name: str, target: torch.Tensor, spec: ShardSpec) -> None:
-        """Fill ``target`` with this tensor-parallel rank's slice only (safetensors' get_slice reads just those
-        bytes); the checkpoint's shape was checked against ``spec.full_shape`` beforehand."""
-        from safetensors import safe_open
-
-        with safe_open(self._entry(name).path, framework="pt") as f:
-            view = f.get_slice(name)
-            full = view.get_shape()
-            pieces = []
-            for begin, end in spec.ranges(full[spec.dim]):
-                index = [slice(None)] * len(full)
-                index[spec.dim] = slice(begin, end)
-                pieces.append(view[tuple(index)])
-        target.copy_(torch.cat(pieces, dim=spec.dim))
+        """Fill ``target`` with this tensor-parallel rank's slice only; the checkpoint's shape was checked against
+        ``spec.full_shape`` beforehand."""
+        self._entry(name).read_slice_into(name, target, spec)
 
 
 def hf_names(module: nn.Module, layers: list[PipeLayer]) -> dict[str, str]:

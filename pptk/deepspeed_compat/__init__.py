@@ -22,6 +22,7 @@ fp16, ZeRO-0                           ``FP16_Optimizer`` / ``_Unfused``   flat 
 
 from pptk.deepspeed_compat.engine import (
     after_initialize,
+    build_each_layer_with,
     fix_dualpipev_eval,
     fix_pipeline_clipping,
     load_layer_files,
@@ -35,6 +36,7 @@ from pptk.deepspeed_compat.engine import (
     training_progress,
 )
 from pptk.deepspeed_compat.ops import (
+    build_op,
     check_build_locks,
     op_build_report,
     set_random_seed,
@@ -63,6 +65,8 @@ __all__ = [
     "DEEPSPEED_VERSION",
     "after_initialize",
     "base_optimizer",
+    "build_each_layer_with",
+    "build_op",
     "check_build_locks",
     "check_per_layer_states_supported",
     "deepspeed_loader_restores_optimizer",

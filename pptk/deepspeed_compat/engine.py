@@ -1,7 +1,9 @@
 # DeepSpeed internals of the pipeline module and engine: partitioning, layer files, schedules, progress.
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -26,6 +28,31 @@ def partition_by_boundaries(module, boundaries: list[int]) -> None:
     module.parts = list(boundaries)
     stage_id = module._topo.get_coord(module.global_rank).pipe
     module._set_bounds(start=module.parts[stage_id], stop=module.parts[stage_id + 1])
+
+
+def build_each_layer_with(module, build: Callable[[], None], make_layer: Callable[[int, object], object]) -> None:
+    """Run ``PipelineModule._build`` (``build``) with ``make_layer(index, spec)`` making each local layer, so a
+    layer can be finished (initialised, sharded) before the next one is built.
+
+    Written against DeepSpeed 0.19.8: ``_build`` calls ``spec.build()`` for every ``LayerSpec`` (``TiedLayerSpec``
+    included, once per key) in ``module._layer_specs[module._local_start:module._local_stop]``; DualPipeVModule runs
+    it once per phase with the phase's bounds. The specs are swapped for copies whose ``build`` calls
+    ``make_layer``, and restored afterwards.
+    """
+    from deepspeed.pipe import LayerSpec
+
+    specs = module._layer_specs
+    original = list(specs)
+    for index in range(module._local_start, module._local_stop):
+        spec = original[index]
+        if isinstance(spec, LayerSpec):
+            wrapped = copy.copy(spec)
+            wrapped.build = partial(make_layer, index, spec)
+            specs[index] = wrapped
+    try:
+        build()
+    finally:
+        specs[:] = original
 
 
 def tensor_parallel_functions():

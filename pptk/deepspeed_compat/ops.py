@@ -95,3 +95,18 @@ def check_build_locks(now: float | None = None) -> None:
                 f"{lock.parent.name} op left it, and every rank would wait on it forever. Remove it (rm {lock}) "
                 "and start again"
             )
+
+
+def build_op(builder_name: str) -> None:
+    """JIT-build one of DeepSpeed's ops for this accelerator (or load it from torch's extensions cache), e.g.
+    ``"FusedAdamBuilder"``, the optimizer the shipped bf16 config makes DeepSpeed build on first use.
+
+    Written against DeepSpeed 0.19.8: ``get_accelerator().create_op_builder(name)`` returns the accelerator's
+    builder (the CPU one under ``DS_ACCELERATOR=cpu``) or None; ``.load()`` builds under torch's file lock.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None:
+        raise PptkError(f"DeepSpeed has no {builder_name} for the {get_accelerator().device_name()} accelerator")
+    builder.load()

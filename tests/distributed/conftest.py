@@ -27,20 +27,39 @@ def _remove_demo_cache():
     shutil.rmtree(DEMO_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fused_adam_built():
+    """DeepSpeed's CPU FusedAdam (what the shipped bf16 config trains with) is built once, here, before any launch:
+    a launch that built it on first use could be one that a test kills on purpose, leaving torch's build lock to
+    every later launch (two xdist workers launch side by side, so which launch comes first is not fixed)."""
+    from pptk.deepspeed_compat import build_op
+
+    build_op("FusedAdamBuilder")
+
+
 def free_port() -> int:
     from pptk.launch import free_port as pick
 
     return pick()
 
 
-def recipe_env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline")
+def recipe_env(*, wandb: bool = False) -> dict:
+    # W&B offline costs a launch about 4 s (its service process); only the launches whose tests read the W&B run
+    # directory ask for it.
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline" if wandb else "disabled")
 
 
 def run_recipe(
-    recipe: str, args: list[str], *, output_dir: Path, launcher: list[str] | None = None, timeout: int = 400
+    recipe: str,
+    args: list[str],
+    *,
+    output_dir: Path,
+    launcher: list[str] | None = None,
+    timeout: int = 400,
+    wandb: bool = False,
 ) -> subprocess.CompletedProcess:
-    """`deepspeed [launcher args] recipes/<recipe> --output-dir DIR args...`, as a user runs it."""
+    """`deepspeed [launcher args] recipes/<recipe> --output-dir DIR args...`, as a user runs it (wandb: W&B
+    offline, as without an account; else disabled)."""
     launcher = launcher if launcher is not None else ["--num_gpus", "2", "--master_port", str(free_port())]
     if "--demo" in args and "--data-cache" not in args:  # the demo's tokenizer and set, prepared once per session
         args = [*args, "--data-cache", str(DEMO_CACHE)]
@@ -52,7 +71,7 @@ def run_recipe(
         str(output_dir),
         *args,
     ]
-    return run_group(cmd, timeout=timeout)
+    return run_group(cmd, timeout=timeout, env=recipe_env(wandb=wandb))
 
 
 def run_group(cmd: list[str], *, timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -80,7 +99,7 @@ def run_group(cmd: list[str], *, timeout: int, env: dict | None = None) -> subpr
 def demo_run(tmp_path_factory):
     """The embedded default on one node: 2 CPU ranks, pp=2, 40 steps."""
     out_dir = tmp_path_factory.mktemp("demo")
-    run = run_recipe("gpt_pretrain.py", DEMO_ARGS, output_dir=out_dir)
+    run = run_recipe("gpt_pretrain.py", DEMO_ARGS, output_dir=out_dir, wandb=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out_dir, run.stdout
 
@@ -186,3 +205,17 @@ def verified_pp2(tmp_path_factory, untied_gpt2_config):
     break_weight_mapping(prepared[("bf16", "wrong-weight-mapping")].work)
     break_mask(prepared[("bf16", "wrong-mask")].work)
     return dict(zip(prepared, launch_jobs(list(prepared.values()), pp=2, work=work)))
+
+
+@pytest.fixture(scope="session")
+def verified_pp3(untied_gpt2_config):
+    """{(group, name): VerifyResult} of every uneven pp=3 job, from one launch of 3 ranks: the decoder families
+    (4 blocks over 3 stages), BERT's three tasks and the real MiniLM with its pretrained pooler."""
+    from pptk.verify import VerifyJob, verify_many
+
+    decoders = {key: job for key, job in pp2_jobs(untied_gpt2_config).items() if key[0] == "decoder"}
+    jobs = decoders | {("bert", task): VerifyJob("bert", task=task, seq_len=24) for task in BERT_TASKS}
+    jobs[("minilm", "sequence-classification")] = VerifyJob(
+        minilm_dir(), task="sequence-classification", seq_len=24, allow_missing=True
+    )
+    return dict(zip(jobs, verify_many(list(jobs.values()), pp=3)))

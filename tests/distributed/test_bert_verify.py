@@ -1,12 +1,9 @@
 # BERT through the real pipeline engine: every task, and the real MiniLM weights, equal Hugging Face at pp=2 and pp=3.
-# pp=2 runs in the session's shared pp=2 launch (conftest.verified_pp2); pp=3 in one launch of its own.
+# Both run in the session's shared launches (conftest.verified_pp2, conftest.verified_pp3).
 from __future__ import annotations
 
 import pytest
 from conftest import BERT_TASKS as TASKS
-from conftest import minilm_dir
-
-from pptk.verify import VerifyJob, verify_many
 
 pytestmark = pytest.mark.dist
 
@@ -17,19 +14,11 @@ REAL_TASK = {2: "masked-lm", 3: "sequence-classification"}
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda pp: f"pp{pp}")
 def verified(request):
     pp = request.param
-    if pp == 2:
-        shared = request.getfixturevalue("verified_pp2")
-        return pp, {
-            ("small" if group == "bert" else "minilm", task): result
-            for (group, task), result in shared.items()
-            if group in ("bert", "minilm")
-        }
-    minilm = minilm_dir()
-    jobs = [VerifyJob("bert", task=task, seq_len=24) for task in TASKS]
-    jobs.append(VerifyJob(minilm, task=REAL_TASK[pp], seq_len=24, allow_missing=True))
+    shared = request.getfixturevalue(f"verified_pp{pp}")
     return pp, {
-        ("small" if job.model == "bert" else "minilm", job.task): result
-        for job, result in zip(jobs, verify_many(jobs, pp=pp))
+        ("small" if group == "bert" else "minilm", task): result
+        for (group, task), result in shared.items()
+        if group in ("bert", "minilm")
     }
 
 

@@ -1,11 +1,9 @@
 # Every decoder family on real gloo ranks: one training step through DeepSpeed's pipeline engine at pp=2 and at an
 # uneven pp=3, compared with Hugging Face (loss and every parameter after an lr=1 SGD step). pp=2 runs in the
-# session's shared pp=2 launch (conftest.verified_pp2), pp=3 in one launch of its own.
+# session's shared launches (conftest.verified_pp2, conftest.verified_pp3).
 import pytest
-from conftest import pp2_jobs
 
 from pptk.models.decoder_families import FAMILIES
-from pptk.verify import verify_many
 
 pytestmark = pytest.mark.dist
 
@@ -18,9 +16,8 @@ def pp2(verified_pp2):
 
 
 @pytest.fixture(scope="module")
-def pp3(untied_gpt2_config):
-    jobs = pp2_jobs(untied_gpt2_config)  # the same decoder jobs, at pp=3
-    return dict(zip(FAMILY_NAMES, verify_many([jobs[("decoder", name)] for name in FAMILY_NAMES], pp=3)))
+def pp3(verified_pp3):
+    return {name: verified_pp3[("decoder", name)] for name in FAMILY_NAMES}
 
 
 def assert_matches_hugging_face(result):

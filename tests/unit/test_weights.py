@@ -83,3 +83,26 @@ def test_wrong_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(PptkError, match="model type 't5' has no pptk adapter; supported: .*gpt2"):
         resolve_model(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "dim", "fused"),
+    [((12, 8), 0, 1), ((12, 8), 1, 1), ((8, 12), 1, 3), ((12, 5), 0, 3), ((3, 8, 4), 1, 2), ((16,), 0, 1)],
+)
+def test_a_tp_rank_reads_exactly_its_slice(tmp_path, file_dtype, shape, dim, fused):
+    """Row runs read straight into the parameter (or through a buffer when the file holds another dtype) give
+    what cutting the full tensor gives, for every rank, split dimension and fused layout (GPT-2's q | k | v)."""
+    from safetensors.torch import save_file
+
+    from pptk.tensor_parallel import ShardSpec
+
+    full = torch.randn(shape).to(file_dtype)
+    save_file({"w": full, "other": torch.ones(3)}, tmp_path / "model.safetensors")
+    checkpoint = HFCheckpoint(tmp_path)
+    for rank in range(2):
+        spec = ShardSpec(dim=dim, rank=rank, size=2, fused=fused)
+        expected = spec.take(full.float())
+        target = torch.full_like(expected, float("nan"))
+        checkpoint.read_slice_into("w", target, spec)
+        assert torch.equal(target, expected), (rank, target, expected)

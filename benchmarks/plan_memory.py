@@ -1,0 +1,157 @@
+"""`pptk plan`'s per-rank memory forecast against the measured peak of the same layout training on CPU ranks.
+
+For each layout: `pptk plan --json` gives each rank's forecast (weights, gradients and optimizer state of the
+parameters it holds); then pp x tp x dp gloo ranks build that layout's engine with the shipped DeepSpeed config of
+the precision and train a few steps. Measured: peak RSS (VmHWM, reset just before the build) minus the RSS before
+the build, i.e. what the model, DeepSpeed's optimizer wrapper and the steps added. A small micro-batch keeps the
+activations, which the forecast leaves out, at a few percent. Target: within 10%. Writes
+benchmarks/results/plan_memory.json.
+
+    make install && DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_memory.py
+    ... --layouts 2x2x1:fp32 2x1x2:bf16      # pp x tp x dp : precision
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import tempfile
+from pathlib import Path
+
+from memory import peak_rss_bytes, rss_bytes
+from results_file import write_result
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET = 0.10
+
+
+def reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM to the current RSS (kernel >= 4.0).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -> None:
+    import torch
+
+    from pptk.ds_config import fill_ds_config, load_ds_config, shipped_config
+    from pptk.engine import build_engine, init_distributed
+    from pptk.parallel import Layout
+    from pptk.pipeline import plan_pipeline, resolve_model
+
+    init_distributed()
+    grid = Layout(pp=layout["pp"], tp=layout["tp"], dp=layout["dp"], micro_batch_size=1, grad_accum_steps=2)
+    config = fill_ds_config(
+        load_ds_config(shipped_config(layout["precision"])),
+        layout=grid,
+        lr=1e-4,
+        weight_decay=0.01,
+        warmup_steps=1,
+        total_steps=steps + 1,
+        grad_clip=1.0,
+    )
+    plan = plan_pipeline(resolve_model(model_dir), num_stages=grid.pp, tp=grid.tp, dropout=False, seq_len=64)
+    reset_peak_rss()
+    before = rss_bytes()
+    engine = build_engine(plan, layout=grid, ds_config=config, seed=0, loss_fn=plan.loss_fn())
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, plan.config.vocab_size, (1, 64), generator=gen)
+    batches = iter([((ids, torch.ones_like(ids)), ids)] * (2 * steps))
+    for _ in range(steps):
+        engine.train_batch(batches)
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "stage": engine.stage_id, "measured": peak_rss_bytes() - before})
+    )
+
+
+def forecast(model_dir: Path, layout: dict) -> list[float]:
+    """Bytes per pipeline rank from `pptk plan --json` (each tp and dp rank of a stage holds the same)."""
+    from pptk.cli import main as pptk
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        pptk(
+            [
+                "plan",
+                str(model_dir),
+                "--json",
+                *(f"--{axis}={layout[axis]}" for axis in ("pp", "tp", "dp", "precision")),
+            ]
+        )
+    rows = json.loads(printed.getvalue())["stages"]
+    return [sum(r["train_state_gib"] for r in rows if r["rank"] == stage) * 2**30 for stage in range(layout["pp"])]
+
+
+def parse_layout(text: str) -> dict:
+    grid, precision = text.split(":")
+    pp, tp, dp = (int(n) for n in grid.split("x"))
+    return {"pp": pp, "tp": tp, "dp": dp, "precision": precision}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--layouts", nargs="+", default=["2x2x1:fp32", "2x2x1:bf16", "2x1x2:fp32"])
+    p.add_argument("--output", type=Path, default=RESULTS / "plan_memory.json")
+    args = p.parse_args()
+
+    from transformers import GPT2Config
+
+    from pptk.launch import run_ranks
+
+    work = Path(tempfile.mkdtemp(prefix="pptk-plan-memory-"))
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=1024,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=args.hidden // 64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    config.save_pretrained(work / "model")  # a config only: random init, as `pptk plan` reads it
+    rows = []
+    for text in args.layouts:
+        layout = parse_layout(text)
+        expected = forecast(work / "model", layout)
+        out = work / text.replace(":", "-")
+        out.mkdir()
+        world = layout["pp"] * layout["tp"] * layout["dp"]
+        run_ranks(_train_rank, world_size=world, args=(str(work / "model"), layout, args.steps, str(out)), log_dir=out)
+        for rank in range(world):
+            measured = json.loads((out / f"rank{rank}.json").read_text())
+            want = expected[measured["stage"]]
+            rows.append(
+                {
+                    "layout": text,
+                    "rank": rank,
+                    "stage": measured["stage"],
+                    "forecast_bytes": want,
+                    "measured_bytes": measured["measured"],
+                    "measured_over_forecast": measured["measured"] / want,
+                }
+            )
+            print(
+                f"{text:<12} rank {rank} (stage {measured['stage']}): forecast {want / 2**20:8.1f} MiB, measured "
+                f"{measured['measured'] / 2**20:8.1f} MiB, ratio {measured['measured'] / want:.3f}"
+            )
+    worst = max(abs(row["measured_over_forecast"] - 1) for row in rows)
+    result = {
+        "benchmark": "pptk plan's per-rank memory forecast vs the measured peak (CPU ranks)",
+        "target": f"within {TARGET:.0%}",
+        "within_target": worst <= TARGET,
+        "worst_deviation": worst,
+        "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "seq_len": 64, "micro_batch": 1},
+        "rows": rows,
+    }
+    write_result(args.output, result)
+    print(f"worst deviation {worst:.1%} ({'within' if worst <= TARGET else 'over'} the {TARGET:.0%} target)")
+
+
+if __name__ == "__main__":
+    main()
