@@ -8,7 +8,7 @@ activations, which the forecast leaves out, at a few percent. Target: within 10%
 benchmarks/results/plan_memory.json.
 
     make install && DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_memory.py
-    ... --layouts 2x2x1:fp32 2x1x2:bf16      # pp x tp x dp : precision
+    ... --layouts 2x2x1:fp32 2x1x2:bf16      # pp x tp x dp : precision (default: both, at tp=2 and at dp=2)
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--layouts", nargs="+", default=["2x2x1:fp32", "2x2x1:bf16", "2x1x2:fp32"])
+    p.add_argument("--layouts", nargs="+", default=["2x2x1:fp32", "2x2x1:bf16", "2x1x2:fp32", "2x1x2:bf16"])
     p.add_argument("--output", type=Path, default=RESULTS / "plan_memory.json")
     args = p.parse_args()
 

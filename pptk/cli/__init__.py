@@ -43,12 +43,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+# Training memory per parameter with Adam under DeepSpeed 0.19.8's ZeRO-1 wrappers, as (held whole by every replica,
+# split over dp by ZeRO-1). Measured on CPU ranks by benchmarks/plan_memory.py (weights, gradients, DeepSpeed's
+# flat gradient buffers; fp32 master copy and Adam moments), not counted from a list: the wrappers keep more than
+# the textbook 2 + 2 + 12, and the allocator's share shows too. fp16 cannot run on these CPUs: modelled as fp32's
+# split with 2-byte weights and gradients.
+TRAIN_BYTES = {"fp32": (14.0, 18.0), "bf16": (13.0, 12.0), "fp16": (8.0, 18.0)}
+
+
 def bytes_per_param(precision: str, *, dp: int, zero_stage: int) -> float:
-    """Training memory per parameter with Adam: weights + grads in the training dtype, fp32 master copy + two
-    moments (12 bytes, or 8 when the weights already are fp32), the optimizer part sharded over dp by ZeRO-1."""
-    weight = 4 if precision == "fp32" else 2
-    optimizer = 8 if precision == "fp32" else 12
-    return 2 * weight + optimizer / (dp if zero_stage >= 1 else 1)
+    """Training memory per parameter a rank holds (activations excluded): see TRAIN_BYTES."""
+    whole, split = TRAIN_BYTES[precision]
+    return whole + split / (dp if zero_stage >= 1 else 1)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -93,7 +99,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     print(plan.stages.describe())
     print(
-        f"weights+grads+Adam per rank ({args.precision}, ZeRO-{args.zero_stage} over dp={args.dp}"
+        f"training memory per rank: weights, grads, Adam and DeepSpeed's buffers ({args.precision}, "
+        f"ZeRO-{args.zero_stage} over dp={args.dp}"
         + (f", blocks split over tp={args.tp}, embeddings and head replicated" if args.tp > 1 else "")
         + "), activations not included:"
     )

@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import DEMO_CACHE, ROOT, free_port
 
 pytestmark = pytest.mark.dist
 
@@ -127,6 +127,10 @@ def test_a_recipe_with_the_default_ds_config_runs_from_the_wheel(installed, tmp_
             "1000",
             "--save-every",
             "4",
+            "--micro-batch-size",
+            "2",
+            "--data-cache",  # the demo's tokenizer and set, prepared once per session
+            str(DEMO_CACHE),
             "--output-dir",
             str(tmp_path / "run"),
         ],
