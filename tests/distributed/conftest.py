@@ -28,12 +28,16 @@ def _remove_demo_cache():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _fused_adam_built():
-    """DeepSpeed's CPU FusedAdam (what the shipped bf16 config trains with) is built once, here, before any launch:
-    a launch that built it on first use could be one that a test kills on purpose, leaving torch's build lock to
-    every later launch (two xdist workers launch side by side, so which launch comes first is not fixed)."""
+def _fused_adam_built(pytestconfig):
+    """DeepSpeed's CPU FusedAdam (what the shipped bf16 config trains with) is built before any launch, by the
+    test process: a launch that built it on first use could be one that a test kills on purpose, leaving torch's
+    build lock to every later launch. The build started in the background at collection (tests/conftest.py); here
+    it is waited for, then loaded (a failed build fails here, with DeepSpeed's error)."""
     from pptk.deepspeed_compat import build_op
 
+    background = getattr(pytestconfig, "pptk_fused_adam_build", None)
+    if background is not None:
+        background.wait()
     build_op("FusedAdamBuilder")
 
 
