@@ -40,6 +40,8 @@ test-dist: install
 bench: install
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/memory.py --pp 2 --tp 2 --output benchmarks/results/memory_tp2.json
+	$(PY) benchmarks/plan_memory.py
 
 # On a GPU machine: pptk's pipeline vs Hugging Face under ZeRO-1 on every GPU it finds (benchmarks/gpu_bench.py);
 # the CPU default above is removed so DeepSpeed picks CUDA.
