@@ -87,11 +87,30 @@ def _convert(direction: str, src: str, dst: str, max_shard_size: str) -> dict:
     return {"what": what, "rss_before": before, "peak": peak, "weights_bytes": held}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The GPT-2 the memory benchmarks measure (see gpt2_config)."""
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
+
+
+def gpt2_config(args: argparse.Namespace):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=1024,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=args.hidden // 64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
     p.add_argument("--pp", type=int, default=2)
     p.add_argument("--tp", type=int, default=1, help="also shard each stage over tp ranks (each reads its slices)")
     p.add_argument("--max-shard-size", default="200MB")
@@ -102,21 +121,12 @@ def main() -> None:
         print(json.dumps(_convert(*args.convert, args.max_shard_size)))
         return
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from pptk.launch import run_ranks
 
     work = Path(tempfile.mkdtemp(prefix="pptk-memory-"))
-    config = GPT2Config(
-        vocab_size=args.vocab,
-        n_positions=1024,
-        n_embd=args.hidden,
-        n_layer=args.layers,
-        n_head=args.hidden // 64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(gpt2_config(args))
     model.save_pretrained(work / "hf")
     num_params = model.num_parameters()
     del model

@@ -20,7 +20,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from memory import peak_rss_bytes, rss_bytes
+from memory import add_model_args, gpt2_config, peak_rss_bytes, rss_bytes
 from results_file import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,29 +92,16 @@ def parse_layout(text: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--layouts", nargs="+", default=["2x2x1:fp32", "2x2x1:bf16", "2x1x2:fp32", "2x1x2:bf16"])
     p.add_argument("--output", type=Path, default=RESULTS / "plan_memory.json")
     args = p.parse_args()
 
-    from transformers import GPT2Config
-
     from pptk.launch import run_ranks
 
     work = Path(tempfile.mkdtemp(prefix="pptk-plan-memory-"))
-    config = GPT2Config(
-        vocab_size=args.vocab,
-        n_positions=1024,
-        n_embd=args.hidden,
-        n_layer=args.layers,
-        n_head=args.hidden // 64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    config.save_pretrained(work / "model")  # a config only: random init, as `pptk plan` reads it
+    gpt2_config(args).save_pretrained(work / "model")  # a config only: random init, as `pptk plan` reads it
     rows = []
     for text in args.layouts:
         layout = parse_layout(text)

@@ -14,14 +14,14 @@ from deepspeed.pipe import DualPipeVModule, PipelineModule, TiedLayerSpec
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from pptk.deepspeed_compat import build_each_layer_with, partition_by_boundaries
+from pptk.deepspeed_compat import build_each_layer_with, partition_by_boundaries, tensor_parallel_group
 from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index, get_adapter, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
 from pptk.partition import StagePlan, layer_costs, plan_stages
 from pptk.schedules import check_schedule, stages_for
 from pptk.tasks import get_task, hf_model_class, infer_task
-from pptk.tensor_parallel import check_tensor_parallel
+from pptk.tensor_parallel import check_tensor_parallel, materialize_parameters, shard_stage, sum_partial_gradients
 from pptk.weights import HFCheckpoint, load_stage_weights
 
 
@@ -297,11 +297,6 @@ def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan,
     on the meta device and only its slices are allocated, as the checkpoint overwrites the init anyway; from
     scratch it is initialised whole and then cut, so any tp starts from the same model as tp=1.
     """
-    from accelerate import init_empty_weights
-
-    from pptk.deepspeed_compat import tensor_parallel_group
-    from pptk.tensor_parallel import materialize_parameters, shard_stage, sum_partial_gradients
-
     group, rank, size = tensor_parallel_group(module)
     init = partial(
         init_layer_like_hf,
@@ -309,7 +304,14 @@ def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan,
         hf_class=plan.hf_class,
         seed=seed + (tied_index[spec.key] if isinstance(spec, TiedLayerSpec) else index),
     )
-    if size > 1 and plan.source.pretrained_dir is not None and plan.layers[index].role == "block":
+    if size == 1:
+        layer = spec.build()
+        init(layer)
+        return layer
+
+    if plan.source.pretrained_dir is not None and plan.layers[index].role == "block":
+        from accelerate import init_empty_weights
+
         with init_empty_weights(include_buffers=False):
             layer = spec.build()
         shard_stage(layer, group=group, rank=rank, size=size)
@@ -318,10 +320,8 @@ def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan,
     else:
         layer = spec.build()
         init(layer)
-        if size > 1:
-            shard_stage(layer, group=group, rank=rank, size=size)
-    if size > 1:
-        sum_partial_gradients(layer, group=group)
+        shard_stage(layer, group=group, rank=rank, size=size)
+    sum_partial_gradients(layer, group=group)
     return layer
 
 
