@@ -5,16 +5,18 @@
       latest                          the newest *complete* tag; replaced atomically, after every rank finished
       step200/
         pptk.json                     manifest: model type, task, HF config, layers, layout, step, scheduler state
-        layer_00-model_states.pt ...  DeepSpeed: one file per layer (so weights load under any number of stages)
+        layer_00-model_states.pt ...  DeepSpeed: one file per layer (so weights load under any number of stages);
+                                      at tp > 1 one per layer and tp rank, layer_00-model_01-model_states.pt
         mp_rank_00_model_states.pt    DeepSpeed: engine state per stage
         zero_pp_rank_*_optim_states.pt  DeepSpeed: ZeRO-1 optimizer shards, valid for this layout only
         optim_layer_00.pt ...         pptk: per-layer fp32 weights and Adam moments, valid for any layout
+                                      (optim_layer_00-model_01.pt at tp > 1; see pptk.layer_files)
         rng_rank0.pt ...              pptk: each rank's RNG states, for an exact resume on the same layout
 
 A save writes into ``step200.partial`` and is renamed to ``step200`` by rank 0 only after a barrier that every rank
 reaches once all its files are written; ``latest`` is updated after that. A rank killed mid-save therefore leaves
 the previous checkpoint and ``latest`` untouched. On the same layout, resume uses DeepSpeed's own loader (bitwise
-exact). On another layout (pp or dp changed), weights load layer by layer and the optimizer state is rebuilt from
+exact). On another layout (pp, tp or dp changed), weights load layer by layer and the optimizer state is rebuilt from
 the per-layer files, fragment by fragment, into whatever ZeRO partitions the new layout has; that path is exact
 too, and also serves the same layout where DeepSpeed's loader cannot restore the optimizer (bf16 without ZeRO).
 Every DeepSpeed internal this needs is in pptk.deepspeed_compat.
@@ -38,16 +40,19 @@ import torch.distributed as dist
 from pptk import deepspeed_compat as compat
 from pptk.deepspeed_compat import ADAM_STATES
 from pptk.errors import PptkError, StoppedByPeer
+from pptk.layer_files import (
+    layer_file,
+    load_rank_layer,
+    optim_file,
+    rank_optimizer_states,
+    saved_tp,
+    tensor_parallel_entry,
+)
 from pptk.parallel import Layout
 from pptk.pipeline import PipelinePlan, local_layers
-from pptk.tensor_parallel import gather_full, gathered_state, load_sliced_state, rank_slice, shard_spec
 
 MANIFEST = "pptk.json"
 FORMAT = 1
-
-
-def layer_file(tag_dir: Path, index: int) -> Path:
-    return tag_dir / f"layer_{index:02d}-model_states.pt"  # DeepSpeed's name when there is no tensor-parallel axis
 
 
 def describe_layers(plan: PipelinePlan) -> list[dict]:
@@ -63,7 +68,10 @@ def describe_layers(plan: PipelinePlan) -> list[dict]:
     ]
 
 
-def manifest_for(plan: PipelinePlan, *, step: int, layout: Layout | None, extra: dict | None = None) -> dict:
+def manifest_for(
+    plan: PipelinePlan, *, step: int, layout: Layout | None, tp: int = 1, extra: dict | None = None
+) -> dict:
+    """``tp`` > 1: the layer files hold one tp rank's slices each, and the manifest says how they were split."""
     return {
         "format": FORMAT,
         "model_type": plan.config.model_type,
@@ -82,6 +90,7 @@ def manifest_for(plan: PipelinePlan, *, step: int, layout: Layout | None, extra:
             "grad_accum_steps": layout.grad_accum_steps,
             "schedule": layout.schedule,
         },
+        "tensor_parallel": tensor_parallel_entry(plan.layers, tp) if tp > 1 else None,
         "step": step,
         "complete": True,
         **(extra or {}),
@@ -177,35 +186,28 @@ def _local_layer_modules(engine, plan: PipelinePlan):
 
 
 def _save_layer_optimizer_states(engine, plan: PipelinePlan, tag_dir: Path) -> None:
-    """Per-layer fp32 weights and Adam moments; collective over the dp group (every replica takes part) and, with
-    tensor parallelism, over the tp group: the slices are gathered into full tensors, written by tp rank 0."""
-    group, tp_rank, tp = compat.tensor_parallel_group(engine.module)
-    write = engine.grid.get_data_parallel_rank() == 0 and tp_rank == 0
+    """Per-layer fp32 weights and Adam moments, each tp rank its own slices; collective over the dp group (every
+    replica takes part), written by replica 0."""
+    _, tp_rank, tp = compat.tensor_parallel_group(engine.module)
+    write = engine.grid.get_data_parallel_rank() == 0
     for index, layer_module in _local_layer_modules(engine, plan):
         states = {
-            name: {
-                key: gather_full(compat.get_param_state(engine.optimizer, p, key), shard_spec(p), group=group)
-                if tp > 1
-                else compat.get_param_state(engine.optimizer, p, key)
-                for key in ("fp32", *ADAM_STATES)
-            }
+            name: {key: compat.get_param_state(engine.optimizer, p, key) for key in ("fp32", *ADAM_STATES)}
             for name, p in layer_module.named_parameters()
         }
         if write:
-            torch.save(states, tag_dir / f"optim_layer_{index:02d}.pt")
+            torch.save(states, optim_file(tag_dir, index, tp_rank if tp > 1 else None))
 
 
-def _save_gathered_layers(engine, plan: PipelinePlan, tag_dir: Path) -> None:
-    """tp > 1: the layer files in full Hugging Face shapes, as a tp=1 run writes them (gathered one layer at a time,
-    written by tp rank 0 of replica 0), so any layout resumes them and ds-to-hf/--export-hf read them unchanged."""
-    group, tp_rank, _ = compat.tensor_parallel_group(engine.module)
-    write = engine.grid.get_data_parallel_rank() == 0 and tp_rank == 0
-    if write:
-        tag_dir.mkdir(parents=True, exist_ok=True)
+def _save_layer_slices(engine, plan: PipelinePlan, tag_dir: Path) -> None:
+    """tp > 1: each tp rank of replica 0 writes its own slices of its layers (DeepSpeed's ``-model_YY`` files); no
+    layer is ever gathered to full size. pptk.layer_files merges them for another tp and for an export."""
+    _, tp_rank, _ = compat.tensor_parallel_group(engine.module)
+    if engine.grid.get_data_parallel_rank() != 0:
+        return
+    tag_dir.mkdir(parents=True, exist_ok=True)
     for index, layer_module in _local_layer_modules(engine, plan):
-        state = gathered_state(layer_module, group=group)
-        if write:
-            torch.save(state, layer_file(tag_dir, index))
+        torch.save(layer_module.state_dict(), layer_file(tag_dir, index, tp_rank))
 
 
 def _refuse_non_finite(module: torch.nn.Module, *, checkpoints_dir: Path, step: int) -> None:
@@ -246,7 +248,7 @@ def save_checkpoint(
     try:
         failpoint("disk", step=step)
         if layout.tp > 1:  # no DeepSpeed engine files: resume goes through the per-layer files, on any layout
-            _save_gathered_layers(engine, plan, partial)
+            _save_layer_slices(engine, plan, partial)
         else:
             engine.save_checkpoint(str(checkpoints_dir), tag=partial.name, save_latest=False)
         _save_layer_optimizer_states(engine, plan, partial)
@@ -266,6 +268,7 @@ def save_checkpoint(
             plan,
             step=step,
             layout=layout,
+            tp=layout.tp,
             extra={
                 "lr_scheduler": scheduler,
                 "optimizer_steps": compat.optimizer_step_count(engine.optimizer),
@@ -323,7 +326,7 @@ def same_layout(manifest: dict, plan: PipelinePlan, layout: Layout) -> bool:
         )
     return (
         saved["pp"] == layout.pp
-        and saved.get("tp", 1) == layout.tp == 1  # tp > 1 saves gathered layer files only, no DeepSpeed engine files
+        and saved.get("tp", 1) == layout.tp
         and saved.get("schedule", "1f1b") == layout.schedule
         and saved["dp"] == layout.dp
         and saved["zero_stage"] == layout.zero_stage
@@ -337,7 +340,8 @@ def resume(engine, plan: PipelinePlan, *, layout: Layout, path: str | Path) -> d
     tag_dir = find_checkpoint(path)
     manifest = read_manifest(tag_dir)
     same = same_layout(manifest, plan, layout)
-    if same and compat.deepspeed_loader_restores_optimizer(engine):
+    # tp > 1 saves per-layer files only (DeepSpeed's loader would merge them by Megatron's names, not Hugging Face's)
+    if same and layout.tp == 1 and compat.deepspeed_loader_restores_optimizer(engine):
         loaded, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if loaded is None:
             raise PptkError(f"DeepSpeed could not load {tag_dir}; the checkpoint is incomplete")
@@ -351,21 +355,26 @@ def resume(engine, plan: PipelinePlan, *, layout: Layout, path: str | Path) -> d
 
 def _load_per_layer(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict) -> None:
     """Any layout: weights from the layer files, fp32 masters and Adam moments from the per-layer optimizer files."""
-    if compat.tensor_parallel_group(engine.module)[2] > 1:  # full layer files, cut to this tp rank's slices
-        for index, layer_module in local_layers(engine.module, plan.layers):
-            load_sliced_state(layer_module, torch.load(layer_file(tag_dir, index)))
-    else:
+    _, tp_rank, tp = compat.tensor_parallel_group(engine.module)
+    if tp == 1 and saved_tp(manifest) == 1:
         compat.load_layer_files(engine, tag_dir)  # any pp: one file per layer; tied copies re-synced
+    else:  # each rank its own slice files at the same tp; merged and re-cut at another
+        for index, layer_module in local_layers(engine.module, plan.layers):
+            load_rank_layer(layer_module, tag_dir, manifest, index, tp_rank=tp_rank, tp=tp)
     compat.refresh_master_weights(engine.optimizer)  # fp32 masters from the loaded weights (exact for fp32 checkpoints)
-    optimizer_states = manifest.get("layout") is not None and (tag_dir / "optim_layer_00.pt").is_file()
+    first_optim = optim_file(tag_dir, 0, 0 if saved_tp(manifest) > 1 else None)
+    optimizer_states = manifest.get("layout") is not None and first_optim.is_file()
     if optimizer_states:
         compat.materialise_optimizer_states(engine.optimizer)
     for index, layer_module in local_layers(engine.module, plan.layers):
-        states = torch.load(tag_dir / f"optim_layer_{index:02d}.pt") if optimizer_states else {}
-        for name, param in layer_module.named_parameters():
-            for key, value in states.get(name, {}).items():
+        if not optimizer_states:
+            continue
+        states = rank_optimizer_states(layer_module, tag_dir, manifest, index, tp_rank=tp_rank, tp=tp)
+        params = dict(layer_module.named_parameters())
+        for name, per_key in states.items():
+            for key, value in per_key.items():
                 # "fp32" restores the exact master weight where the layer file holds only its bf16/fp16 copy
-                compat.set_param_state(engine.optimizer, param, key, rank_slice(param, value))
+                compat.set_param_state(engine.optimizer, params[name], key, value)
     if optimizer_states:
         compat.set_optimizer_step_count(engine.optimizer, manifest.get("optimizer_steps", 0))
         compat.set_loss_scale_state(engine.optimizer, manifest.get("loss_scale"))

@@ -4,16 +4,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import AutoConfig
 
-from pptk.checkpoint import MANIFEST, _write_atomically, find_checkpoint, layer_file, manifest_for, read_manifest
+from pptk.checkpoint import MANIFEST, _write_atomically, find_checkpoint, manifest_for, read_manifest
 from pptk.errors import PptkError
+from pptk.layer_files import layer_sources, read_layer, save_full_layer
 from pptk.models import PipeLayer, first_tied_index
 from pptk.models.common import init_layer_like_hf
 from pptk.pipeline import ModelSource, plan_pipeline, resolve_model
@@ -58,9 +57,9 @@ def hf_to_ds(
 ) -> Path:
     """Write a pipeline checkpoint (tag ``step0``) that recipes resume from with ``--resume-from DST``.
 
-    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest. They hold full
-    tensors at any ``tp`` too (pptk's checkpoints gather tp slices; each rank cuts its own when it resumes), so ``tp``
-    only checks that the model can be split that way, before anything is written. ``task``
+    Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest. At ``tp`` > 1
+    each layer is written as ``tp`` slice files, as a tp run saves them (after checking, before anything is written,
+    that the model can be split that way); a run at another tp merges and re-cuts them when it resumes. ``task``
     defaults to the one ``config.architectures`` names (pptk.tasks.infer_task). A destination that already holds
     checkpoints is refused unless ``overwrite``: pointing its ``latest`` at step0 would make a resume restart
     from zero.
@@ -79,6 +78,7 @@ def hf_to_ds(
     partial.mkdir(parents=True)
     first = first_tied_index(plan.layers)
     optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)
+    manifest = manifest_for(plan, step=0, layout=None, tp=tp)
     for index, layer in enumerate(plan.layers):
         if layer.tied_key and first[layer.tied_key] != index:
             continue  # DeepSpeed saves a tied module once, at its first layer
@@ -89,9 +89,9 @@ def hf_to_ds(
             holder, plan.layers, checkpoint, base_model_prefix=plan.hf_class.base_model_prefix, allow_missing=optional
         )
         (module,) = holder.tied_modules.values() if layer.tied_key else holder.children()
-        torch.save(module.state_dict(), layer_file(partial, index))
+        save_full_layer(module.state_dict(), partial, index, manifest)
         del holder, module  # release this layer before the next one is built
-    _write_atomically(partial / MANIFEST, json.dumps(manifest_for(plan, step=0, layout=None), indent=1))
+    _write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1))
     if tag_dir.exists():  # --overwrite: replace the old step0 only once the new one is complete
         shutil.rmtree(tag_dir)
     partial.rename(tag_dir)
@@ -108,16 +108,6 @@ def _parse_size(size: str | int) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)
-
-
-def _load_layer(path: Path) -> dict[str, torch.Tensor]:
-    """A layer file, memory-mapped: pages are read only for the tensors actually used, and freed with them."""
-    if not path.is_file():
-        raise PptkError(f"{path} is missing: the checkpoint is incomplete; export an earlier tag")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise PptkError(f"cannot read {path}: {err}; the file is corrupt") from None
 
 
 def config_from_manifest(manifest: dict):
@@ -190,15 +180,12 @@ def ds_to_hf(
             if layer["tied_key"] in seen_ties:
                 continue
             seen_ties.add(layer["tied_key"])
-        path = layer_file(tag_dir, layer["index"])
-        for local, tensor in _load_layer(path).items():
-            size = tensor.numel() * tensor.element_size()
+        for local, source in layer_sources(tag_dir, manifest, layer["index"]).items():
+            size = source.numel * source.dtype.itemsize
             if shards[-1] and shard_bytes + size > limit:
                 shards.append({})
                 shard_bytes = 0
-            shards[-1][layer["hf_prefix"] + local] = TensorSource(
-                tuple(tensor.shape), tensor.dtype, partial(lambda p, k: _load_layer(p)[k], path, local)
-            )
+            shards[-1][layer["hf_prefix"] + local] = source
             shard_bytes += size
     names = (
         ["model.safetensors"]
@@ -244,8 +231,8 @@ def load_sequential_from_checkpoint(src: str | Path):
     module = SequentialPipe(plan.layers)
     first = first_tied_index(plan.layers)
     for key, tied in module.tied_modules.items():
-        tied.load_state_dict(torch.load(layer_file(tag_dir, first[key]), weights_only=True))
+        tied.load_state_dict(read_layer(tag_dir, manifest, first[key]))
     for name, child in module.named_children():
         if name.isdigit():
-            child.load_state_dict(torch.load(layer_file(tag_dir, int(name)), weights_only=True))
+            child.load_state_dict(read_layer(tag_dir, manifest, int(name)))
     return plan, module

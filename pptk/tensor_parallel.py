@@ -283,13 +283,6 @@ def gather_full(tensor: torch.Tensor, spec: ShardSpec | None, *, group) -> torch
 
 
 @torch.no_grad()
-def gathered_state(layer: nn.Module, *, group) -> dict[str, torch.Tensor]:
-    """The layer's state dict in full Hugging Face shapes (a collective over the tp group: every rank calls it)."""
-    specs = {name: shard_spec(p) for name, p in layer.named_parameters()}
-    return {name: gather_full(t, specs.get(name), group=group) for name, t in layer.state_dict().items()}
-
-
-@torch.no_grad()
 def load_sliced_state(layer: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Copy a full (unsharded) layer state into this rank's layer, each sharded tensor cut to the rank's slice."""
     specs = {name: shard_spec(p) for name, p in layer.named_parameters()}

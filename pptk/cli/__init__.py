@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--pp", type=int, default=1, help="hf-to-ds: stages to plan for (layer files fit any pp)")
     p.add_argument(
-        "--tp", type=int, default=1, help="hf-to-ds: check the model splits tp ways (layer files hold full tensors)"
+        "--tp", type=int, default=1, help="hf-to-ds: write each layer as tp slice files, as a --tp run saves them"
     )
     p.add_argument("--task", default=None, help="hf-to-ds: " + TASK_HELP)
     p.add_argument("--partition-method", default="compute")

@@ -1,6 +1,6 @@
 # Tensor parallelism against Hugging Face: one launch of 4 gloo ranks (pp=2 x tp=2) checks every job below; then a
-# checkpoint of a tp=1 run is resumed at tp=2 (each rank cuts its slices) and exported from the gathered layers, and
-# that tp=2 x pp=1 run's checkpoint is resumed at tp=1 x pp=2.
+# checkpoint of a tp=1 run is resumed at tp=2 (each rank cuts its slices) and exported from its per-tp-rank layer
+# files, and that tp=2 x pp=1 run's checkpoint is resumed at tp=1 x pp=2 (the slices merged).
 import json
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 from conftest import free_port, run_recipe
 from transformers import AutoModelForCausalLM
 
+from pptk.layer_files import optim_file, read_layer, read_optimizer_states
 from pptk.models.decoder_families import FAMILIES
 from pptk.tensor_parallel import TP_REFUSED
 
@@ -119,8 +120,9 @@ def _run(out_dir, ranks: int, extra: list[str]):
 @pytest.fixture(scope="module")
 def tp1_then_tp2(tmp_path_factory):
     """1 rank at tp=1 for 6 steps (saves every 2); 2 ranks at tp=2 x pp=1 resuming from step 2, exporting at the end;
-    2 ranks at tp=1 x pp=2 resuming from the tp=2 run's step 4."""
-    base, resumed, swapped = (tmp_path_factory.mktemp(name) for name in ("tp1", "tp2", "pp2"))
+    from the tp=2 run's step 4, 2 ranks at tp=1 x pp=2 (slices merged) and 2 at tp=2 again (each rank its own
+    files)."""
+    base, resumed, swapped, again = (tmp_path_factory.mktemp(name) for name in ("tp1", "tp2", "pp2", "tp2-again"))
     _run(base, 1, ["--tp", "1"])
     run = _run(
         resumed,
@@ -128,11 +130,12 @@ def tp1_then_tp2(tmp_path_factory):
         ["--tp", "2", "--resume-from", str(base / "checkpoints" / "step2"), "--export-hf", str(resumed / "hf")],
     )
     _run(swapped, 2, ["--tp", "1", "--pp", "2", "--resume-from", str(resumed / "checkpoints" / "step4")])
-    return base, resumed, run, swapped
+    _run(again, 2, ["--tp", "2", "--resume-from", str(resumed / "checkpoints" / "step4")])
+    return base, resumed, run, swapped, again
 
 
 def test_tp2_resumes_a_tp1_checkpoint_on_the_same_curve(tp1_then_tp2):
-    base, resumed, run, _ = tp1_then_tp2
+    base, resumed, run, *_ = tp1_then_tp2
     assert "pp(1) x tp(2) x dp(1) = WORLD_SIZE(2)" in run.stdout + run.stderr
     before, after = _losses(base), _losses(resumed)
     assert sorted(after) == [3, 4, 5, 6]
@@ -140,29 +143,38 @@ def test_tp2_resumes_a_tp1_checkpoint_on_the_same_curve(tp1_then_tp2):
         assert loss == pytest.approx(before[step], rel=1e-5), (step, before[step], loss)
 
 
-def test_a_tp2_pp1_checkpoint_resumes_at_tp1_pp2_on_the_same_curve(tp1_then_tp2):
-    base, _, _, swapped = tp1_then_tp2
-    before, after = _losses(base), _losses(swapped)
+@pytest.mark.parametrize("which", ["tp1 x pp2", "tp2 again"])
+def test_a_tp2_pp1_checkpoint_resumes_at_tp1_pp2_and_at_tp2_on_the_same_curve(tp1_then_tp2, which):
+    base, *_, swapped, again = tp1_then_tp2
+    before, after = _losses(base), _losses(swapped if which == "tp1 x pp2" else again)
     assert sorted(after) == [5, 6]
     for step, loss in after.items():
         assert loss == pytest.approx(before[step], rel=1e-5), (step, before[step], loss)
 
 
-def test_tp2_checkpoint_is_gathered_and_exports_hugging_face_shapes(tp1_then_tp2):
-    """The tp=2 run's step-6 checkpoint holds full tensors equal to the tp=1 run's own step 6, and --export-hf
-    wrote exactly those tensors under Hugging Face's names."""
-    base, resumed, _, _ = tp1_then_tp2
+def test_tp2_checkpoint_holds_each_ranks_slices_which_merge_to_the_tp1_run_and_export(tp1_then_tp2):
+    """The tp=2 run's step-6 checkpoint holds one file per layer and tp rank (DeepSpeed's ``-model_YY`` names), each
+    a slice; merged, they equal the tp=1 run's own step 6, and --export-hf wrote exactly those tensors under Hugging
+    Face's names."""
+    base, resumed, *_ = tp1_then_tp2
     tag, reference = resumed / "checkpoints" / "step6", base / "checkpoints" / "step6"
-    assert json.loads((tag / "pptk.json").read_text())["layout"]["tp"] == 2
-    assert not list(tag.glob("*model_01*")), "layer files are gathered, not one per tp rank"
-    for ours in sorted(tag.glob("layer_*-model_states.pt")):
-        theirs = torch.load(reference / ours.name)
+    manifest = json.loads((tag / "pptk.json").read_text())
+    assert manifest["layout"]["tp"] == 2 and manifest["tensor_parallel"]["size"] == 2
+    assert not list(tag.glob("layer_??-model_states.pt")), "no layer is gathered to full size"
+    shards = [torch.load(tag / f"layer_01-model_{r:02d}-model_states.pt") for r in (0, 1)]
+    full_q = torch.load(reference / "layer_01-model_states.pt")["self_attn.q_proj.weight"]
+    assert [s["self_attn.q_proj.weight"].shape[0] for s in shards] == [full_q.shape[0] // 2] * 2
+    assert torch.equal(shards[0]["input_layernorm.weight"], shards[1]["input_layernorm.weight"])  # replicated
+    layers = sorted(reference.glob("layer_??-model_states.pt"))
+    assert len(layers) >= 4
+    for theirs in layers:
+        index = int(theirs.name[6:8])
         # Adam normalises each gradient, so the tp all-reduces' summation order moves the few elements with
         # near-zero gradients by up to ~1e-3 of a step (lr 3e-3); a wrong slice would be off by ~1e-2
-        torch.testing.assert_close(torch.load(ours), theirs, rtol=1e-4, atol=1e-5)
-        optim = ours.name.replace("-model_states", "").replace("layer_", "optim_layer_")
-        torch.testing.assert_close(torch.load(tag / optim), torch.load(reference / optim), rtol=1e-4, atol=1e-5)
+        merged = read_layer(tag, manifest, index)
+        torch.testing.assert_close(merged, torch.load(theirs), rtol=1e-4, atol=1e-5)
+        optim = read_optimizer_states(tag, manifest, index)
+        torch.testing.assert_close(optim, torch.load(optim_file(reference, index)), rtol=1e-4, atol=1e-5)
     exported = AutoModelForCausalLM.from_pretrained(resumed / "hf").state_dict()
-    layer = torch.load(tag / "layer_01-model_states.pt")  # the first decoder layer
-    for name, tensor in layer.items():
+    for name, tensor in read_layer(tag, manifest, 1).items():  # the first decoder layer
         assert torch.equal(exported[f"model.layers.0.{name}"], tensor), name

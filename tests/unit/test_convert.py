@@ -6,14 +6,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from pptk.checkpoint import manifest_for, same_layout
+from pptk.checkpoint import manifest_for, read_manifest, same_layout
 from pptk.cli import main
 from pptk.convert import ds_to_hf, hf_to_ds, load_sequential_from_checkpoint
 from pptk.errors import PptkError
+from pptk.layer_files import load_rank_layer
 from pptk.models import get_adapter
 from pptk.parallel import Layout
-from pptk.pipeline import plan_pipeline
+from pptk.pipeline import plan_pipeline, resolve_model
 from pptk.tasks import hf_model_class
+from pptk.tensor_parallel import shard_spec, shard_stage
 
 
 def _save_hf(path, model_type, task="causal-lm", **overrides):
@@ -62,9 +64,19 @@ def test_hf_to_pipeline_to_hf_is_bitwise_identical(tmp_path, model_type, task, t
 def test_hf_to_ds_at_pp2_tp2_round_trips_bitwise_and_refuses_a_layout_the_model_cannot_split(tmp_path, capsys):
     model = _save_hf(tmp_path / "hf", "llama", "causal-lm")
     assert main(["convert", "hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "ds"), "--pp", "2", "--tp", "2"]) == 0
+    tag = tmp_path / "ds" / "step0"
+    assert sorted(p.name for p in tag.glob("layer_01-*")) == [  # the first block: one file per tp rank
+        "layer_01-model_00-model_states.pt",
+        "layer_01-model_01-model_states.pt",
+    ]
+    q_proj = [torch.load(tag / f"layer_01-model_{r:02d}-model_states.pt")["self_attn.q_proj.weight"] for r in (0, 1)]
+    full_q = model.model.layers[0].self_attn.q_proj.weight
+    assert all(q.shape[0] == full_q.shape[0] // 2 for q in q_proj)  # each holds its half of the heads
     assert main(["convert", "ds-to-hf", str(tmp_path / "ds"), str(tmp_path / "out")]) == 0
     original, exported = _tensors(tmp_path / "hf"), _tensors(tmp_path / "out")
     assert sorted(original) == sorted(exported) and all(torch.equal(original[k], exported[k]) for k in original)
+    _, merged = load_sequential_from_checkpoint(tmp_path / "ds")  # a tp=1 reader merges the slices
+    assert torch.equal(merged.state_dict()["1.self_attn.q_proj.weight"], full_q)
     heads = model.config.num_attention_heads
     bad = ["convert", "hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "ds3"), "--tp", str(heads + 1)]
     assert main(bad) == 2
@@ -114,3 +126,24 @@ def test_resume_refuses_another_model_or_global_batch():
         same_layout(manifest, gpt2, Layout(pp=2, dp=1, micro_batch_size=4, grad_accum_steps=8))
     with pytest.raises(PptkError, match="model type 'gpt2' vs 'llama'"):
         same_layout(manifest, plan_pipeline("llama", num_stages=2), layout)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_a_tp2_checkpoint_fills_every_ranks_slice_at_any_tp(tmp_path, tp):
+    """The per-tp-rank layer files of a tp=2 checkpoint, read at tp 2 (each rank its own file), 1 and 4 (merged and
+    cut again): every rank of a GPT-2 block gets exactly its slice of Hugging Face's tensors (c_attn per head)."""
+    model = _save_hf(tmp_path / "hf", "gpt2")
+    hf_to_ds(tmp_path / "hf", tmp_path / "ds", tp=2)
+    tag = tmp_path / "ds" / "step0"
+    manifest = read_manifest(tag)
+    plan = plan_pipeline(resolve_model(tmp_path / "hf"), num_stages=1)
+    index = next(i for i, layer in enumerate(plan.layers) if layer.role == "block")
+    full = model.state_dict()
+    for rank in range(tp):
+        layer = plan.layers[index].spec.build()
+        shard_stage(layer, group=None, rank=rank, size=tp)
+        load_rank_layer(layer, tag, manifest, index, tp_rank=rank, tp=tp)
+        for name, param in layer.named_parameters():
+            expected = full[plan.layers[index].hf_prefix + name]
+            spec = shard_spec(param)
+            assert torch.equal(param, spec.take(expected) if spec else expected), (rank, name)
