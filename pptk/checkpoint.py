@@ -219,7 +219,7 @@ def _refuse_non_finite(module: torch.nn.Module, *, checkpoints_dir: Path, step: 
     if not bad_ranks:
         return
     if dist.get_rank() != 0:
-        raise StoppedByPeer
+        raise StoppedByPeer(code=2)
     latest = checkpoints_dir / "latest"
     kept = f"latest ({latest.read_text().strip()}) is the last good checkpoint" if latest.exists() else "none saved"
     raise PptkError(

@@ -11,7 +11,14 @@ class PptkError(ValueError):
 
 
 class StoppedByPeer(Exception):
-    """This rank stops because a collective told it another rank reports the failure: one line, not two."""
+    """This rank stops because a collective told it another rank reports the failure: one line, not two.
+
+    ``code``: the exit code, the reporting rank's (2 when every rank found the same error, such as a diverging
+    loss that rank 0 reports), so the launcher's exit code does not depend on which rank it notices first."""
+
+    def __init__(self, code: int = 1):
+        super().__init__(code)
+        self.code = code
 
 
 # What a rank's collective raises when a peer has gone (gloo and NCCL wording): a consequence, not a cause.
@@ -36,10 +43,10 @@ def run_main(main, *, program: str) -> int:
         print(f"{program}: error: {where}{err}", file=sys.stderr, flush=True)
         _leave(2)
         return 2
-    except StoppedByPeer:
+    except StoppedByPeer as stop:
         print(f"{program}: {where}stopping: another rank failed (its error is above)", file=sys.stderr, flush=True)
-        _leave(1)
-        return 1
+        _leave(stop.code)
+        return stop.code
     except SystemExit as err:  # SIGTERM (pptk.launch_watch.exit_on_sigterm) or argparse: already unwound
         _leave(err.code if isinstance(err.code, int) else 1)
         raise

@@ -4,7 +4,10 @@ holds weights that turn NaN a step later, with ``latest`` pointing at them. ``Di
 
 - a step is *bad* when its loss is not finite, or above ``factor`` x the median of the last ``window`` good losses
   (once ``warmup`` good steps are seen; the first steps of a run fall fast and are not judged);
-- a bad step is not checkpointed (the trainer skips the save and says so), so ``latest`` stays on good weights;
+- a bad step is not checkpointed (the trainer skips the save and says so), so ``latest`` stays on good weights.
+  A step's loss is measured before its own update, so before a save the trainer also measures the loss of the
+  updated weights (a forward pass on the next step's micro-batches) and skips the save when that one spikes
+  (``spiked``): a blow-up in the very update before a save is caught too;
 - ``max_bad_steps`` bad steps in a row stop the run with one error naming the loss, the median and the fix. One
   spike alone (a bad batch) is tolerated when ``max_bad_steps`` > 1. A non-finite loss stops the run at once.
 """
@@ -28,6 +31,20 @@ class DivergenceGuard:
     recent: deque = field(default_factory=deque)
     bad_streak: int = 0
 
+    def _limit(self) -> float | None:
+        """The loss above which a step is bad; None while the spike check is off or still warming up."""
+        if self.factor <= 0 or len(self.recent) < self.warmup:
+            return None
+        return self.factor * max(statistics.median(self.recent), 1e-6)
+
+    def spiked(self, loss: float) -> bool:
+        """Whether ``loss`` would be a bad step, without counting it (the check of the weights about to be saved)."""
+        limit = self._limit()
+        return not math.isfinite(loss) or (limit is not None and loss > limit)
+
+    def judging(self) -> bool:
+        return self._limit() is not None
+
     def check(self, loss: float, *, step: int) -> bool:
         """Record this step's loss; True when it is bad. Raises when the run must stop."""
         if not math.isfinite(loss):
@@ -35,14 +52,15 @@ class DivergenceGuard:
                 f"loss became {loss} at step {step}; resume from the last checkpoint with a lower --lr or more "
                 "--warmup-steps"
             )
-        median = statistics.median(self.recent) if len(self.recent) >= self.warmup else None
-        if self.factor > 0 and median is not None and loss > self.factor * max(median, 1e-6):
+        limit = self._limit()
+        if limit is not None and loss > limit:
             self.bad_streak += 1
             if self.bad_streak >= self.max_bad_steps:
                 raise PptkError(
                     f"the loss is diverging: {loss:.4g} at step {step}, {self.bad_streak} steps in a row above "
-                    f"{self.factor:g} x the recent median {median:.4g}; resume from the last checkpoint (it predates "
-                    "the spike) with a lower --lr, more --warmup-steps or --grad-clip, or raise --loss-spike-factor"
+                    f"{self.factor:g} x the recent median {limit / self.factor:.4g}; resume from the last checkpoint "
+                    "(it predates the spike) with a lower --lr, more --warmup-steps or --grad-clip, or raise "
+                    "--loss-spike-factor"
                 )
             return True
         self.bad_streak = 0

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from pptk.config import RunConfig
 from pptk.convert import check_export_destination
 from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, train_indices
 from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
-from pptk.errors import PptkError
+from pptk.errors import PptkError, StoppedByPeer
 from pptk.guards import DivergenceGuard
 from pptk.launch_watch import exit_on_sigterm, watch_launcher
 from pptk.logs import get_logger, setup_logging
@@ -36,7 +37,7 @@ from pptk.profile import agree_on_profile
 from pptk.reporting import MetricsLog, Summary, format_evaluation
 from pptk.run_dir import check_free_space, claim_output_dir, release_output_dir, start_fresh
 from pptk.schedules import check_eval_micro_batches
-from pptk.tasks.base import Batch, PreparedTask
+from pptk.tasks.base import Batch, PreparedTask, replica_mean
 
 log = get_logger(__name__)
 
@@ -152,10 +153,12 @@ class Trainer:
             activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
             dynamic_shape=task.dynamic_shape,
         )
+        guard = DivergenceGuard(factor=run.optim.loss_spike_factor, max_bad_steps=run.optim.max_bad_steps)
         if run.output.resume_from is not None:
             from pptk.checkpoint import resume
 
-            resume(engine, plan, layout=layout, path=run.output.resume_from)
+            manifest = resume(engine, plan, layout=layout, path=run.output.resume_from)
+            guard.recent.extend(manifest.get("recent_losses", []))  # judged from the first resumed step on
         shard = Shard(
             dp_rank=engine.grid.get_data_parallel_rank(),
             dp_size=layout.dp,
@@ -201,7 +204,7 @@ class Trainer:
             metrics=metrics,
             rank=rank,
             observer=observer,
-            guard=DivergenceGuard(factor=run.optim.loss_spike_factor, max_bad_steps=run.optim.max_bad_steps),
+            guard=guard,
         )
         try:
             summary = loop.train(start_step)
@@ -293,6 +296,19 @@ class _Loop:
         if self.rank == 0:
             log.info(format_evaluation(record, result.report))
 
+    def _updated_weights_spiked(self, step: int, data: Iterator[Batch]) -> tuple[bool, Iterator[Batch]]:
+        """Whether the weights about to be saved give a spiking loss. A step's loss is measured before its update,
+        so a blow-up in that very update would be checkpointed unseen: one forward pass (every rank) on the next
+        step's micro-batches, which that step then trains on, judges the weights themselves."""
+        if not self.guard.judging():
+            return False, data
+        ahead = list(itertools.islice(data, self.layout.grad_accum_steps))
+        loss = replica_mean(float(self.engine.eval_batch(iter(ahead), num_micro_batches=len(ahead))))
+        spiked = self.guard.spiked(loss)  # the same on every rank: the loss is the mean over all of them
+        if spiked and self.rank == 0:
+            log.warning(f"step {step}: the updated weights give loss {loss:.4g}, a spike")
+        return spiked, itertools.chain(ahead, data)
+
     def train(self, start_step: int) -> Summary:
         run, steps, engine = self.run, self.steps, self.engine
         summary = Summary(task=self.task.task, checkpoints=str(run.checkpoints_dir), metrics=str(self.metrics.path))
@@ -309,7 +325,12 @@ class _Loop:
                 loss = float(engine.train_batch(data))
             took = time.perf_counter() - began
             window_time, window_steps, train_time = window_time + took, window_steps + 1, train_time + took
-            bad_step = self.guard.check(loss, step=step)  # raises when the run diverges
+            try:
+                bad_step = self.guard.check(loss, step=step)  # raises when the run diverges
+            except PptkError:
+                if self.rank != 0:  # every rank saw the same loss: rank 0 says it, once
+                    raise StoppedByPeer(code=2) from None
+                raise
             summary.first_loss = loss if step == start_step + 1 else summary.first_loss
             summary.last_loss = loss
             self.metrics.advance(loss=loss)
@@ -328,8 +349,11 @@ class _Loop:
                 window_time, window_steps = 0.0, 0
             if steps.evaluates(step):
                 self.evaluate(step, summary)
+            if steps.saves(step) and not bad_step:
+                bad_step, data = self._updated_weights_spiked(step, data)
             if steps.saves(step) and bad_step:
-                log.warning(f"step {step}: loss {loss:.4g} spiked; no checkpoint now, so latest stays on good weights")
+                if self.rank == 0:
+                    log.warning(f"step {step}: the loss spiked; no checkpoint now, so latest stays on good weights")
             elif steps.saves(step):
                 save_checkpoint(
                     engine,
@@ -337,7 +361,7 @@ class _Loop:
                     layout=self.layout,
                     checkpoints_dir=run.checkpoints_dir,
                     step=step,
-                    extra={"run_config": run.to_dict()},
+                    extra={"run_config": run.to_dict(), "recent_losses": list(self.guard.recent)},
                 )
         summary.steps = steps.max_steps - start_step
         if train_time:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DEMO_CACHE, ROOT, VENV_BIN, free_port, recipe_env, run_recipe
 
 pytestmark = pytest.mark.dist
@@ -120,3 +121,41 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step2"
     assert not (ckpt / "step4").exists() and not list(ckpt.glob("*.partial"))
+
+
+def test_a_huge_learning_rate_is_stopped_before_a_blown_up_state_is_saved(tmp_path):
+    """DeepSpeed's LR range test scheduler (staircase) makes 14 updates at lr 1e-3, then jumps to ~100. Saving every
+    step, the save after the first huge update (step 15) is skipped: that step's loss, measured before its update,
+    was fine, but the updated weights' own loss spikes. The next bad steps are not saved either, and three in a row
+    stop the run in one line. latest is step 14, the last good weights, as small as they were."""
+    config = json.loads((ROOT / "ds_configs" / "pipe_zero1_cpu.json").read_text())
+    config["scheduler"] = {
+        "type": "LRRangeTest",
+        "params": {
+            "lr_range_test_min_lr": 1e-3,
+            "lr_range_test_step_size": 14,
+            "lr_range_test_step_rate": 1e5,
+            "lr_range_test_staircase": True,
+        },
+    }
+    (tmp_path / "range_test.json").write_text(json.dumps(config))
+    out = tmp_path / "huge-lr"
+    run = run_recipe("gpt_pretrain.py", [*QUICK, "--max-steps", "30", "--save-every", "1", "--ds-config",
+                                          str(tmp_path / "range_test.json")], output_dir=out, timeout=300)  # fmt: skip
+    text = run.stdout + run.stderr
+    assert run.returncode == 2, text[-3000:]
+    errors = [line for line in text.splitlines() if "gpt_pretrain: error:" in line]
+    assert len(errors) == 1 and "rank 0: the loss is diverging" in errors[0] and "Traceback" not in text, text[-3000:]
+    assert "rank 1: stopping: another rank failed" in text
+    assert "the updated weights give loss" in text  # the check before the save caught the first huge update
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    # the lr logged at step s is the one the update of step s + 1 uses
+    assert lrs[13] == pytest.approx(1e-3) and lrs[14] > 10 and records[-1]["loss"] > 1e3
+    ckpt = out / "checkpoints"
+    latest = (ckpt / "latest").read_text().strip()
+    assert latest == "step14", sorted(p.name for p in ckpt.iterdir())
+    assert not list(ckpt.glob("step1[5-9]*")) and not list(ckpt.glob("step[2-3]?"))
+    largest = max(t.abs().max().item() for p in (ckpt / latest).glob("layer_*") for t in torch.load(p).values())
+    first = max(t.abs().max().item() for p in (ckpt / "step1").glob("layer_*") for t in torch.load(p).values())
+    assert largest < 2 * first, (largest, first)

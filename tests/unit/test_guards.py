@@ -36,3 +36,14 @@ def test_factor_zero_switches_the_spike_check_off():
     guard = DivergenceGuard(factor=0)
     _falling(guard)
     assert not guard.check(1e9, step=21)
+
+
+def test_spiked_judges_a_loss_without_counting_it():
+    """The check of the weights about to be saved: a verdict only, the streak and the median stay as they were."""
+    guard = DivergenceGuard(factor=10, max_bad_steps=2)
+    assert not guard.judging() and not guard.spiked(1e9)  # nothing to compare with yet
+    _falling(guard)
+    assert guard.judging()
+    assert guard.spiked(1e9) and guard.spiked(float("nan")) and not guard.spiked(5.0)
+    assert guard.bad_streak == 0 and len(guard.recent) == 20
+    assert guard.check(1e9, step=21)  # one bad step: the earlier verdicts did not count toward the streak of 2
