@@ -1,6 +1,8 @@
 # The one exception type for bad user input, and how a command or recipe turns errors into one line each.
 import os
+import signal
 import sys
+import time
 
 
 class PptkError(ValueError):
@@ -48,14 +50,38 @@ def run_main(main, *, program: str) -> int:
         _leave(stop.code)
         return stop.code
     except SystemExit as err:  # SIGTERM (pptk.launch_watch.exit_on_sigterm) or argparse: already unwound
+        if distributed and err.code == 128 + signal.SIGTERM:  # DeepSpeed's launch stops the others when one dies
+            _name_the_dead(program, where, wait_s=0.0)
         _leave(err.code if isinstance(err.code, int) else 1)
         raise
     except RuntimeError as err:
         if not (distributed and any(marker in str(err) for marker in PEER_GONE)):
             raise
-        print(f"{program}: {where}stopping: another rank failed (its error is above)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # leaving anyway: say why before the launcher's SIGTERM
+        if _name_the_dead(program, where, wait_s=2.0):
+            # Leave after DeepSpeed's launch (polling every second) has seen the failed rank's exit, so its exit
+            # code is the failed rank's, not this one's.
+            time.sleep(1.5)
+        else:
+            print(f"{program}: {where}stopping: another rank failed (its error is above)", file=sys.stderr, flush=True)
         _leave(1)
         return 1
+
+
+def _name_the_dead(program: str, where: str, *, wait_s: float) -> bool:
+    """Name the ranks on this node whose process is gone, where this node can tell; True if there were any. Whether
+    one raised an error or was killed without a word (SIGKILL, the OOM killer) cannot be told from here."""
+    from pptk.launch_watch import dead_ranks
+
+    dead = dead_ranks(wait_s=wait_s)
+    if dead:
+        print(
+            f"{program}: {where}stopping: rank {', '.join(map(str, dead))} failed (its error is above; if it printed "
+            "none, it was killed: by a signal, or out of memory)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return bool(dead)
 
 
 def _leave(code: int) -> None:

@@ -21,6 +21,10 @@ import threading
 import time
 from pathlib import Path
 
+# {global rank: pid} of the ranks DeepSpeed's launch started on this node, read from /proc when the watch starts
+# (launch starts them all before any has imported torch), so a survivor can name a rank that died by a signal.
+_SIBLINGS: dict[int, int] = {}
+
 
 def parent_of(pid: int) -> int | None:
     """The parent pid of ``pid`` from /proc (Linux), or None when it is gone or unreadable."""
@@ -38,6 +42,42 @@ def _under_deepspeed_launch(pid: int) -> bool:
         return False
 
 
+def _started_by(launch: int) -> dict[int, int]:
+    """{global rank: pid} of the processes ``launch`` started, from their environments (``RANK``)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or parent_of(int(proc.name)) != launch:
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"RANK=") and item[5:].isdigit():
+                found[int(item[5:])] = int(proc.name)
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True  # reaped
+    return state in ("Z", "X")  # dead, not yet reaped
+
+
+def dead_ranks(*, wait_s: float = 0.0) -> list[int]:
+    """The ranks on this node whose process has died, waiting up to ``wait_s`` for one to show (a collective
+    notices a lost peer as its sockets close, a moment before the process is marked dead). Empty where unknown:
+    not under DeepSpeed's launcher, or the rank ran on another node."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = sorted(rank for rank, pid in _SIBLINGS.items() if pid != os.getpid() and _gone(pid))
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.1)
+
+
 def watch_launcher(*, interval_s: float = 1.0) -> bool:
     """Start the watch (a daemon thread) when this process runs under DeepSpeed's launcher; True if started."""
     launch = os.getppid()
@@ -45,6 +85,7 @@ def watch_launcher(*, interval_s: float = 1.0) -> bool:
     if runner is None or not _under_deepspeed_launch(launch):
         return False
     rank = os.environ.get("RANK", "?")
+    _SIBLINGS.update(_started_by(launch))
 
     def watch() -> None:
         while True:

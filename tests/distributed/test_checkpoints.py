@@ -85,6 +85,7 @@ def killed_during_save(tmp_path_factory):
 def test_a_killed_save_leaves_the_previous_checkpoint_intact(killed_during_save):
     out_dir, run = killed_during_save
     assert run.returncode != 0, "the launcher must report the killed rank"
+    assert "rank 0: stopping: rank 1 failed (its error is above; if it printed none, it was killed" in run.stderr
     ckpt = out_dir / "checkpoints"
     assert (ckpt / "latest").read_text() == "step4"
     assert (ckpt / "step8.partial").is_dir() and not (ckpt / "step8").exists()

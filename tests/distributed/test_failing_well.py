@@ -42,7 +42,8 @@ def disk_full_run(tmp_path_factory):
 def test_a_full_disk_at_save_is_one_line_and_keeps_the_previous_checkpoint(disk_full_run):
     out, run = disk_full_run
     text = run.stdout + run.stderr
-    assert run.returncode != 0
+    assert run.returncode == 2, text[-3000:]  # the failed rank's code: rank 1 leaves after the launcher saw rank 0
+    assert "rank 1: stopping: rank 0 failed (its error is above" in text
     errors = [line for line in text.splitlines() if "gpt_pretrain: error:" in line]
     assert len(errors) == 1, text[-3000:]
     assert (

@@ -46,3 +46,28 @@ def test_without_the_handler_the_lock_stays(tmp_path):
     rank.send_signal(signal.SIGTERM)
     assert rank.wait(timeout=30) == -signal.SIGTERM
     assert lock.exists()
+
+
+def test_a_sibling_killed_without_a_word_is_named_by_its_rank():
+    """This process plays DeepSpeed's launch: the ranks it started are found by their RANK, and one SIGKILLed is
+    dead both before it is reaped (a zombie) and after."""
+    import os
+
+    from pptk import launch_watch
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ranks = {rank: subprocess.Popen(sleep, env={**os.environ, "RANK": str(rank)}) for rank in (3, 4)}
+    try:
+        found = launch_watch._started_by(os.getpid())
+        assert {r: found.get(r) for r in ranks} == {r: p.pid for r, p in ranks.items()}
+        launch_watch._SIBLINGS.update({r: p.pid for r, p in ranks.items()})
+        assert launch_watch.dead_ranks() == []
+        ranks[4].send_signal(signal.SIGKILL)
+        assert launch_watch.dead_ranks(wait_s=5) == [4]  # a zombie: killed, not yet reaped
+        ranks[4].wait()
+        assert launch_watch.dead_ranks() == [4]
+    finally:
+        launch_watch._SIBLINGS.clear()
+        for proc in ranks.values():
+            proc.kill()
+            proc.wait()
