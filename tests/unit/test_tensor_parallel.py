@@ -7,8 +7,9 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from pptk.ds_config import fill_ds_config
 from pptk.errors import PptkError
+from pptk.models.decoder_families import FAMILIES
 from pptk.parallel import Layout
-from pptk.tensor_parallel import ShardSpec, check_tensor_parallel, shard_spec, shard_stage
+from pptk.tensor_parallel import TP_REFUSED, ShardSpec, check_tensor_parallel, shard_spec, shard_stage
 
 
 def test_fused_qkv_slices_take_each_ranks_heads_of_q_k_and_v():
@@ -135,3 +136,49 @@ def test_ds_config_sends_whole_activations_between_tp_ranks():
     assert filled["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
     with pytest.raises(PptkError, match="pipeline.pipe_partitioned"):
         fill_ds_config({"pipeline": {"pipe_partitioned": True}}, layout=layout)
+
+
+# Hugging Face's own tensor-parallel plans (``config.base_model_tp_plan``) as the reference for pptk's structural rule:
+# every family pptk shards is split exactly where its plan says "colwise"/"rowwise", and the parameters the plan
+# marks "replicated_with_grad_allreduce" are the ones pptk sums over tp. The refused families' plans do not split
+# heads Megatron-style either (they gather outputs), except cohere's, whose per-head norm pptk does not slice.
+STYLES = {"colwise": "column", "rowwise": "row"}
+
+
+def _block_plan(family: str) -> dict[str, str]:
+    from pptk.models import get_adapter
+
+    plan = getattr(get_adapter(family).small_config(), "base_model_tp_plan", None) or {}
+    return {key.removeprefix("layers.*."): style for key, style in plan.items()}
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(TP_REFUSED)))
+def test_pptk_splits_each_block_where_hugging_faces_tp_plan_does(family):
+    from pptk.pipeline import plan_pipeline, resolve_model
+    from pptk.tensor_parallel import PARTIAL_GRAD_ATTR, ShardedLinear
+
+    expected = _block_plan(family)
+    assert expected, f"{family} has no base_model_tp_plan"
+    attn = "eager" if family in ("gemma2", "vaultgemma") else "sdpa"  # soft-capping: no SDPA path in transformers
+    layers = plan_pipeline(resolve_model(family), num_stages=1, attn_implementation=attn).layers
+    block = next(layer for layer in layers if layer.role == "block").spec.build()
+    shard_stage(block, group=None, rank=0, size=2)
+    split = {name: module.kind for name, module in block.named_modules() if isinstance(module, ShardedLinear)}
+    partial = {name.rsplit(".", 1)[0] for name, p in block.named_parameters() if getattr(p, PARTIAL_GRAD_ATTR, False)}
+
+    def owner(suffix: str, names) -> str | None:
+        return next((name for name in names if name == suffix or name.endswith("." + suffix)), None)
+
+    for suffix, style in expected.items():
+        if style in STYLES:
+            name = owner(suffix, split)
+            assert name is not None and split[name] == STYLES[style], (suffix, style, split)
+        elif style == "replicated_with_grad_allreduce":
+            assert owner(suffix, partial) is not None, (suffix, partial)
+    assert len(split) == sum(style in STYLES for style in expected.values()), split
+
+
+@pytest.mark.parametrize("family", ["phi3", "glm", "glm4", "olmo2", "olmo3"])
+def test_the_families_pptk_refuses_are_not_head_split_by_hugging_face_either(family):
+    styles = set(_block_plan(family).values())
+    assert styles & {"colwise_gather_output", "rowwise_split_input"}, styles
