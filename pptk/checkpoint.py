@@ -24,12 +24,10 @@ Every DeepSpeed internal this needs is in pptk.deepspeed_compat.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import shutil
-import signal
 import zipfile
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch.distributed as dist
 from pptk import deepspeed_compat as compat
 from pptk.deepspeed_compat import ADAM_STATES
 from pptk.errors import PptkError, StoppedByPeer
+from pptk.failpoints import failpoint, failpoint_armed
 from pptk.layer_files import (
     layer_file,
     load_rank_layer,
@@ -137,18 +136,6 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def failpoint(name: str, *, step: int) -> None:
-    """Fault injection for the tests: PPTK_FAILPOINT=save:1:16 SIGKILLs global rank 1 midway through the step-16
-    save; PPTK_FAILPOINT=disk:0:4 makes rank 0's step-4 save fail as a full disk does (an error on one rank after
-    the process group formed); nan:R:S is checked by save_checkpoint itself (a NaN in rank R's weights)."""
-    if os.environ.get("PPTK_FAILPOINT") != f"{name}:{dist.get_rank()}:{step}":
-        return
-    if name == "save":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if name == "disk":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
 def check_layer_files(tag_dir: Path) -> None:
     """Before any rank loads them: every layer file of a checkpoint is a whole torch archive (a zip whose
     directory, written last, is there), so a truncated file is one error naming it, not a stream error midway."""
@@ -234,7 +221,7 @@ def save_checkpoint(
 ) -> Path:
     """Save collectively (every rank calls this); returns the final tag directory."""
     compat.check_per_layer_states_supported(engine.optimizer)
-    if os.environ.get("PPTK_FAILPOINT") == f"nan:{dist.get_rank()}:{step}":
+    if failpoint_armed("nan", step=step):
         with torch.no_grad():
             next(engine.module.parameters()).view(-1)[0] = float("nan")
     _refuse_non_finite(engine.module, checkpoints_dir=checkpoints_dir, step=step)

@@ -9,7 +9,10 @@ holds weights that turn NaN a step later, with ``latest`` pointing at them. ``Di
   updated weights (a forward pass on the next step's micro-batches) and skips the save when that one spikes
   (``spiked``): a blow-up in the very update before a save is caught too;
 - ``max_bad_steps`` bad steps in a row stop the run with one error naming the loss, the median and the fix. One
-  spike alone (a bad batch) is tolerated when ``max_bad_steps`` > 1. A non-finite loss stops the run at once.
+  spike alone (a bad batch) is tolerated when ``max_bad_steps`` > 1;
+- a non-finite loss whose update DeepSpeed skipped (every DeepSpeed optimizer wrapper checks the gradients: ZeRO's,
+  fp16's loss scaler, BF16_Optimizer) left the weights intact and is a bad step too; one whose update was applied
+  (torch's own optimizer, fp32 at ZeRO stage 0) stops the run at once, as the weights are no longer finite.
 """
 
 from __future__ import annotations
@@ -45,13 +48,25 @@ class DivergenceGuard:
     def judging(self) -> bool:
         return self._limit() is not None
 
-    def check(self, loss: float, *, step: int) -> bool:
-        """Record this step's loss; True when it is bad. Raises when the run must stop."""
+    def check(self, loss: float, *, step: int, update_skipped: bool = False) -> bool:
+        """Record this step's loss; True when it is bad. Raises when the run must stop.
+
+        ``update_skipped``: DeepSpeed skipped this step's optimizer update (its gradients were not finite), so a
+        non-finite loss left the weights as they were and counts as a bad step; otherwise it stops the run at once.
+        """
         if not math.isfinite(loss):
-            raise PptkError(
-                f"loss became {loss} at step {step}; resume from the last checkpoint with a lower --lr or more "
-                "--warmup-steps"
-            )
+            if not update_skipped:
+                raise PptkError(
+                    f"loss became {loss} at step {step}; resume from the last checkpoint with a lower --lr or more "
+                    "--warmup-steps"
+                )
+            self.bad_streak += 1
+            if self.bad_streak >= self.max_bad_steps:
+                raise PptkError(
+                    f"the loss is not finite ({loss}) at step {step}, {self.bad_streak} steps in a row (DeepSpeed "
+                    "skipped their updates); resume from the last checkpoint with a lower --lr or more --warmup-steps"
+                )
+            return True
         limit = self._limit()
         if limit is not None and loss > limit:
             self.bad_streak += 1

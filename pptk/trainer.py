@@ -21,12 +21,14 @@ from typing import Any
 
 import torch.distributed as dist
 
+from pptk import deepspeed_compat as compat
 from pptk.checkpoint import check_layer_files, find_checkpoint, read_manifest, same_layout, save_checkpoint
 from pptk.config import RunConfig
 from pptk.convert import check_export_destination
 from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, train_indices
 from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
 from pptk.errors import PptkError, StoppedByPeer
+from pptk.failpoints import nan_loss_failpoint
 from pptk.guards import DivergenceGuard
 from pptk.launch_watch import exit_on_sigterm, watch_launcher
 from pptk.logs import get_logger, setup_logging
@@ -321,16 +323,20 @@ class _Loop:
         for step in range(start_step + 1, steps.max_steps + 1):
             began = time.perf_counter()
             logs = step % run.output.log_every == 0 or step == steps.max_steps
-            with self.observer.step(synchronize=logs):  # exact GPU timings on the steps whose metrics are logged
-                loss = float(engine.train_batch(data))
+            skipped = compat.skipped_optimizer_steps(engine)
+            with self.observer.step(synchronize=logs), nan_loss_failpoint(engine, step=step):
+                loss = float(engine.train_batch(data))  # the observer times the steps whose metrics are logged
+            update_skipped = compat.skipped_optimizer_steps(engine) > skipped
             took = time.perf_counter() - began
             window_time, window_steps, train_time = window_time + took, window_steps + 1, train_time + took
             try:
-                bad_step = self.guard.check(loss, step=step)  # raises when the run diverges
+                bad_step = self.guard.check(loss, step=step, update_skipped=update_skipped)  # raises to stop
             except PptkError:
                 if self.rank != 0:  # every rank saw the same loss: rank 0 says it, once
                     raise StoppedByPeer(code=2) from None
                 raise
+            if update_skipped and self.rank == 0:
+                log.warning(f"step {step}: loss {loss}; DeepSpeed skipped the update (non-finite gradients)")
             summary.first_loss = loss if step == start_step + 1 else summary.first_loss
             summary.last_loss = loss
             self.metrics.advance(loss=loss)

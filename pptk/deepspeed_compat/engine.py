@@ -171,6 +171,18 @@ def training_progress(engine) -> tuple[int, int]:
     return int(engine.global_steps), int(engine.global_samples)
 
 
+def skipped_optimizer_steps(engine) -> int:
+    """How many optimizer steps the engine skipped because the gradients were not finite.
+
+    Written against DeepSpeed 0.19.8: ``DeepSpeedEngine._take_model_step`` (which the pipeline engine's optimizer
+    step calls) counts ``skipped_steps`` when the optimizer wrapper reports ``overflow``. Every DeepSpeed wrapper
+    checks the gradients (ZeRO's DeepSpeedZeroOptimizer in fp32 too, fp16's loss scaler, BF16_Optimizer with
+    ``bf16.check_grad_overflow``, on by default); torch's own optimizer (fp32 at ZeRO stage 0) never skips a step
+    (``tests/distributed/test_optimizer_wrappers.py`` checks each).
+    """
+    return int(engine.skipped_steps)
+
+
 def set_global_steps(engine, step: int, samples: int) -> None:
     """Set the engine's step and sample counters, as its own checkpoint loader does on a resume.
 

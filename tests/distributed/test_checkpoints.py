@@ -1,6 +1,7 @@
 # Checkpoints through the recipe: exact resume (fp32), a save killed midway, resume on other layouts and the HF
 # export (bf16, the GPU config, on CPU ranks).
 import json
+import math
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from pptk.checkpoint import find_checkpoint
 from pptk.convert import load_sequential_from_checkpoint
+from pptk.ds_config import cpu_supports
 
 pytestmark = pytest.mark.dist
 # The layout tests train LLaMA (untied head, rotary tables rebuilt per stage) through the GPT recipe with the shipped
@@ -72,9 +74,10 @@ def test_exported_model_loads_in_transformers_and_matches_the_pipeline(demo_run)
 
 @pytest.fixture(scope="module")
 def killed_during_save(tmp_path_factory):
-    """pp=2 x dp=1 for 8 steps in bf16, saving at 4 and 8; rank 1 is SIGKILLed in the middle of the step-8 save."""
+    """pp=2 x dp=1 for 8 steps in bf16, saving at 4 and 8; step 3's loss is NaN (DeepSpeed skips its update, pptk
+    counts a bad step and goes on); rank 1 is SIGKILLed in the middle of the step-8 save."""
     out_dir = tmp_path_factory.mktemp("killed")
-    os.environ["PPTK_FAILPOINT"] = "save:1:8"
+    os.environ["PPTK_FAILPOINT"] = "save:1:8,nanloss:*:3"
     try:
         run = run_recipe("gpt_pretrain.py", LAYOUT_ARGS, output_dir=out_dir)
     finally:
@@ -93,7 +96,8 @@ def test_a_killed_save_leaves_the_previous_checkpoint_intact(killed_during_save)
     assert sorted(_losses(out_dir)) == list(range(1, 9)), "training itself reached step 8"
 
 
-def test_bf16_trains_on_cpu_ranks_with_the_shipped_config_and_says_it_is_slow(killed_during_save):
+def test_bf16_trains_on_cpu_ranks_with_the_shipped_config_and_says_when_it_is_slow(killed_during_save):
+    """The slow-bf16 warning appears exactly when this CPU lacks bf16 instructions (CI machines differ)."""
     out_dir, run = killed_during_save
     manifest = json.loads((out_dir / "checkpoints" / "step4" / "pptk.json").read_text())
     assert manifest["optimizer_wrapper"] == "BF16_Optimizer"
@@ -101,7 +105,19 @@ def test_bf16_trains_on_cpu_ranks_with_the_shipped_config_and_says_it_is_slow(ki
     assert {t.dtype for t in block.values() if t.is_floating_point()} == {torch.bfloat16}
     losses = _losses(out_dir)
     assert losses[8] < losses[1] - 0.1, losses
-    assert "bf16 on CPU ranks runs through DeepSpeed's BF16_Optimizer" in run.stderr
+    warned = "bf16 on CPU ranks runs through DeepSpeed's BF16_Optimizer" in run.stderr
+    assert warned == (not cpu_supports("bf16")), run.stderr
+
+
+def test_a_nan_loss_whose_update_deepspeed_skipped_is_one_bad_step_not_the_end(killed_during_save):
+    """BF16_Optimizer's check_grad_overflow (DeepSpeed's default) skipped step 3's update: the weights stayed finite,
+    the step counted as bad and training went on (test_optimizer_wrappers checks which wrappers skip)."""
+    out_dir, run = killed_during_save
+    losses = _losses(out_dir)
+    assert math.isnan(losses[3]) and all(math.isfinite(losses[s]) for s in (1, 2, 4, 5, 6, 7, 8)), losses
+    assert "step 3: loss nan; DeepSpeed skipped the update" in run.stdout + run.stderr
+    block = torch.load(out_dir / "checkpoints" / "step4" / "layer_01-model_states.pt")
+    assert all(bool(t.isfinite().all()) for t in block.values() if t.is_floating_point())
 
 
 def _resume(base_dir, tmp_path, layout: list[str], extra: list[str] = ()):

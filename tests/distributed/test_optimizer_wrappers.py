@@ -6,7 +6,8 @@
   B  pp=2 x dp=1 resumed from it (DeepSpeed's own loader, or pptk's where DeepSpeed's cannot): A's last 2 losses,
      bit for bit
   C  pp=1 x dp=2 resumed from it (pptk's per-layer states, re-sharded): the restored fp32 weights and Adam moments
-     equal the saved ones bit for bit, and the 2 losses continue A's curve
+     equal the saved ones bit for bit, and the 2 losses continue A's curve; then one step with a NaN loss, which
+     the wrapper skips (or, torch's optimizer, applies) as pptk's guard reads it
 
 fp16: the shipped fp16 config through DeepSpeed where its CPU accelerator allows it (see
 ``test_fp16_where_the_cpu_accelerator_allows_it``). Elsewhere the fp16 wrappers (ZeRO-1's DeepSpeedZeroOptimizer and
@@ -15,6 +16,7 @@ them needs no fp16 arithmetic), to check the state plumbing and the loss-scale s
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -120,9 +122,26 @@ def _run_case(name: str, case: tuple, work) -> dict:
     out["C_state_mismatches"] = mismatches
     batches = _batches(dp_rank=engine.grid.get_data_parallel_rank(), dp=2, accum=2)
     out["C"] = [float(engine.train_batch(batches)) for _ in range(AFTER)]
+    out["nan_step"] = _nan_loss_step(engine, batches)
     out["manifest"] = json.loads((work / name / f"step{STEPS}" / "pptk.json").read_text())
     dist.barrier()
     return out
+
+
+def _nan_loss_step(engine, batches) -> dict:
+    """One step whose loss is NaN (as the trainer's nanloss failpoint makes it): whether DeepSpeed skipped the update,
+    as pptk's guard reads it, and whether the weights stayed finite."""
+    from pptk import deepspeed_compat as compat
+
+    skipped = compat.skipped_optimizer_steps(engine)
+    loss_fn = engine.module.loss_fn
+    compat.swap_loss_fn(engine, lambda outputs, labels: loss_fn(outputs, labels) * float("nan"))
+    loss = float(engine.train_batch(batches))
+    return {
+        "loss": loss,
+        "skipped": compat.skipped_optimizer_steps(engine) - skipped,
+        "weights_finite": all(bool(p.isfinite().all()) for p in engine.module.parameters()),
+    }
 
 
 def _fp16_wrappers_built_alone() -> dict:
@@ -261,6 +280,13 @@ def _check_case(runs, name, case):
     assert first["C"] == pytest.approx(a[STEPS:], rel=rel), (a, first["C"])
     manifest = first["manifest"]
     assert manifest["optimizer_wrapper"] == wrapper and manifest["loss_scale"] is None
+    # A NaN loss: every DeepSpeed wrapper sees the non-finite gradients and skips the update (so pptk's guard counts
+    # a bad step and goes on); torch's own optimizer (fp32 at ZeRO-0) applies it (so the guard stops the run at once)
+    skips = wrapper != "torch"
+    for run in (first, last):
+        nan_step = run["nan_step"]
+        assert math.isnan(nan_step["loss"]), nan_step
+        assert (nan_step["skipped"], nan_step["weights_finite"]) == (int(skips), skips), nan_step
 
 
 def test_fp16_wrappers_state_and_loss_scale_round_trip(wrapper_runs):

@@ -47,3 +47,14 @@ def test_spiked_judges_a_loss_without_counting_it():
     assert guard.spiked(1e9) and guard.spiked(float("nan")) and not guard.spiked(5.0)
     assert guard.bad_streak == 0 and len(guard.recent) == 20
     assert guard.check(1e9, step=21)  # one bad step: the earlier verdicts did not count toward the streak of 2
+
+
+def test_a_non_finite_loss_whose_update_was_skipped_is_a_bad_step_and_a_streak_stops():
+    """DeepSpeed skipped the update (fp16 overflow, bf16 check_grad_overflow): the weights are intact, so the run may
+    go on; max_bad_steps such steps in a row stop it."""
+    guard = DivergenceGuard(max_bad_steps=2)
+    assert guard.check(float("nan"), step=1, update_skipped=True)  # during the warmup too: NaN is never judged late
+    assert not guard.check(5.0, step=2)
+    assert guard.check(float("inf"), step=3, update_skipped=True)
+    with pytest.raises(PptkError, match=r"not finite \(nan\) at step 4, 2 steps in a row \(DeepSpeed skipped"):
+        guard.check(float("nan"), step=4, update_skipped=True)
