@@ -1,4 +1,5 @@
 # The one exception type for bad user input, and how a command or recipe turns errors into one line each.
+import logging
 import os
 import signal
 import sys
@@ -34,13 +35,16 @@ def run_main(main, *, program: str) -> int:
     - on a rank whose collective failed because another rank has gone: one line saying so, exit code 1 (the failing
       rank's own line says why), instead of a traceback per rank.
 
-    Once a process group exists, the process leaves with ``os._exit``: a normal exit would wait on collectives and
-    teardown that a peer which has gone never joins.
+    A rank of a launch (or any process once a process group exists) leaves with ``os._exit``, after a success too: a
+    normal exit would wait on collectives and teardown that a peer which has gone never joins, and tearing down
+    torch, DeepSpeed and transformers takes a rank seconds that the launch then waits for.
     """
     rank, distributed = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", "1")) > 1
     where = f"rank {rank}: " if distributed and rank is not None else ""
     try:
-        return main()
+        code = main()
+        _leave(code or 0)
+        return code
     except PptkError as err:
         print(f"{program}: error: {where}{err}", file=sys.stderr, flush=True)
         _leave(2)
@@ -85,14 +89,16 @@ def _name_the_dead(program: str, where: str, *, wait_s: float) -> bool:
 
 
 def _leave(code: int) -> None:
-    """Exit now if a process group exists (see run_main); otherwise return and let the caller exit."""
+    """Exit now if this is one of several ranks or a process group exists (see run_main); otherwise return and let
+    the caller exit."""
     try:
         import torch.distributed as dist
 
         group_exists = dist.is_available() and dist.is_initialized()
     except ImportError:
         group_exists = False
-    if group_exists:
+    if group_exists or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()  # flushes every handler (pptk's write to stdout)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
