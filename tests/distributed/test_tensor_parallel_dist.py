@@ -1,6 +1,7 @@
-# Tensor parallelism against Hugging Face: one launch of 4 gloo ranks (pp=2 x tp=2) checks every job below; then a
-# checkpoint of a tp=1 run is resumed at tp=2 (each rank cuts its slices) and exported from its per-tp-rank layer
-# files, and that tp=2 x pp=1 run's checkpoint is resumed at tp=1 x pp=2 (the slices merged).
+# Tensor parallelism against Hugging Face: launches of 4 gloo ranks (pp=2 x tp=2; pp=1 x tp=2 x dp=2) and of 2
+# (tp=2 alone) check the jobs below; then a checkpoint of a tp=1 run is resumed at tp=2 (each rank cuts its slices)
+# and exported from its per-tp-rank layer files, and that tp=2 x pp=1 run's checkpoint is resumed at tp=1 x pp=2
+# (the slices merged).
 import json
 
 import pytest
@@ -39,6 +40,28 @@ def test_pp2_tp2_matches_hugging_face(verified_tp2, name):
     assert result.passed, result.describe()
     assert (result.pp, result.tp, result.precision) == (2, 2, JOBS[name][2])
     assert result.params_pipeline == result.params_reference
+
+
+# `--tp 2` alone (pp=1 x tp=2 x dp=1, 2 ranks): the tied GPT-2, llama's grouped-query attention in fp32 and bf16,
+# and BERT token classification, in one launch.
+ALONE = ["gpt2", "llama", "llama-bf16", "bert"]
+
+
+@pytest.fixture(scope="module")
+def verified_tp2_alone(tmp_path_factory):
+    from pptk.verify import VerifyJob, verify_many
+
+    jobs = [VerifyJob(JOBS[n][0], task=JOBS[n][1], precision=JOBS[n][2], seq_len=24) for n in ALONE]
+    return dict(zip(ALONE, verify_many(jobs, pp=1, tp=2, workdir=tmp_path_factory.mktemp("verify-tp2-alone"))))
+
+
+@pytest.mark.parametrize("name", ALONE)
+def test_tp2_alone_matches_hugging_face(verified_tp2_alone, name):
+    result = verified_tp2_alone[name]
+    assert result.passed, result.describe()
+    assert (result.pp, result.tp, result.dp, result.precision) == (1, 2, 1, JOBS[name][2])
+    held = result.params_per_rank
+    assert len(held) == 2 and held[0] == held[1] < result.params_reference  # each rank a slice of the one stage
 
 
 # Every family with TP support, at pp=1 x tp=2 x dp=2 (tensor parallelism alone within a stage, and with data
