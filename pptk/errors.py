@@ -98,7 +98,12 @@ def _leave(code: int) -> None:
     except ImportError:
         group_exists = False
     if group_exists or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        logging.shutdown()  # flushes every handler (pptk's write to stdout)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
+
+
+def exit_now(code: int) -> None:
+    """Leave with ``code`` at once, output flushed, skipping the interpreter's teardown (see run_main)."""
+    logging.shutdown()  # flushes every handler (pptk's write to stdout)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -21,10 +21,9 @@ def failpoint_armed(name: str, *, step: int) -> bool:
 
 
 def failpoint(name: str, *, step: int) -> None:
-    """PPTK_FAILPOINT=save:1:16 SIGKILLs global rank 1 midway through the step-16
-    save; PPTK_FAILPOINT=disk:0:4 makes rank 0's step-4 save fail as a full disk does (an error on one rank after
-    the process group formed); nan:R:S is checked by save_checkpoint itself (a NaN in rank R's weights), and
-    nanloss:*:S by the trainer (step S's loss is NaN, see nan_loss_failpoint)."""
+    """save:1:16 SIGKILLs global rank 1 midway through the step-16 save; disk:0:4 makes rank 0's step-4 save fail as
+    a full disk does (an error on one rank after the process group formed). nan:R:S is checked by save_checkpoint
+    itself (a NaN in rank R's weights), and nanloss:*:S by the trainer (see nan_loss_failpoint)."""
     if not failpoint_armed(name, step=step):
         return
     if name == "save":
@@ -35,8 +34,8 @@ def failpoint(name: str, *, step: int) -> None:
 
 @contextmanager
 def nan_loss_failpoint(engine, *, step: int) -> Iterator[None]:
-    """PPTK_FAILPOINT=nanloss:*:S makes step S's loss NaN (the last stage's loss
-    function returns NaN, so the gradients are NaN too), as a bad batch or an overflow would."""
+    """nanloss:*:S makes step S's loss NaN (the last stage's loss function returns NaN, so the gradients are NaN
+    too), as a bad batch or an overflow would."""
     if not failpoint_armed("nanloss", step=step):
         yield
         return

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pptk.errors import PptkError
@@ -48,6 +49,13 @@ class DivergenceGuard:
     def judging(self) -> bool:
         return self._limit() is not None
 
+    def _bad_step(self, stop_message: Callable[[int], str]) -> bool:
+        """Count one more bad step in a row; raise ``stop_message(streak)`` once there are ``max_bad_steps``."""
+        self.bad_streak += 1
+        if self.bad_streak >= self.max_bad_steps:
+            raise PptkError(stop_message(self.bad_streak))
+        return True
+
     def check(self, loss: float, *, step: int, update_skipped: bool = False) -> bool:
         """Record this step's loss; True when it is bad. Raises when the run must stop.
 
@@ -60,24 +68,22 @@ class DivergenceGuard:
                     f"loss became {loss} at step {step}; resume from the last checkpoint with a lower --lr or more "
                     "--warmup-steps"
                 )
-            self.bad_streak += 1
-            if self.bad_streak >= self.max_bad_steps:
-                raise PptkError(
-                    f"the loss is not finite ({loss}) at step {step}, {self.bad_streak} steps in a row (DeepSpeed "
+            return self._bad_step(
+                lambda streak: (
+                    f"the loss is not finite ({loss}) at step {step}, {streak} steps in a row (DeepSpeed "
                     "skipped their updates); resume from the last checkpoint with a lower --lr or more --warmup-steps"
                 )
-            return True
+            )
         limit = self._limit()
         if limit is not None and loss > limit:
-            self.bad_streak += 1
-            if self.bad_streak >= self.max_bad_steps:
-                raise PptkError(
-                    f"the loss is diverging: {loss:.4g} at step {step}, {self.bad_streak} steps in a row above "
+            return self._bad_step(
+                lambda streak: (
+                    f"the loss is diverging: {loss:.4g} at step {step}, {streak} steps in a row above "
                     f"{self.factor:g} x the recent median {limit / self.factor:.4g}; resume from the last checkpoint "
                     "(it predates the spike) with a lower --lr, more --warmup-steps or --grad-clip, or raise "
                     "--loss-spike-factor"
                 )
-            return True
+            )
         self.bad_streak = 0
         self.recent.append(loss)
         if len(self.recent) > self.window:

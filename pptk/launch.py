@@ -1,7 +1,6 @@
 # Start N local ranks (gloo on CPU, NCCL on GPUs) for pptk's own multi-process checks; one failure stops them all.
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -15,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-from pptk.errors import PptkError
+from pptk.errors import PptkError, exit_now
 
 # Backstop for a rank stuck in a collective after a peer died in a way the parent did not notice.
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
@@ -56,12 +55,8 @@ def _rank_entry(rank: int, world_size: int, log_dir: str, worker: Callable, args
         traceback.print_exc()
         raise
     # Done: skip the interpreter's teardown of torch, DeepSpeed and transformers (seconds per rank, which the
-    # launch would wait for). Every file this rank wrote is closed; its output goes to the log, flushed here.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    log.flush()
-    os._exit(0)
+    # launch would wait for). Every file this rank wrote is closed; exit_now flushes its output into the log.
+    exit_now(0)
 
 
 def run_ranks(
