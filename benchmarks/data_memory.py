@@ -52,9 +52,9 @@ def kib(field: str) -> int:
 
 
 def train_rank(rank: int, model_dir: str, data_dir: str, out_dir: str, steps: int) -> None:
-    from pptk.config import ModelConfig, OptimConfig, OutputConfig, ParallelConfig, RunConfig
     from pptk.tasks import causal_lm
-    from pptk.trainer import Trainer
+    from pptk.training.config import ModelConfig, OptimConfig, OutputConfig, ParallelConfig, RunConfig
+    from pptk.training.trainer import Trainer
 
     before = kib("VmRSS")
     run = RunConfig(
@@ -73,7 +73,7 @@ def train_rank(rank: int, model_dir: str, data_dir: str, out_dir: str, steps: in
 
 def train(model_dir: Path, data_dir: Path, out_dir: Path, steps: int) -> list[int]:
     """Each rank's RSS growth in bytes (peak during training minus before)."""
-    from pptk.launch import run_ranks
+    from pptk.launch.ranks import run_ranks
 
     out_dir.mkdir(parents=True)
     run_ranks(

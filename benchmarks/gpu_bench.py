@@ -158,8 +158,8 @@ def model_flops_per_token(config, seq_len: int) -> float:
 
 
 def _ds_config(spec: RunSpec, args: argparse.Namespace) -> dict:
-    from pptk.ds_config import fill_ds_config, load_ds_config, shipped_config, validate_ds_config
-    from pptk.parallel import Layout
+    from pptk.parallel.layout import Layout
+    from pptk.training.ds_config import fill_ds_config, load_ds_config, shipped_config, validate_ds_config
 
     layout = Layout(pp=spec.pp, dp=spec.dp, micro_batch_size=spec.micro_batch, grad_accum_steps=spec.accum)
     config = fill_ds_config(
@@ -189,7 +189,7 @@ def _pptk_step(spec: RunSpec, args: argparse.Namespace, config):
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from pptk import deepspeed_compat
-    from pptk.pipeline import build_pipeline_module, plan_pipeline
+    from pptk.parallel.pipeline import build_pipeline_module, plan_pipeline
 
     plan = plan_pipeline(config, num_stages=spec.pp, dropout=False, seq_len=args.seq_len)
     module = build_pipeline_module(
@@ -264,7 +264,7 @@ def rank_main(rank: int, args: dict, runs: list[dict], out_dir: str) -> None:
     on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    from pptk.engine import init_distributed
+    from pptk.training.engine import init_distributed
 
     init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -355,7 +355,7 @@ def main(argv: list[str]) -> int:
     device = torch.cuda.get_device_name(0) if on_gpu else platform.processor() or "cpu"
     peak = args.peak_tflops or (next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None) if on_gpu else None)
     runs = plan_runs(world, args)
-    from pptk.launch import run_ranks
+    from pptk.launch.ranks import run_ranks
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="pptk-gpu-bench-"))  # kept, with the ranks' logs, if a rank fails

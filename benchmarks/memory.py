@@ -42,8 +42,8 @@ def peak_rss_bytes() -> int:
 def _load_stage(rank: int, model_dir: str, pp: int, tp: int, out: str) -> None:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from pptk.engine import init_distributed
-    from pptk.pipeline import build_pipeline_module, plan_pipeline, resolve_model
+    from pptk.parallel.pipeline import build_pipeline_module, plan_pipeline, resolve_model
+    from pptk.training.engine import init_distributed
 
     init_distributed()
     plan = plan_pipeline(resolve_model(model_dir), num_stages=pp, tp=tp)
@@ -66,10 +66,10 @@ def _load_stage(rank: int, model_dir: str, pp: int, tp: int, out: str) -> None:
 
 
 def _convert(direction: str, src: str, dst: str, max_shard_size: str) -> dict:
-    from pptk.convert import ds_to_hf, hf_to_ds
+    from pptk.checkpoints.convert import ds_to_hf, hf_to_ds
     from pptk.models import supported_model_types
 
-    supported_model_types()  # import every adapter (and its transformers modules) before the baseline
+    supported_model_types()  # import every family module (and its transformers modules) before the baseline
     before = rss_bytes()
     if direction == "hf-to-ds":
         tag = hf_to_ds(src, dst, pp=2)
@@ -123,7 +123,7 @@ def main() -> None:
 
     from transformers import GPT2LMHeadModel
 
-    from pptk.launch import run_ranks
+    from pptk.launch.ranks import run_ranks
 
     work = Path(tempfile.mkdtemp(prefix="pptk-memory-"))
     model = GPT2LMHeadModel(gpt2_config(args))

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from results_file import write_result
 
-from pptk.launch import free_port
+from pptk.launch.ranks import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,12 +53,12 @@ def main() -> None:
     import deepspeed
     from transformers import GPT2Config
 
-    from pptk.observe import PipelineObserver
-    from pptk.parallel import Layout
-    from pptk.pipeline import build_pipeline_module, plan_pipeline
+    from pptk.parallel.layout import Layout
+    from pptk.parallel.pipeline import build_pipeline_module, plan_pipeline
+    from pptk.training.observe import PipelineObserver
 
     device = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "cpu"
-    from pptk.engine import init_distributed
+    from pptk.training.engine import init_distributed
 
     init_distributed()
     config = GPT2Config(

@@ -1,6 +1,6 @@
 """Pipeline efficiency: the same model and global batch at pp=1 and pp>1, for 1f1b and dualpipev, each with the
 compute (FLOP) and the profile (measured) partition; efficiency = throughput_pp / (pp x throughput_pp1), printed
-next to the schedule's ideal (pptk.schedules.ideal_efficiency) and the measured breakdown (pptk.observe).
+next to the schedule's ideal (pptk.parallel.schedules.ideal_efficiency) and the measured breakdown (training.observe).
 
 Every configuration is a real `deepspeed` launch of recipes/gpt_pretrain.py on the embedded demo text and tokenizer
 with a GPT-2 of --layers x --hidden (default 8 x 384, sequence 128: the model the issue measured; the demo's own
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from results_file import write_result
 
-from pptk.launch import free_port
-from pptk.schedules import ideal_efficiency
+from pptk.launch.ranks import free_port
+from pptk.parallel.schedules import ideal_efficiency
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -36,10 +36,10 @@ def reset_peak_rss() -> None:
 def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -> None:
     import torch
 
-    from pptk.ds_config import fill_ds_config, load_ds_config, shipped_config
-    from pptk.engine import build_engine, init_distributed
-    from pptk.parallel import Layout
-    from pptk.pipeline import plan_pipeline, resolve_model
+    from pptk.parallel.layout import Layout
+    from pptk.parallel.pipeline import plan_pipeline, resolve_model
+    from pptk.training.ds_config import fill_ds_config, load_ds_config, shipped_config
+    from pptk.training.engine import build_engine, init_distributed
 
     init_distributed()
     grid = Layout(pp=layout["pp"], tp=layout["tp"], dp=layout["dp"], micro_batch_size=1, grad_accum_steps=2)
@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=RESULTS / "plan_memory.json")
     args = p.parse_args()
 
-    from pptk.launch import run_ranks
+    from pptk.launch.ranks import run_ranks
 
     work = Path(tempfile.mkdtemp(prefix="pptk-plan-memory-"))
     gpt2_config(args).save_pretrained(work / "model")  # a config only: random init, as `pptk plan` reads it

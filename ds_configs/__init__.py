@@ -1,1 +1,1 @@
-# The DeepSpeed configs pptk ships: JSON files read through importlib.resources (pptk.ds_config.shipped_config).
+# The DeepSpeed configs pptk ships: JSON files read through importlib.resources (training.ds_config.shipped_config).

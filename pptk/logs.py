@@ -1,5 +1,5 @@
 # One logger for pptk that knows its rank: rank 0 speaks by default, every rank with `--log-all-ranks`.
-"""Library code logs through ``logging.getLogger("pptk")`` (or a child such as ``pptk.trainer``) instead of
+"""Library code logs through ``logging.getLogger("pptk")`` (or a child such as ``pptk.training.trainer``) instead of
 printing. ``setup_logging`` is called once per process by the trainer and the CLI:
 
 - rank 0 logs at INFO, plain messages to stdout (what a user reads in the launcher's output);
@@ -60,3 +60,9 @@ def setup_logging(*, rank: int | None = None, all_ranks: bool = False) -> loggin
 def get_logger(name: str) -> logging.Logger:
     """A child of the ``pptk`` logger (``name`` is usually ``__name__``)."""
     return logging.getLogger(name if name.startswith(LOGGER_NAME) else f"{LOGGER_NAME}.{name}")
+
+
+def quiet_deepspeed_startup() -> None:
+    """Keep DeepSpeed's import-time notices ("Setting accelerator to CPU", ...) out of a tool's output: only its
+    errors pass. DeepSpeed sets its logger's level when it is imported, so a filter, which it leaves alone, does it."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)

@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from pptk.cli.run_flags import add_run_flags, run_config
-from pptk.config import RunConfig
-from pptk.errors import run_main
+from pptk.launch.entry import run_main
 from pptk.tasks import classification
-from pptk.trainer import Trainer
+from pptk.training.config import RunConfig
+from pptk.training.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

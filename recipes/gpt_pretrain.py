@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from pptk.cli.run_flags import add_run_flags, parse_with_presets, run_config
-from pptk.config import RunConfig
-from pptk.errors import run_main
+from pptk.launch.entry import run_main
 from pptk.tasks import causal_lm
-from pptk.trainer import Trainer
+from pptk.training.config import RunConfig
+from pptk.training.trainer import Trainer
 
 # --demo: what `make demo` trains; any flag given explicitly still wins.
 PRESETS = {"demo": dict(max_steps=400, lr=3e-3, micro_batch_size=8, warmup_steps=20, eval_every=100, save_every=200)}

@@ -1,15 +1,25 @@
 # The `pptk` command: one function per subcommand; bad input exits 2 with the problem and the fix.
+"""One module per subcommand where it has more than a few lines (``data``, ``env``, ``plot``, ``timeline``,
+``run_flags`` for the recipes' shared flags). This is the only room that sees ``argparse``.
+
+May import: every other room.
+"""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from pptk.cli import env, plot, timeline
-from pptk.cli.data import add_data_parser
-from pptk.errors import PptkError
-from pptk.partition import METHODS
-from pptk.schedules import SCHEDULES
+from pptk.logs import quiet_deepspeed_startup
+
+quiet_deepspeed_startup()  # before the imports below bring DeepSpeed in
+
+from pptk.cli import env, plot, timeline  # noqa: E402
+from pptk.cli.data import add_data_parser  # noqa: E402
+from pptk.errors import PptkError  # noqa: E402
+from pptk.parallel.partition import METHODS  # noqa: E402
+from pptk.parallel.schedules import SCHEDULES  # noqa: E402
 
 MODEL_HELP = "a local Hugging Face dir, a config.json, or a model type (e.g. gpt2) meaning a small random config"
 TASK_HELP = (
@@ -19,7 +29,7 @@ TASK_HELP = (
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pptk.verify import verify
+    from pptk.verify.run import verify
 
     result = verify(
         args.model,
@@ -58,7 +68,7 @@ def bytes_per_param(precision: str, *, dp: int, zero_stage: int) -> float:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pptk.pipeline import plan_pipeline
+    from pptk.parallel.pipeline import plan_pipeline
 
     plan = plan_pipeline(
         args.model,
@@ -119,7 +129,7 @@ def _tp_share(plan, row: dict, tp: int) -> float:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pptk.convert import ds_to_hf, hf_to_ds
+    from pptk.checkpoints.convert import ds_to_hf, hf_to_ds
 
     if args.direction == "hf-to-ds":
         tag_dir = hf_to_ds(
@@ -142,11 +152,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pptk.models import get_adapter, supported_model_types
-    from pptk.tensor_parallel import TP_REFUSED
+    from pptk.models import get_family, supported_model_types
+    from pptk.parallel.tensor_parallel import TP_REFUSED
 
     rows: list[dict] = [
-        {"model_type": t, "tasks": sorted(get_adapter(t).tasks), "tensor_parallel": t not in TP_REFUSED}
+        {"model_type": t, "tasks": sorted(get_family(t).tasks), "tensor_parallel": t not in TP_REFUSED}
         for t in supported_model_types()
     ]
     if args.json:
@@ -170,10 +180,15 @@ def _common_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pptk", description="Pipeline-parallel Hugging Face models on DeepSpeed")
+    parser = argparse.ArgumentParser(
+        prog="pptk",
+        description="Pipeline-parallel Hugging Face models on DeepSpeed",
+        epilog="Each command's --help ends with an example. Training runs through the recipes (see README).",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=14, width=110),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("verify", help="CPU dry run: one pipeline training step vs Hugging Face")
+    p = sub.add_parser("verify", help="one pipeline training step on CPU ranks vs Hugging Face")
     _common_model_args(p)
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (world size = pp * dp)")
     p.add_argument("--micro-batch-size", type=int, default=2)
@@ -196,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=None,
-        help="default 1e-5 (fp32, absolute) or 2^-5 (bf16, relative to each gradient's norm)",
+        help="default 1e-5 (fp32, absolute) or 4 (bf16, in units of Hugging Face's own bf16 rounding noise)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -207,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("plan", help="show which layers each stage holds and the memory each rank needs")
+    p = sub.add_parser("plan", help="the layers each stage holds and the memory each rank needs")
     _common_model_args(p)
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--zero-stage", type=int, default=1)
@@ -216,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=1, help="profile: sequences per timed micro-batch")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("convert", help="Hugging Face dir <-> pipeline checkpoint, one layer in memory at a time")
+    p = sub.add_parser("convert", help="Hugging Face dir <-> pipeline checkpoint, a layer at a time")
     p.add_argument("direction", choices=["hf-to-ds", "ds-to-hf"])
     p.add_argument("src", help="hf-to-ds: a Hugging Face dir; ds-to-hf: runs/x/checkpoints or .../stepN")
     p.add_argument("dst")
@@ -243,10 +258,40 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_parser(sub)
     add_data_parser(sub)
 
-    p = sub.add_parser("env", help="report the software stack and GPUs, and compare with the pins")
+    p = sub.add_parser("env", help="the software stack and GPUs against the pins")
     env.add_arguments(p)
     p.set_defaults(func=env.main)
+    _add_examples(parser)
     return parser
+
+
+# One example per subcommand, printed at the end of its --help.
+EXAMPLES = {
+    "verify": "pptk verify gpt2 --pp 2 --tp 2",
+    "plan": "pptk plan llama --pp 4 --tp 2 --dp 2 --precision bf16",
+    "convert": "pptk convert ds-to-hf runs/demo/checkpoints runs/demo/hf-again",
+    "models": "pptk models --json",
+    "timeline": "pptk timeline runs/demo",
+    "plot": "pptk plot runs/demo",
+    "data": "pptk data prepare corpus.jsonl --tokenizer runs/demo/hf --out data/corpus",
+    "data prepare": "pptk data prepare corpus.jsonl --tokenizer runs/demo/hf --out data/corpus",
+    "env": "pptk env --quiet",
+}
+
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: str = ""):
+    """(name, parser) of every subcommand, nested ones (``data prepare``) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield prefix + name, child
+                yield from _subcommands(child, prefix + name + " ")
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    for name, child in _subcommands(parser):
+        child.formatter_class = argparse.RawDescriptionHelpFormatter
+        child.epilog = f"example:\n  {EXAMPLES[name]}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="prepare pretraining data: tokenize once, memory-map in every run")
+    data = sub.add_parser("data", help="prepare data: tokenize once, memory-map in every run")
     commands = data.add_subparsers(dest="data_command", required=True)
     p = commands.add_parser("prepare", help="tokenize text into a prepared set (tokens.bin, documents.idx, manifest)")
     p.add_argument("inputs", nargs="+", type=Path, help=".txt, .jsonl, .jsonl.gz or .parquet files")

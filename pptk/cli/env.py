@@ -1,4 +1,4 @@
-# `pptk env`: the report's text and the command's flags (what the environment is: pptk/env.py).
+# `pptk env`: the report's text and the command's flags (what the environment is: pptk/launch/env_report.py).
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from pptk.env import (
+from pptk.errors import PptkError
+from pptk.launch.env_report import (
     EXIT_MISMATCH,
     EXIT_NO_CONSTRAINTS,
     EXIT_OK,
@@ -21,7 +22,6 @@ from pptk.env import (
     runtime_warnings,
     versions_equal,
 )
-from pptk.errors import PptkError
 
 
 def _versions_line(env: dict) -> str:

@@ -66,7 +66,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plot", help="loss, eval loss, lr and throughput curves of a run (PNG)")
+    p = sub.add_parser("plot", help="loss, eval loss, lr and throughput curves of a run")
     p.add_argument("run_dir", help="a run's --output-dir")
     p.add_argument("--png", default=None, help="default RUN_DIR/curves.png")
     p.set_defaults(func=cmd_plot)

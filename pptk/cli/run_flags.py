@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pptk.config import ModelConfig, OptimConfig, OutputConfig, ParallelConfig, RunConfig
+from pptk.training.config import ModelConfig, OptimConfig, OutputConfig, ParallelConfig, RunConfig
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pptk.errors import PptkError
-from pptk.observe import TIMELINE_FILE
+from pptk.training.observe import TIMELINE_FILE
 
 COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "comm": "#55A868", "optimizer": "#8172B3", "idle": "#D9D9D9"}
 LABELS = {"forward": "forward", "backward": "backward", "comm": "send-recv", "optimizer": "optimizer", "idle": "idle"}
@@ -23,7 +23,7 @@ def read_timeline(run_dir: Path) -> dict:
 
 def segments(stage: dict) -> list[tuple[str, float, float, str]]:
     """(kind, start, end, label) covering the whole step: the wait inside a communication instruction and the gaps
-    between instructions are "idle", so the idle drawn is the bubble logged (pptk.observe)."""
+    between instructions are "idle", so the idle drawn is the bubble logged (pptk.training.observe)."""
     out, cursor = [], 0.0
     for i in sorted(stage["intervals"], key=lambda i: i["start"]):
         if i["start"] > cursor:
@@ -109,7 +109,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("timeline", help="Gantt chart (PNG) and Chrome trace of a run's last logged step")
+    p = sub.add_parser("timeline", help="Gantt chart and Chrome trace of a run's last logged step")
     p.add_argument("run_dir", help="a run's --output-dir")
     p.add_argument("--png", default=None, help="default RUN_DIR/timeline.png")
     p.add_argument("--trace", default=None, help="default RUN_DIR/timeline.trace.json")

@@ -6,4 +6,6 @@
 - ``readers``, ``labels``, ``encode``: fine-tuning files (CSV/TSV/JSONL, CoNLL, text lines), label sets, and
   tokenized, right-padded micro-batches;
 - ``sampler``: which examples each data-parallel replica sees at each micro-batch (a function of the step).
+
+May import: errors, logs. Nothing else of pptk: data knows no model, layout or DeepSpeed.
 """

@@ -18,6 +18,9 @@ bf16 (bf16 accumulation), ZeRO-1       ``DeepSpeedZeroOptimizer``          ``sin
 fp16, ZeRO-1                           ``DeepSpeedZeroOptimizer``          ``single_partition_of_fp32_groups``
 fp16, ZeRO-0                           ``FP16_Optimizer`` / ``_Unfused``   flat fp32 groups, no per-parameter map
 =====================================  ==================================  ========================================
+
+
+May import: errors, logs. Every other room that needs a DeepSpeed internal asks this one.
 """
 
 from pptk.deepspeed_compat.engine import (

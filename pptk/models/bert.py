@@ -35,9 +35,9 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer, BertPooler, BertPredictionHeadTransform
 
 from pptk.errors import PptkError
-from pptk.models import Adapter, PipeLayer, register
+from pptk.models import ModelFamily, PipeLayer, register
 from pptk.models.common import WORD_EMBEDDINGS, TokenEmbeddingPipe, tied_lm_logits
-from pptk.protocol import StageMasks, StageTensors
+from pptk.models.protocol import StageMasks, StageTensors
 
 PREFIX = "bert."  # BertFor*.base_model_prefix
 
@@ -194,7 +194,7 @@ def small_config() -> BertConfig:
 
 
 register(
-    Adapter(
+    ModelFamily(
         model_type="bert",
         tasks={
             "masked-lm": masked_lm_layers,

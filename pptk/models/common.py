@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pptk.protocol import StageTensors, check_input_ids, default_position_ids
+from pptk.models.protocol import StageTensors, check_input_ids, default_position_ids
 
 WORD_EMBEDDINGS = "word_embeddings"  # the TiedLayerSpec key shared by the input embedding and a tied LM head
 

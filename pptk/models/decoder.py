@@ -1,5 +1,5 @@
-# Modern decoder LMs (LLaMA, Mistral, Qwen, Gemma, OLMo, Granite, ...) as pipeline layers, through one adapter.
-"""One adapter for every Hugging Face family shaped ``embed_tokens -> layers -> norm -> lm_head``.
+# Modern decoder LMs (LLaMA, Mistral, Qwen, Gemma, OLMo, Granite, ...) as pipeline layers, through one family module.
+"""One family module for every Hugging Face family shaped ``embed_tokens -> layers -> norm -> lm_head``.
 
 No module, mask or rotary code is written per family: for a config, transformers itself says what to build:
 
@@ -14,7 +14,7 @@ No module, mask or rotary code is written per family: for a config, transformers
 
 Each pipeline block *is* the family's decoder layer (a subclass adding only the stage protocol), called with what
 ``<Family>Model.forward`` passes it in transformers 5.23: ``position_embeddings=(cos, sin)``, the 4-D mask of its
-layer type and ``position_ids``. Masks (``pptk.protocol.attention_mask_for``) and rotary tables
+layer type and ``position_ids``. Masks (``pptk.models.protocol.attention_mask_for``) and rotary tables
 (``RotaryTables``) are rebuilt on every stage from the protocol's int64 tensors, once per stage and micro-batch.
 
 What the model-level ``forward`` code does beyond that shape cannot be read from modules, so ``FAMILIES``
@@ -38,7 +38,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from pptk.models import Adapter, PipeLayer, register
+from pptk.models import ModelFamily, PipeLayer, register
 from pptk.models.common import (
     WORD_EMBEDDINGS,
     FinalNormPipe,
@@ -49,7 +49,7 @@ from pptk.models.common import (
 )
 from pptk.models.decoder_families import FAMILIES, SMALL_COMMON
 from pptk.models.decoder_parts import check_supported, decoder_parts, layer_mask_kinds
-from pptk.protocol import StageMasks, StageTensors
+from pptk.models.protocol import StageMasks, StageTensors
 
 PREFIX = "model."  # <Family>ForCausalLM.base_model_prefix
 
@@ -274,7 +274,7 @@ def small_config_of(model_type: str) -> Callable[[], PretrainedConfig]:
 
 for _model_type, _family in FAMILIES.items():
     register(
-        Adapter(
+        ModelFamily(
             model_type=_model_type,
             tasks={"causal-lm": causal_lm_layers},
             small_config=small_config_of(_model_type),

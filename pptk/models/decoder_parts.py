@@ -11,9 +11,9 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
 from pptk.errors import PptkError
-from pptk.tasks import hf_model_class
+from pptk.models.heads import hf_model_class
 
-PIPELINE_SHAPE = ["embed_tokens", "layers", "norm"]  # base_model_pp_plan of the families this adapter covers
+PIPELINE_SHAPE = ["embed_tokens", "layers", "norm"]  # base_model_pp_plan of the families this module covers
 
 # Rotary types whose tables depend only on the config and the position ids (which travel), all checked by the tests.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
@@ -62,7 +62,7 @@ def decoder_parts(config: PretrainedConfig) -> DecoderParts:
     if plan != PIPELINE_SHAPE:
         raise PptkError(
             f"{config.model_type}: transformers' base_model_pp_plan is {plan or 'missing'}, not "
-            f"{PIPELINE_SHAPE}; the decoder adapter covers only families of that shape"
+            f"{PIPELINE_SHAPE}; the decoder family module covers only families of that shape"
         )
     try:
         base_class = AutoModel._model_mapping[type(config)]
@@ -80,20 +80,20 @@ def decoder_parts(config: PretrainedConfig) -> DecoderParts:
     if not hasattr(shell, "rotary_emb"):
         raise PptkError(
             f"{config.model_type}: {base_class.__name__} has no model-level rotary_emb; the decoder "
-            "adapter covers only families whose rotary tables are computed once per model"
+            "family module covers only families whose rotary tables are computed once per model"
         )
     layer_class = type(shell.layers[0])
     declared_layers = [name for name in (causal_lm._no_split_modules or []) if name.endswith("DecoderLayer")]
     if declared_layers != [layer_class.__name__]:
         raise PptkError(
             f"{config.model_type}: expected one decoder-layer class, transformers declares "
-            f"{declared_layers}; per-layer block types are not covered by the decoder adapter"
+            f"{declared_layers}; per-layer block types are not covered by the decoder family module"
         )
     embed = shell.embed_tokens
     embed_scale = getattr(embed, "scalar_embed_scale", None)
     if type(embed) is not nn.Embedding and embed_scale is None:
         raise PptkError(
-            f"{config.model_type}: unknown embedding module {type(embed).__name__}; the decoder adapter "
+            f"{config.model_type}: unknown embedding module {type(embed).__name__}; the decoder family module "
             "covers nn.Embedding and the Gemma-style scaled embedding"
         )
     rotary_class = type(shell.rotary_emb)
@@ -109,7 +109,7 @@ def decoder_parts(config: PretrainedConfig) -> DecoderParts:
 
 
 def layer_mask_kinds(config: PretrainedConfig) -> list[str]:
-    """The mask kind of each layer (see pptk.protocol.attention_mask_for), as <Family>Model.forward picks it."""
+    """The mask kind of each layer (see pptk.models.protocol.attention_mask_for), as <Family>Model.forward picks it."""
     declared = _declared_fields(type(config))
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
@@ -165,7 +165,7 @@ def check_supported(config: PretrainedConfig, parts: DecoderParts) -> None:
         if getattr(config, name, None):
             raise PptkError(
                 f"{config.model_type} config sets {name}={getattr(config, name)!r}: mixture-of-experts "
-                "blocks are not supported by the decoder adapter"
+                "blocks are not supported by the decoder family module"
             )
     required = {
         name
@@ -178,5 +178,5 @@ def check_supported(config: PretrainedConfig, parts: DecoderParts) -> None:
     if missing:
         raise PptkError(
             f"{config.model_type}: {parts.layer_class.__name__} requires {missing}, which the decoder "
-            "adapter does not provide"
+            "family module does not provide"
         )

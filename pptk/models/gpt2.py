@@ -7,9 +7,9 @@ from torch import nn
 from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from pptk.models import Adapter, PipeLayer, register
+from pptk.models import ModelFamily, PipeLayer, register
 from pptk.models.common import WORD_EMBEDDINGS, FinalNormPipe, LMHeadPipe, TokenEmbeddingPipe, tied_lm_logits
-from pptk.protocol import StageMasks, StageTensors
+from pptk.models.protocol import StageMasks, StageTensors
 
 PREFIX = "transformer."  # GPT2LMHeadModel.base_model_prefix
 
@@ -86,7 +86,7 @@ def small_config() -> GPT2Config:
 
 
 register(
-    Adapter(
+    ModelFamily(
         model_type="gpt2",
         tasks={"causal-lm": causal_lm_layers},
         small_config=small_config,

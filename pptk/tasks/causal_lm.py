@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pptk.config import RunConfig
 from pptk.data.blocks import open_prepared
 from pptk.data.corpus import (
     Corpus,
@@ -23,9 +22,10 @@ from pptk.data.demo import demo_corpus, demo_documents, train_demo_tokenizer
 from pptk.data.prepare import prepare_documents
 from pptk.data.sampler import Shard
 from pptk.errors import PptkError
-from pptk.models import get_adapter
-from pptk.pipeline import ModelSource, PipelinePlan, max_positions, resolve_model
-from pptk.tasks.base import Batch, Evaluation, replica_mean
+from pptk.models import get_family
+from pptk.parallel.pipeline import ModelSource, PipelinePlan, max_positions, resolve_model
+from pptk.training.config import RunConfig
+from pptk.training.task_hooks import Batch, Evaluation, replica_mean
 
 TASK = "causal-lm"
 # The embedded default (`--demo`): a small GPT-2 and a byte-level BPE trained on the standard library's docstrings.
@@ -51,7 +51,7 @@ def demo_config(vocab_size: int, model_type: str | None):
         return GPT2Config(
             n_positions=DEMO_SEQ_LEN, bos_token_id=0, eos_token_id=0, **{**DEMO_MODEL, "vocab_size": vocab_size}
         )
-    config = get_adapter(model_type).small_config()
+    config = get_family(model_type).small_config()
     config.vocab_size = vocab_size
     config.max_position_embeddings = max(DEMO_SEQ_LEN, getattr(config, "max_position_embeddings", 0) or 0)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -68,7 +68,7 @@ def _model_and_sets(run: RunConfig) -> tuple[ModelSource, Any, list]:
     cache_dir = data.data_cache or run.output.output_dir / "data"
     if data.demo:
         if run.model.model is not None:
-            get_adapter(run.model.model)  # --demo --model llama: the embedded default with another family
+            get_family(run.model.model)  # --demo --model llama: the embedded default with another family
         # Every rank trains the same tokenizer (deterministic, a second or two) and renames it into place atomically;
         # with --data-cache it lives there too, so runs sharing the cache train it once.
         tokenizer_home = data.data_cache / "demo-tokenizer" if data.data_cache else run.output.output_dir / "tokenizer"

@@ -11,19 +11,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pptk.config import RunConfig
 from pptk.data.encode import IGNORE, encode_classification, encode_tagging, longest, pad_batch
 from pptk.data.labels import LabelMap, class_label_names, config_with_labels, resolve_labels, tag_label_names
 from pptk.data.readers import read_conll, read_text_classification
 from pptk.data.sampler import Shard
 from pptk.errors import PptkError
-from pptk.pipeline import ModelSource, PipelinePlan, resolve_model
-from pptk.schedules import needs_fixed_shapes
-from pptk.tasks import infer_task
-from pptk.tasks.base import Batch, Evaluation, replica_mean
+from pptk.models.heads import infer_task
+from pptk.parallel.hf_weights import HFCheckpoint, resolve_name
+from pptk.parallel.pipeline import ModelSource, PipelinePlan, resolve_model
+from pptk.parallel.schedules import needs_fixed_shapes
 from pptk.tasks.encoder import eval_micro_batches, resolve_encoder, select
 from pptk.tasks.metrics import classification_metrics, tagging_metrics
-from pptk.weights import HFCheckpoint, resolve_name
+from pptk.training.config import RunConfig
+from pptk.training.task_hooks import Batch, Evaluation, replica_mean
 
 TASKS = ("sequence-classification", "token-classification")
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from pptk.config import RunConfig
 from pptk.data.encode import Batch
 from pptk.data.sampler import Shard, eval_indices
 from pptk.errors import PptkError
-from pptk.pipeline import ModelSource, max_positions, resolve_model
+from pptk.parallel.pipeline import ModelSource, max_positions, resolve_model
+from pptk.training.config import RunConfig
 
 
 def resolve_encoder(run: RunConfig, *, max_seq_len: int | None, examples: str) -> tuple[ModelSource, Any, int]:

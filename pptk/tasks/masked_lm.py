@@ -9,17 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pptk.config import RunConfig
 from pptk.data.blocks import is_prepared
 from pptk.data.corpus import Corpus, build_corpus, collect_sets, parse_entry, sample_ranges
 from pptk.data.encode import IGNORE, encode_lines, longest
 from pptk.data.readers import read_lines
 from pptk.data.sampler import Shard
 from pptk.errors import PptkError
-from pptk.pipeline import ModelSource, PipelinePlan
-from pptk.schedules import needs_fixed_shapes
-from pptk.tasks.base import Batch, Evaluation, replica_mean
+from pptk.parallel.pipeline import ModelSource, PipelinePlan
+from pptk.parallel.schedules import needs_fixed_shapes
 from pptk.tasks.encoder import eval_micro_batches, resolve_encoder, select
+from pptk.training.config import RunConfig
+from pptk.training.task_hooks import Batch, Evaluation, replica_mean
 
 TASK = "masked-lm"
 

@@ -42,7 +42,7 @@ def _fused_adam_built(pytestconfig):
 
 
 def free_port() -> int:
-    from pptk.launch import free_port as pick
+    from pptk.launch.ranks import free_port as pick
 
     return pick()
 
@@ -121,7 +121,7 @@ def minilm_dir() -> Path:
 def pp2_jobs(untied_gpt2_config: Path) -> dict:
     """Every job checked at pp=2, by (group, name); fp32 and bf16 jobs alike."""
     from pptk.models.decoder_families import FAMILIES
-    from pptk.verify import VerifyJob
+    from pptk.verify.run import VerifyJob
 
     jobs = {
         ("decoder", name): VerifyJob(
@@ -160,7 +160,7 @@ def pp2_jobs(untied_gpt2_config: Path) -> dict:
 
 
 def break_weight_mapping(work: Path) -> None:
-    """What the ranks load gets layer 0's MLP gate and up projections swapped: a mapping bug an adapter could have."""
+    """What the ranks load gets layer 0's MLP gate and up projections swapped: a family module's mapping bug."""
     from safetensors.torch import load_file, save_file
 
     path = work / "hf" / "model.safetensors"
@@ -201,7 +201,7 @@ def untied_gpt2_config(tmp_path_factory):
 @pytest.fixture(scope="session")
 def verified_pp2(tmp_path_factory, untied_gpt2_config):
     """{(group, name): VerifyResult} of every pp=2 job, from one launch of the ranks (start-up dominates on CPU)."""
-    from pptk.verify import launch_jobs, prepare_jobs
+    from pptk.verify.run import launch_jobs, prepare_jobs
 
     work = tmp_path_factory.mktemp("verify-pp2")
     jobs = pp2_jobs(untied_gpt2_config)
@@ -215,7 +215,7 @@ def verified_pp2(tmp_path_factory, untied_gpt2_config):
 def verified_pp3(untied_gpt2_config):
     """{(group, name): VerifyResult} of every uneven pp=3 job, from one launch of 3 ranks: the decoder families
     (4 blocks over 3 stages), BERT's three tasks and the real MiniLM with its pretrained pooler."""
-    from pptk.verify import VerifyJob, verify_many
+    from pptk.verify.run import VerifyJob, verify_many
 
     decoders = {key: job for key, job in pp2_jobs(untied_gpt2_config).items() if key[0] == "decoder"}
     jobs = decoders | {("bert", task): VerifyJob("bert", task=task, seq_len=24) for task in BERT_TASKS}

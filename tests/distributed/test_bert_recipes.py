@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pptk.launch import free_port
+from pptk.launch.ranks import free_port
 
 pytestmark = pytest.mark.dist
 

@@ -2,7 +2,7 @@
 # deliberately broken jobs that the check must fail. All of them ride on the session's shared pp=2 launch.
 import pytest
 
-from pptk.verify_compare import BF16_TOLERANCE
+from pptk.verify.compare import BF16_TOLERANCE
 
 pytestmark = pytest.mark.dist
 

@@ -9,9 +9,9 @@ import torch
 from conftest import DEMO_ARGS, free_port, run_recipe
 from transformers import AutoModelForCausalLM
 
-from pptk.checkpoint import find_checkpoint
-from pptk.convert import load_sequential_from_checkpoint
-from pptk.ds_config import cpu_supports
+from pptk.checkpoints.convert import load_sequential_from_checkpoint
+from pptk.checkpoints.training import find_checkpoint
+from pptk.training.ds_config import cpu_supports
 
 pytestmark = pytest.mark.dist
 # The layout tests train LLaMA (untied head, rotary tables rebuilt per stage) through the GPT recipe with the shipped

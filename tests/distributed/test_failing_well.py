@@ -76,7 +76,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(disk_full_run, tmp_path)
 
 def test_sigterm_to_the_launcher_leaves_no_rank_running(tmp_path):
     """A scheduler that signals only `deepspeed` (the runner): on one node it forwards nothing, so the ranks must
-    notice on their own (pptk.launch_watch)."""
+    notice on their own (pptk.launch.watch)."""
     out = tmp_path / "signalled"
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "recipes" / "gpt_pretrain.py"), "--output-dir", str(out), *QUICK,

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from conftest import VENV_BIN, run_recipe
 
 from pptk.errors import PptkError
-from pptk.launch import run_ranks
-from pptk.verify import verify
+from pptk.launch.ranks import run_ranks
+from pptk.verify.run import verify
 
 pytestmark = pytest.mark.dist
 
@@ -58,7 +58,7 @@ def test_pp2_dp2_zero1_matches_and_replicas_are_identical(pp2_dp2):
 
 
 def _wait_then_fail(rank: int) -> None:
-    from pptk.engine import init_distributed
+    from pptk.training.engine import init_distributed
 
     init_distributed()
     if rank == 1:

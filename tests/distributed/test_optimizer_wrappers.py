@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 
-from pptk.ds_config import cpu_supports
-from pptk.launch import run_ranks
+from pptk.launch.ranks import run_ranks
+from pptk.training.ds_config import cpu_supports
 
 pytestmark = pytest.mark.dist
 
@@ -60,9 +60,9 @@ def _engine(case: tuple, *, pp: int, dp: int):
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from pptk import deepspeed_compat as compat
-    from pptk.ds_config import fill_ds_config, load_ds_config, shipped_config
-    from pptk.parallel import Layout
-    from pptk.pipeline import build_pipeline_module, plan_pipeline
+    from pptk.parallel.layout import Layout
+    from pptk.parallel.pipeline import build_pipeline_module, plan_pipeline
+    from pptk.training.ds_config import fill_ds_config, load_ds_config, shipped_config
 
     precision, zero, keep_accum_dtype, _ = case
     layout = Layout(pp=pp, dp=dp, micro_batch_size=2, grad_accum_steps=4 // dp, zero_stage=zero)
@@ -84,7 +84,7 @@ def _run_case(name: str, case: tuple, work) -> dict:
     import torch.distributed as dist
 
     from pptk import deepspeed_compat as compat
-    from pptk.checkpoint import resume, save_checkpoint
+    from pptk.checkpoints.training import resume, save_checkpoint
 
     out = {}
     engine, plan, layout = _engine(case, pp=2, dp=1)
@@ -112,7 +112,7 @@ def _run_case(name: str, case: tuple, work) -> dict:
         if (work / name / f"step{STEPS}" / f"optim_layer_{i:02d}.pt").is_file()
     }
     mismatches = []
-    from pptk.pipeline import local_layers
+    from pptk.parallel.pipeline import local_layers
 
     for index, layer_module in local_layers(engine.module, plan.layers):
         for pname, param in layer_module.named_parameters():
@@ -153,8 +153,8 @@ def _fp16_wrappers_built_alone() -> dict:
     from deepspeed.utils.timer import NoopTimer
 
     from pptk import deepspeed_compat as compat
-    from pptk.ds_config import fill_ds_config, load_ds_config, shipped_config
-    from pptk.parallel import Layout
+    from pptk.parallel.layout import Layout
+    from pptk.training.ds_config import fill_ds_config, load_ds_config, shipped_config
 
     layout = Layout(pp=1, dp=2, micro_batch_size=2, grad_accum_steps=2)
     config = DeepSpeedConfig(
@@ -234,7 +234,7 @@ def _fp16_wrappers_built_alone() -> dict:
 def _worker(rank: int, work: str, cases: dict, fp16_engine: bool) -> None:
     from pathlib import Path
 
-    from pptk.engine import init_distributed
+    from pptk.training.engine import init_distributed
 
     init_distributed()
     work = Path(work)

@@ -7,7 +7,7 @@ from conftest import DEMO_ARGS, run_recipe
 
 from pptk.cli import main
 from pptk.cli.timeline import segments
-from pptk.observe import PARTS
+from pptk.training.observe import PARTS
 
 pytestmark = pytest.mark.dist
 

@@ -9,9 +9,9 @@ import torch
 from conftest import free_port, run_recipe
 from transformers import AutoModelForCausalLM
 
-from pptk.layer_files import optim_file, read_layer, read_optimizer_states
+from pptk.checkpoints.layer_files import optim_file, read_layer, read_optimizer_states
 from pptk.models.decoder_families import FAMILIES
-from pptk.tensor_parallel import TP_REFUSED
+from pptk.parallel.tensor_parallel import TP_REFUSED
 
 pytestmark = pytest.mark.dist
 
@@ -27,7 +27,7 @@ JOBS = {  # name -> (model, task, precision)
 
 @pytest.fixture(scope="module")
 def verified_tp2(tmp_path_factory):
-    from pptk.verify import VerifyJob, verify_many
+    from pptk.verify.run import VerifyJob, verify_many
 
     jobs = [VerifyJob(model, task=task, precision=precision, seq_len=24) for model, task, precision in JOBS.values()]
     work = tmp_path_factory.mktemp("verify-tp2")
@@ -49,7 +49,7 @@ ALONE = ["gpt2", "llama", "llama-bf16", "bert"]
 
 @pytest.fixture(scope="module")
 def verified_tp2_alone(tmp_path_factory):
-    from pptk.verify import VerifyJob, verify_many
+    from pptk.verify.run import VerifyJob, verify_many
 
     jobs = [VerifyJob(JOBS[n][0], task=JOBS[n][1], precision=JOBS[n][2], seq_len=24) for n in ALONE]
     return dict(zip(ALONE, verify_many(jobs, pp=1, tp=2, workdir=tmp_path_factory.mktemp("verify-tp2-alone"))))
@@ -72,7 +72,7 @@ EAGER_ONLY = {"gemma2", "vaultgemma"}  # attention soft-capping: transformers ha
 
 @pytest.fixture(scope="module")
 def verified_tp2_dp2(tmp_path_factory):
-    from pptk.verify import VerifyJob, verify_many
+    from pptk.verify.run import VerifyJob, verify_many
 
     jobs = [
         VerifyJob(name, seq_len=24, attn_implementation="eager" if name in EAGER_ONLY else "sdpa")

@@ -73,7 +73,7 @@ def installed(tmp_path_factory):
 def test_the_installed_package_is_the_wheel_and_carries_its_configs(installed):
     venv, work = installed
     probe = (
-        "import json, pptk; from pptk.ds_config import default_ds_config, shipped_config; "
+        "import json, pptk; from pptk.training.ds_config import default_ds_config, shipped_config; "
         "print(json.dumps([pptk.__file__, str(shipped_config('bf16')), str(default_ds_config('cpu'))]))"
     )
     out = subprocess.run(
@@ -108,7 +108,7 @@ def test_pptk_verify_runs_from_the_wheel_with_the_shipped_bf16_config(installed)
 
 def test_a_recipe_with_the_default_ds_config_runs_from_the_wheel(installed, tmp_path):
     """pptk/train.py still computes site-packages/ds_configs/pipe_zero1_cpu.json; load_ds_config finds that name in
-    the package (the trainer should call pptk.ds_config.default_ds_config() instead)."""
+    the package (the trainer should call pptk.training.ds_config.default_ds_config() instead)."""
     venv, work = installed
     run = subprocess.run(
         [

@@ -1,4 +1,4 @@
-# The BERT adapter in one process: pp=1 parity with Hugging Face (logits, loss, gradients) and the real MiniLM weights.
+# The BERT family module in one process: pp=1 parity with Hugging Face (logits, loss, gradients), real MiniLM weights.
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pptk.errors import PptkError
-from pptk.models import get_adapter, supported_model_types
-from pptk.pipeline import build_sequential_module, count_parameters, plan_pipeline
-from pptk.verify_compare import synthetic_batch
-from pptk.weights import HFCheckpoint, hf_names, resolve_name
+from pptk.models import get_family, supported_model_types
+from pptk.parallel.hf_weights import HFCheckpoint, hf_names, resolve_name
+from pptk.parallel.pipeline import build_sequential_module, count_parameters, plan_pipeline
+from pptk.verify.compare import synthetic_batch
 
 TASKS = ("masked-lm", "sequence-classification", "token-classification")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -24,14 +24,14 @@ def minilm() -> Path:
 
 def test_bert_is_registered_with_three_tasks_and_token_types():
     assert "bert" in supported_model_types()
-    adapter = get_adapter("bert")
-    assert set(adapter.tasks) == set(TASKS)
-    assert adapter.input_names == INPUTS
+    family = get_family("bert")
+    assert set(family.tasks) == set(TASKS)
+    assert family.input_names == INPUTS
 
 
 def _hf_and_sequential(task: str, tmp_path: Path):
     """A random small HF model, saved; the sequential pipeline loaded from that directory (pptk's loading path)."""
-    config = get_adapter("bert").small_config()
+    config = get_family("bert").small_config()
     torch.manual_seed(0)
     plan = plan_pipeline(config, num_stages=1, task=task, dropout=False)
     hf = plan.hf_class(plan.config)
@@ -127,7 +127,7 @@ def test_real_minilm_weights_load_and_match_hugging_face(task, minilm):
 
 
 def test_decoder_bert_is_refused_with_the_setting_to_change():
-    config = get_adapter("bert").small_config()
+    config = get_family("bert").small_config()
     config.is_decoder = True
     with pytest.raises(PptkError, match="is_decoder=True"):
         plan_pipeline(config, num_stages=1, task="masked-lm")

@@ -1,5 +1,9 @@
 # The `pptk` command in-process: plan, models, and bad input exiting 2 with a message before any rank starts.
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +67,42 @@ def test_bad_input_exits_2_before_any_rank_starts(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith(f"pptk {argv[0]}: error:")
+
+
+def _subcommand_parsers(parser, prefix=""):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield prefix + name, child
+                yield from _subcommand_parsers(child, prefix + name + " ")
+
+
+def test_every_subcommand_help_ends_with_an_example():
+    from pptk.cli import build_parser
+
+    for name, child in _subcommand_parsers(build_parser()):
+        last = child.format_help().rstrip().splitlines()[-1].strip()
+        assert last.startswith("pptk " + name.split()[0]), f"pptk {name} --help ends with {last!r}, not an example"
+
+
+def test_top_level_help_lists_each_subcommand_on_one_line():
+    from pptk.cli import build_parser
+
+    parser = build_parser()
+    lines = parser.format_help().splitlines()
+    for name, _ in _subcommand_parsers(parser):
+        if " " in name:
+            continue
+        rows = [line for line in lines if line.strip().startswith(name + " ")]
+        assert len(rows) == 1 and len(rows[0].split()) > 2, f"pptk --help: no one-line description of {name}"
+
+
+def test_tools_print_no_deepspeed_startup_notice():
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # DeepSpeed then detects (and announces)
+    pptk = str(Path(sys.executable).parent / "pptk")
+    done = subprocess.run([pptk, "models"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "gpt2" in done.stdout
+    assert "accelerator" not in (done.stdout + done.stderr).lower(), done.stderr

@@ -6,20 +6,20 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from pptk.checkpoint import manifest_for, read_manifest, same_layout
+from pptk.checkpoints.convert import ds_to_hf, hf_to_ds, load_sequential_from_checkpoint
+from pptk.checkpoints.layer_files import load_rank_layer
+from pptk.checkpoints.training import manifest_for, read_manifest, same_layout
 from pptk.cli import main
-from pptk.convert import ds_to_hf, hf_to_ds, load_sequential_from_checkpoint
 from pptk.errors import PptkError
-from pptk.layer_files import load_rank_layer
-from pptk.models import get_adapter
-from pptk.parallel import Layout
-from pptk.pipeline import plan_pipeline, resolve_model
-from pptk.tasks import hf_model_class
-from pptk.tensor_parallel import shard_spec, shard_stage
+from pptk.models import get_family
+from pptk.models.heads import hf_model_class
+from pptk.parallel.layout import Layout
+from pptk.parallel.pipeline import plan_pipeline, resolve_model
+from pptk.parallel.tensor_parallel import shard_spec, shard_stage
 
 
 def _save_hf(path, model_type, task="causal-lm", **overrides):
-    config = get_adapter(model_type).small_config()
+    config = get_family(model_type).small_config()
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(0)

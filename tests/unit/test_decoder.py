@@ -1,4 +1,4 @@
-# The generic decoder adapter in one process: exact parity with Hugging Face for every registered family (logits,
+# The generic decoder family module in one process: exact parity with Hugging Face for every registered family (logits,
 # loss, every gradient, weights read from sharded safetensors), rotary variants, refusals, and the per-stage caches.
 import copy
 import inspect
@@ -10,11 +10,11 @@ from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM
 
 from pptk.errors import PptkError
-from pptk.models import get_adapter, supported_model_types
+from pptk.models import get_family, supported_model_types
 from pptk.models.decoder import RotaryTables, decoder_parts, layer_mask_kinds
 from pptk.models.decoder_families import FAMILIES, LLAMA3_ROPE, SMALL_COMMON, WINDOW
-from pptk.pipeline import build_sequential_module, plan_pipeline
-from pptk.weights import INDEX_FILE, HFCheckpoint, hf_names, load_stage_weights
+from pptk.parallel.hf_weights import INDEX_FILE, HFCheckpoint, hf_names, load_stage_weights
+from pptk.parallel.pipeline import build_sequential_module, plan_pipeline
 
 EAGER_ONLY = {"gemma2", "vaultgemma"}  # attention soft-capping: transformers has no SDPA path for them
 SEQ_LEN = 32
@@ -69,7 +69,7 @@ def assert_parity(config, tmp_path, *, attn: str = "sdpa", tol: float = 1e-6):
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_every_family_matches_hugging_face_from_sharded_weights(model_type, tmp_path):
-    _plan, out = assert_parity(get_adapter(model_type).small_config(), tmp_path, attn=attn_for(model_type))
+    _plan, out = assert_parity(get_family(model_type).small_config(), tmp_path, attn=attn_for(model_type))
     assert (tmp_path / INDEX_FILE).is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
     assert out.logits.abs().max() > 0.1  # a real signal, not a vanishing one
 
@@ -77,7 +77,7 @@ def test_every_family_matches_hugging_face_from_sharded_weights(model_type, tmp_
 @pytest.mark.parametrize("model_type", ["gemma", "qwen3"])  # tied and untied heads
 def test_each_stage_loads_its_own_tensors_from_the_shards(model_type, tmp_path):
     """What a rank does: build only its stage's layers and read their tensors from the sharded index."""
-    config = get_adapter(model_type).small_config()
+    config = get_family(model_type).small_config()
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(config)
     reference.save_pretrained(tmp_path, max_shard_size="100KB")
@@ -135,24 +135,24 @@ def test_longrope_switches_to_long_factors_like_hugging_face(tmp_path):
 def test_small_configs_are_small_and_exercise_what_they_claim():
     ties = set()
     for model_type in FAMILIES:
-        config = get_adapter(model_type).small_config()
+        config = get_family(model_type).small_config()
         assert config.model_type == model_type
         assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (64, 4, 256)
         assert config.num_key_value_heads < config.num_attention_heads or model_type == "youtu", model_type
         ties.add(config.tie_word_embeddings)
     assert ties == {True, False}
-    sliding = {t for t in FAMILIES if "sliding_window" in layer_mask_kinds(get_adapter(t).small_config())}
+    sliding = {t for t in FAMILIES if "sliding_window" in layer_mask_kinds(get_family(t).small_config())}
     assert {"mistral", "qwen2", "gemma2", "phi3", "starcoder2", "gemma3_text", "olmo3", "cohere2"} <= sliding
     for model_type in sliding:
-        assert get_adapter(model_type).small_config().sliding_window == WINDOW < SEQ_LEN
+        assert get_family(model_type).small_config().sliding_window == WINDOW < SEQ_LEN
     # Mixed layer types where the family has them, so both masks are used by one model
-    assert set(layer_mask_kinds(get_adapter("gemma2").small_config())) == {"causal", "sliding_window"}
-    assert layer_mask_kinds(get_adapter("qwen2").small_config()) == ["causal"] * 2 + ["sliding_window"] * 2
+    assert set(layer_mask_kinds(get_family("gemma2").small_config())) == {"causal", "sliding_window"}
+    assert layer_mask_kinds(get_family("qwen2").small_config()) == ["causal"] * 2 + ["sliding_window"] * 2
 
 
 def test_the_window_changes_the_answer(tmp_path):
     """A pipeline ignoring the sliding window could not pass parity: the window matters on the test batch."""
-    config = get_adapter("mistral").small_config()
+    config = get_family("mistral").small_config()
     torch.manual_seed(0)
     with_window = AutoModelForCausalLM.from_config(config)
     unwindowed = copy.deepcopy(config)
@@ -214,12 +214,12 @@ def test_rotary_module_stays_fp32_and_out_of_the_state_dict():
 
 def test_unknown_model_type_lists_the_supported_ones():
     with pytest.raises(PptkError) as err:
-        get_adapter("mamba")
+        get_family("mamba")
     message = str(err.value)
     for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"):
         assert model_type in message
     assert set(FAMILIES) <= set(supported_model_types())
-    with pytest.raises(PptkError, match="has no pptk adapter; supported: .*llama.*qwen3"):
+    with pytest.raises(PptkError, match="has no pptk family module; supported: .*llama.*qwen3"):
         plan_pipeline(AutoConfig.for_model("mamba"), num_stages=2)  # a state-space model: no decoder layers to wrap
 
 
@@ -260,8 +260,8 @@ def test_settings_the_pipeline_cannot_reproduce_are_refused(model_type, override
         plan_pipeline(config, num_stages=2, attn_implementation=attn_for(model_type))
 
 
-# Config fields the model-level code (<Family>Model, <Family>ForCausalLM) reads that the adapter reproduces without
-# the family table: the shape itself, masks, padding, tying, and fields read only for generation.
+# Config fields the model-level code (<Family>Model, <Family>ForCausalLM) reads that the family module reproduces
+# without the family table: the shape itself, masks, padding, tying, and fields read only for generation.
 GENERIC_FIELDS = {
     "vocab_size",
     "hidden_size",

@@ -20,7 +20,7 @@ from unittest import mock
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from pptk.env import normalize_name, read_pins, versions_equal
+from pptk.launch.env_report import normalize_name, read_pins, versions_equal
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"

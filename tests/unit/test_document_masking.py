@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from pptk.pipeline import build_sequential_module, plan_pipeline, resolve_model
+from pptk.parallel.hf_weights import hf_names
+from pptk.parallel.pipeline import build_sequential_module, plan_pipeline, resolve_model
 from pptk.tasks.causal_lm import lm_batch
-from pptk.weights import hf_names
 
 EOS = 0
 CONFIGS = {

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pptk.ds_config import (
+from pptk.errors import PptkError
+from pptk.parallel.layout import Layout
+from pptk.training.ds_config import (
     SHIPPED,
     cpu_supports,
     default_ds_config,
@@ -16,8 +18,6 @@ from pptk.ds_config import (
     shipped_config,
     validate_ds_config,
 )
-from pptk.errors import PptkError
-from pptk.parallel import Layout
 
 LAYOUT = Layout(pp=2, dp=2, micro_batch_size=2, grad_accum_steps=4)  # global batch 16
 RECIPE = dict(lr=3e-4, weight_decay=0.1, warmup_steps=10, total_steps=100, grad_clip=1.0)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pptk import env as pptk_env
+from pptk.launch import env_report as pptk_env
 from pptk.cli import env as env_cli
 from pptk.cli.env import env_main
-from pptk.env import (
+from pptk.launch.env_report import (
     CORE_PACKAGES,
     EXIT_MISMATCH,
     EXIT_NO_CONSTRAINTS,

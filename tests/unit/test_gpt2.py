@@ -1,11 +1,11 @@
-# GPT-2 adapter, in one process: the pipeline layers compute exactly what Hugging Face computes (pp=1 parity).
+# GPT-2 family module, in one process: the pipeline layers compute exactly what Hugging Face computes (pp=1 parity).
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
 from pptk.errors import PptkError
-from pptk.pipeline import build_sequential_module, plan_pipeline, resolve_model
-from pptk.weights import hf_names
+from pptk.parallel.hf_weights import hf_names
+from pptk.parallel.pipeline import build_sequential_module, plan_pipeline, resolve_model
 
 
 def _config(**overrides) -> GPT2Config:

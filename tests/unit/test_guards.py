@@ -2,7 +2,7 @@
 import pytest
 
 from pptk.errors import PptkError
-from pptk.guards import DivergenceGuard
+from pptk.training.guards import DivergenceGuard
 
 
 def _falling(guard, steps=20):

@@ -9,8 +9,8 @@ RANK = textwrap.dedent(
     """
     import subprocess, sys
     from torch.utils.file_baton import FileBaton
-    from pptk.errors import run_main
-    from pptk.launch_watch import exit_on_sigterm
+    from pptk.launch.entry import run_main
+    from pptk.launch.watch import exit_on_sigterm
 
     def main():
         baton = FileBaton(sys.argv[1])
@@ -53,7 +53,7 @@ def test_a_sibling_killed_without_a_word_is_named_by_its_rank():
     dead both before it is reaped (a zombie) and after."""
     import os
 
-    from pptk import launch_watch
+    from pptk.launch import watch as launch_watch
 
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
     ranks = {rank: subprocess.Popen(sleep, env={**os.environ, "RANK": str(rank)}) for rank in (3, 4)}

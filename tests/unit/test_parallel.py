@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from pptk.errors import PptkError
-from pptk.parallel import Layout
+from pptk.parallel.layout import Layout
 
 
 def test_derived_sizes():

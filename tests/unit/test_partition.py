@@ -4,8 +4,8 @@ import itertools
 import pytest
 
 from pptk.errors import PptkError
-from pptk.partition import LayerCost, plan_stages
-from pptk.pipeline import plan_pipeline
+from pptk.parallel.partition import LayerCost, plan_stages
+from pptk.parallel.pipeline import plan_pipeline
 
 
 def _costs(block_weights, *, embed=(5.0,), head=(1.0, 7.0)):

@@ -4,8 +4,8 @@ import torch
 
 from pptk.errors import PptkError
 from pptk.models.gpt2 import small_config
-from pptk.pipeline import prepare_config
-from pptk.protocol import StageMasks, StageTensors, attention_mask_for, check_input_ids, default_position_ids
+from pptk.models.protocol import StageMasks, StageTensors, attention_mask_for, check_input_ids, default_position_ids
+from pptk.parallel.pipeline import prepare_config
 
 
 def _stage(batch=2, seq=5, hidden=8):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pptk.convert import check_export_destination, ds_to_hf, hf_to_ds
+from pptk.checkpoints.convert import check_export_destination, ds_to_hf, hf_to_ds
 from pptk.errors import PptkError
-from pptk.run_dir import LOCK_FILE, claim_output_dir, release_output_dir, run_identity
+from pptk.training.run_dir import LOCK_FILE, claim_output_dir, release_output_dir, run_identity
 
 
 def _lock(path, *, run, pid, host=None):
@@ -109,7 +109,7 @@ def test_overwrite_replaces_only_a_previous_export(tmp_path):
 def test_a_disk_that_cannot_hold_one_checkpoint_is_refused_before_training(tmp_path):
     import shutil
 
-    from pptk.run_dir import CHECKPOINT_BYTES_PER_PARAM, check_free_space
+    from pptk.training.run_dir import CHECKPOINT_BYTES_PER_PARAM, check_free_space
 
     free = shutil.disk_usage(tmp_path).free
     fits = free // CHECKPOINT_BYTES_PER_PARAM // 2

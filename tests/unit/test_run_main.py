@@ -1,4 +1,4 @@
-# How a launched rank leaves through pptk.errors.run_main: at once (os._exit, no interpreter teardown), with its output
+# How a launched rank leaves through launch.entry.run_main: at once (os._exit, no interpreter teardown), with its output
 # flushed and its exit code kept, after a success as after an error; a single process exits as Python does.
 import os
 import subprocess
@@ -8,7 +8,8 @@ import textwrap
 RANK = textwrap.dedent(
     """
     import atexit, sys
-    from pptk.errors import PptkError, run_main
+    from pptk.errors import PptkError
+    from pptk.launch.entry import run_main
 
     def main():
         atexit.register(print, "interpreter teardown ran")

@@ -6,10 +6,10 @@ import pytest
 from pptk.cli import main
 from pptk.cli.timeline import chrome_trace, segments
 from pptk.errors import PptkError
-from pptk.observe import analyse_step, summarise
-from pptk.parallel import Layout
-from pptk.pipeline import plan_pipeline
-from pptk.schedules import check_schedule, ideal_efficiency
+from pptk.parallel.layout import Layout
+from pptk.parallel.pipeline import plan_pipeline
+from pptk.parallel.schedules import check_schedule, ideal_efficiency
+from pptk.training.observe import analyse_step, summarise
 
 
 @pytest.mark.parametrize(("pp", "m"), [(2, 4), (2, 8), (4, 8), (4, 16)])

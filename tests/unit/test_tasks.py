@@ -7,9 +7,9 @@ from transformers import BertConfig, GPT2Config, LlamaConfig
 
 from pptk.cli import main
 from pptk.errors import PptkError
-from pptk.models import get_adapter
-from pptk.pipeline import plan_pipeline
-from pptk.tasks import hf_model_class, infer_task
+from pptk.models import get_family
+from pptk.models.heads import hf_model_class, infer_task
+from pptk.parallel.pipeline import plan_pipeline
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def _save(path, config, task):
 
 
 def test_convert_hf_to_ds_of_a_bert_mlm_directory_needs_no_task(tmp_path, capsys):
-    _save(tmp_path / "bert-mlm", get_adapter("bert").small_config(), "masked-lm")
+    _save(tmp_path / "bert-mlm", get_family("bert").small_config(), "masked-lm")
     assert main(["convert", "hf-to-ds", str(tmp_path / "bert-mlm"), str(tmp_path / "ds")]) == 0
     assert "(masked-lm; resume with" in capsys.readouterr().out
     assert json.loads((tmp_path / "ds" / "step0" / "pptk.json").read_text())["task"] == "masked-lm"
@@ -69,13 +69,13 @@ def test_convert_hf_to_ds_of_a_bert_mlm_directory_needs_no_task(tmp_path, capsys
 
 
 def test_plan_and_verify_read_the_task_too(tmp_path, capsys):
-    config = get_adapter("bert").small_config()
+    config = get_family("bert").small_config()
     config.num_labels = 5
     _save(tmp_path / "bert-ner", config, "token-classification")
     assert plan_pipeline(tmp_path / "bert-ner", num_stages=2).task == "token-classification"
     assert main(["plan", str(tmp_path / "bert-ner"), "--pp", "2"]) == 0
     assert ", token-classification, pp=2" in capsys.readouterr().out
-    from pptk.verify import VerifyJob, _plan_job
+    from pptk.verify.run import VerifyJob, _plan_job
 
     assert _plan_job(VerifyJob(tmp_path / "bert-ner"), pp=2).task == "token-classification"
 

@@ -5,11 +5,11 @@ from transformers import AutoConfig, GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
-from pptk.ds_config import fill_ds_config
 from pptk.errors import PptkError
 from pptk.models.decoder_families import FAMILIES
-from pptk.parallel import Layout
-from pptk.tensor_parallel import TP_REFUSED, ShardSpec, check_tensor_parallel, shard_spec, shard_stage
+from pptk.parallel.layout import Layout
+from pptk.parallel.tensor_parallel import TP_REFUSED, ShardSpec, check_tensor_parallel, shard_spec, shard_stage
+from pptk.training.ds_config import fill_ds_config
 
 
 def test_fused_qkv_slices_take_each_ranks_heads_of_q_k_and_v():
@@ -146,16 +146,16 @@ STYLES = {"colwise": "column", "rowwise": "row"}
 
 
 def _block_plan(family: str) -> dict[str, str]:
-    from pptk.models import get_adapter
+    from pptk.models import get_family
 
-    plan = getattr(get_adapter(family).small_config(), "base_model_tp_plan", None) or {}
+    plan = getattr(get_family(family).small_config(), "base_model_tp_plan", None) or {}
     return {key.removeprefix("layers.*."): style for key, style in plan.items()}
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(TP_REFUSED)))
 def test_pptk_splits_each_block_where_hugging_faces_tp_plan_does(family):
-    from pptk.pipeline import plan_pipeline, resolve_model
-    from pptk.tensor_parallel import PARTIAL_GRAD_ATTR, ShardedLinear
+    from pptk.parallel.pipeline import plan_pipeline, resolve_model
+    from pptk.parallel.tensor_parallel import PARTIAL_GRAD_ATTR, ShardedLinear
 
     expected = _block_plan(family)
     assert expected, f"{family} has no base_model_tp_plan"

@@ -6,8 +6,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pptk.errors import PptkError
-from pptk.pipeline import build_sequential_module, plan_pipeline, resolve_model
-from pptk.weights import HFCheckpoint
+from pptk.parallel.hf_weights import HFCheckpoint
+from pptk.parallel.pipeline import build_sequential_module, plan_pipeline, resolve_model
 
 
 def _save(path, *, n_embd=64, shard=None):
@@ -81,7 +81,7 @@ def test_a_directory_with_only_bin_weights_is_refused_not_trained_from_random_we
 
 def test_wrong_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(PptkError, match="model type 't5' has no pptk adapter; supported: .*gpt2"):
+    with pytest.raises(PptkError, match="model type 't5' has no pptk family module; supported: .*gpt2"):
         resolve_model(tmp_path / "config.json")
 
 
@@ -95,7 +95,7 @@ def test_a_tp_rank_reads_exactly_its_slice(tmp_path, file_dtype, shape, dim, fus
     what cutting the full tensor gives, for every rank, split dimension and fused layout (GPT-2's q | k | v)."""
     from safetensors.torch import save_file
 
-    from pptk.tensor_parallel import ShardSpec
+    from pptk.parallel.tensor_parallel import ShardSpec
 
     full = torch.randn(shape).to(file_dtype)
     save_file({"w": full, "other": torch.ones(3)}, tmp_path / "model.safetensors")

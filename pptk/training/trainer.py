@@ -22,24 +22,23 @@ from typing import Any
 import torch.distributed as dist
 
 from pptk import deepspeed_compat as compat
-from pptk.checkpoint import check_layer_files, find_checkpoint, read_manifest, same_layout, save_checkpoint
-from pptk.config import RunConfig
-from pptk.convert import check_export_destination
+from pptk.checkpoints.convert import check_export_destination
+from pptk.checkpoints.training import check_layer_files, find_checkpoint, read_manifest, same_layout, save_checkpoint
 from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, train_indices
-from pptk.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
 from pptk.errors import PptkError, StoppedByPeer
-from pptk.failpoints import nan_loss_failpoint
-from pptk.guards import DivergenceGuard
-from pptk.launch_watch import exit_on_sigterm, watch_launcher
+from pptk.launch.watch import exit_on_sigterm, watch_launcher
 from pptk.logs import get_logger, setup_logging
-from pptk.observe import PipelineObserver, peak_tflops, precision_of
-from pptk.parallel import Layout
-from pptk.pipeline import PipelinePlan, plan_pipeline
-from pptk.profile import agree_on_profile
-from pptk.reporting import MetricsLog, Summary, format_evaluation
-from pptk.run_dir import check_free_space, claim_output_dir, release_output_dir, start_fresh
-from pptk.schedules import check_eval_micro_batches
-from pptk.tasks.base import Batch, PreparedTask, replica_mean
+from pptk.parallel.layout import Layout
+from pptk.parallel.pipeline import PipelinePlan, plan_pipeline
+from pptk.parallel.profile import agree_on_profile
+from pptk.parallel.schedules import check_eval_micro_batches
+from pptk.training.config import RunConfig
+from pptk.training.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
+from pptk.training.guards import DivergenceGuard, nan_loss_failpoint
+from pptk.training.observe import PipelineObserver, peak_tflops, precision_of
+from pptk.training.reporting import MetricsLog, Summary, format_evaluation
+from pptk.training.run_dir import check_free_space, claim_output_dir, release_output_dir, start_fresh
+from pptk.training.task_hooks import Batch, PreparedTask, replica_mean
 
 log = get_logger(__name__)
 
@@ -157,7 +156,7 @@ class Trainer:
         )
         guard = DivergenceGuard(factor=run.optim.loss_spike_factor, max_bad_steps=run.optim.max_bad_steps)
         if run.output.resume_from is not None:
-            from pptk.checkpoint import resume
+            from pptk.checkpoints.training import resume
 
             manifest = resume(engine, plan, layout=layout, path=run.output.resume_from)
             guard.recent.extend(manifest.get("recent_losses", []))  # judged from the first resumed step on
@@ -235,7 +234,7 @@ class Trainer:
         run = self.run
         if run.output.export_hf is not None:
             if rank == 0:
-                from pptk.convert import ds_to_hf
+                from pptk.checkpoints.convert import ds_to_hf
 
                 ds_to_hf(run.checkpoints_dir, run.output.export_hf, overwrite=True)
                 summary.export_hf = str(run.output.export_hf)

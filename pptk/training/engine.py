@@ -12,11 +12,11 @@ from collections.abc import Callable
 import torch
 
 from pptk import deepspeed_compat
-from pptk.config import RunConfig
-from pptk.ds_config import default_ds_config, fill_ds_config, load_ds_config, validate_ds_config
 from pptk.errors import PptkError
-from pptk.parallel import Layout
-from pptk.pipeline import PipelinePlan, build_pipeline_module
+from pptk.parallel.layout import Layout
+from pptk.parallel.pipeline import PipelinePlan, build_pipeline_module
+from pptk.training.config import RunConfig
+from pptk.training.ds_config import default_ds_config, fill_ds_config, load_ds_config, validate_ds_config
 
 
 def on_cpu() -> bool:
@@ -74,7 +74,7 @@ def init_distributed() -> None:
     """The process group: gloo on CPU, NCCL on GPUs (DeepSpeed picks it), with a finite collective timeout."""
     import deepspeed
 
-    from pptk.launch import COLLECTIVE_TIMEOUT
+    from pptk.launch.ranks import COLLECTIVE_TIMEOUT
 
     deepspeed_compat.check_build_locks()
     if on_cpu():

@@ -11,7 +11,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 @dataclass(frozen=True, kw_only=True)
 class Layout:
     """How WORLD_SIZE ranks split into pp pipeline stages x tp tensor-parallel shards x dp data-parallel replicas,
-    and how a step is batched. The tp ranks of one stage hold slices of the same layers (pptk.tensor_parallel).
+    and how a step is batched. The tp ranks of one stage hold slices of the same layers (pptk.parallel.tensor_parallel).
 
     One optimizer step on one dp replica runs `grad_accum_steps` micro-batches of `micro_batch_size` sequences
     through the pipeline; DeepSpeed's pipeline engine calls these "micro_batches" and needs at least one.
@@ -24,8 +24,8 @@ class Layout:
     micro_batch_size: int
     grad_accum_steps: int
     zero_stage: int = 1
-    schedule: str = "1f1b"  # or "dualpipev" (see pptk.schedules)
-    tp: int = 1  # tensor-parallel shards of every stage (Megatron-style, see pptk.tensor_parallel)
+    schedule: str = "1f1b"  # or "dualpipev" (see pptk.parallel.schedules)
+    tp: int = 1  # tensor-parallel shards of every stage (Megatron-style, see pptk.parallel.tensor_parallel)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -44,7 +44,7 @@ class Layout:
         """Share of a step a stage idles in this schedule with balanced stages (0 without pipelining)."""
         if self.schedule == "1f1b":
             return (self.pp - 1) / (self.grad_accum_steps + self.pp - 1)
-        from pptk.schedules import ideal_efficiency
+        from pptk.parallel.schedules import ideal_efficiency
 
         return 1.0 - ideal_efficiency(self.schedule, pp=self.pp, micro_batches=self.grad_accum_steps)
 
@@ -65,7 +65,7 @@ class Layout:
             problems.append(f"schedule {self.schedule!r} with tp({self.tp}) > 1 is not supported yet; use 1f1b")
         if problems:
             raise PptkError("invalid parallel layout:\n  " + "\n  ".join(problems))
-        from pptk.schedules import check_schedule
+        from pptk.parallel.schedules import check_schedule
 
         check_schedule(self.schedule, pp=self.pp, micro_batches=self.grad_accum_steps)
 

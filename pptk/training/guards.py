@@ -20,10 +20,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from pptk import deepspeed_compat as compat
 from pptk.errors import PptkError
+from pptk.failpoints import failpoint_armed
 
 
 @dataclass
@@ -89,3 +92,18 @@ class DivergenceGuard:
         if len(self.recent) > self.window:
             self.recent.popleft()
         return False
+
+
+@contextmanager
+def nan_loss_failpoint(engine, *, step: int) -> Iterator[None]:
+    """nanloss:*:S makes step S's loss NaN (the last stage's loss function returns NaN, so the gradients are NaN
+    too), as a bad batch or an overflow would."""
+    if not failpoint_armed("nanloss", step=step):
+        yield
+        return
+    loss_fn = engine.module.loss_fn
+    compat.swap_loss_fn(engine, lambda outputs, labels: loss_fn(outputs, labels) * float("nan"))
+    try:
+        yield
+    finally:
+        compat.swap_loss_fn(engine, loss_fn)

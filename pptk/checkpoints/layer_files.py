@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from pptk.errors import PptkError
-from pptk.tensor_parallel import ShardSpec, load_sliced_state, rank_slice, shard_spec, shard_stage
-from pptk.weights import TensorSource
+from pptk.parallel.hf_weights import TensorSource
+from pptk.parallel.tensor_parallel import ShardSpec, load_sliced_state, rank_slice, shard_spec, shard_stage
 
 Splits = dict[str, dict[str, list[int]]]  # layer index -> parameter name -> [dim, fused]
 

@@ -1,5 +1,5 @@
 # The stage protocol: the small, named tensors that cross a pipeline stage boundary, and the per-stage masks.
-"""Every pptk adapter follows this protocol, so any layer can sit at any stage boundary.
+"""Every pptk family module follows this protocol, so any layer can sit at any stage boundary.
 
 Pipeline inputs (read from the data iterator by the first stage only)::
 
@@ -134,7 +134,7 @@ class StageMasks:
 
     Every layer of a stage receives the same mask and position tensors (the same objects) from the layer before
     it, so the last mask of each kind is reused while those objects are the same. One instance is shared by the
-    blocks of one model (the adapter passes it to every block's LayerSpec): the cache lives and dies with the
+    blocks of one model (the family module passes it to every block's LayerSpec): the cache lives and dies with the
     model, never process-wide.
     """
 

@@ -30,18 +30,18 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """How the ranks split the work; dp is what remains of WORLD_SIZE (see ``pptk.parallel.Layout``)."""
+    """How the ranks split the work; dp is what remains of WORLD_SIZE (see ``pptk.parallel.layout.Layout``)."""
 
     pp: int = 2
-    tp: int = 1  # tensor-parallel shards per stage (pptk.tensor_parallel); dp = WORLD_SIZE / (pp * tp)
+    tp: int = 1  # tensor-parallel shards per stage (pptk.parallel.tensor_parallel); dp = WORLD_SIZE / (pp * tp)
     micro_batch_size: int = 4
     grad_accum_steps: int | None = None  # default 2 * pp: keeps the 1F1B bubble at a third or less
     global_batch_size: int | None = None  # alternative to grad_accum_steps
     zero_stage: int | None = None  # default: the DeepSpeed JSON's
     partition_method: str = "compute"
     activation_checkpoint_interval: int = 0
-    schedule: str = "1f1b"  # or "dualpipev" (pptk.schedules)
-    peak_tflops: float | None = None  # per device, for MFU; default: pptk.observe's known-device table
+    schedule: str = "1f1b"  # or "dualpipev" (pptk.parallel.schedules)
+    peak_tflops: float | None = None  # per device, for MFU; default: pptk.training.observe's known-device table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +55,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     max_steps: int | None = 1000  # None: epochs * steps per epoch
     epochs: int | None = None  # epoch-based runs evaluate and checkpoint at every epoch end
-    loss_spike_factor: float = 10.0  # a loss above this x the recent median is a bad step (0: off); pptk.guards
+    loss_spike_factor: float = (
+        10.0  # a loss above this x the recent median is a bad step (0: off); pptk.training.guards
+    )
     max_bad_steps: int = 3  # this many bad steps in a row stop the run
 
 
@@ -75,7 +77,7 @@ class OutputConfig:
     wandb_mode: str | None = None  # None: online with a W&B key, else offline
     log_all_ranks: bool = False
     sample_prompt: str | None = None  # causal-LM: print a greedy sample of the export from this prompt
-    overwrite: bool = False  # start over in an --output-dir that holds a finished run (see pptk.run_dir)
+    overwrite: bool = False  # start over in an --output-dir that holds a finished run (see pptk.training.run_dir)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError
 
 from pptk.errors import PptkError
-from pptk.pipeline import pipeline_inputs
-from pptk.tasks import synthetic_labels
-from pptk.weights import HFCheckpoint
+from pptk.models.heads import synthetic_labels
+from pptk.parallel.hf_weights import HFCheckpoint
+from pptk.parallel.pipeline import pipeline_inputs
 
 LEARNING_RATE = 1.0
 FP32_TOLERANCE = 1e-5

@@ -10,15 +10,15 @@ from typing import Any
 from torch import nn
 from transformers import AutoConfig
 
-from pptk.checkpoint import MANIFEST, _write_atomically, find_checkpoint, manifest_for, read_manifest
+from pptk.checkpoints.layer_files import layer_sources, read_layer, save_full_layer
+from pptk.checkpoints.training import MANIFEST, _write_atomically, find_checkpoint, manifest_for, read_manifest
 from pptk.errors import PptkError
-from pptk.layer_files import layer_sources, read_layer, save_full_layer
 from pptk.models import PipeLayer, first_tied_index
 from pptk.models.common import init_layer_like_hf
-from pptk.pipeline import ModelSource, plan_pipeline, resolve_model
-from pptk.tasks import hf_model_class
-from pptk.tensor_parallel import check_tensor_parallel
-from pptk.weights import HFCheckpoint, TensorSource, load_stage_weights, write_safetensors
+from pptk.models.heads import hf_model_class
+from pptk.parallel.hf_weights import HFCheckpoint, TensorSource, load_stage_weights, write_safetensors
+from pptk.parallel.pipeline import ModelSource, plan_pipeline, resolve_model
+from pptk.parallel.tensor_parallel import check_tensor_parallel
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -34,7 +34,7 @@ TOKENIZER_FILES = (
 
 
 def _one_layer(layers: list[PipeLayer], index: int) -> Any:
-    """Layer ``index`` alone, under its pipeline name, so pptk.weights maps its parameters to HF names."""
+    """Layer ``index`` alone, under its pipeline name, so pptk.parallel.hf_weights maps its parameters to HF names."""
     holder = nn.Module()
     layer = layers[index]
     if layer.tied_key:
@@ -60,7 +60,7 @@ def hf_to_ds(
     Layer files do not depend on the number of stages; ``pp`` only records the plan in the manifest. At ``tp`` > 1
     each layer is written as ``tp`` slice files, as a tp run saves them (after checking, before anything is written,
     that the model can be split that way); a run at another tp merges and re-cuts them when it resumes. ``task``
-    defaults to the one ``config.architectures`` names (pptk.tasks.infer_task). A destination that already holds
+    defaults to the one ``config.architectures`` names (pptk.models.heads.infer_task). A destination that already holds
     checkpoints is refused unless ``overwrite``: pointing its ``latest`` at step0 would make a resume restart
     from zero.
     """
@@ -222,7 +222,7 @@ def ds_to_hf(
 
 def load_sequential_from_checkpoint(src: str | Path):
     """The whole model in one process from a pipeline checkpoint (tests, small exports): (plan, SequentialPipe)."""
-    from pptk.pipeline import SequentialPipe
+    from pptk.parallel.pipeline import SequentialPipe
 
     tag_dir = find_checkpoint(src)
     manifest = read_manifest(tag_dir)

@@ -48,7 +48,7 @@ SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 MIN_DRIVER_FOR_CUDA = {13: 580, 12: 525}
 SMALL_SHM_BYTES = 1 << 30
 NVIDIA_SMI_TIMEOUT_S = 20
-REPO_CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
+REPO_CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
 
 
 def normalize_name(name: str) -> str:
@@ -395,9 +395,3 @@ def runtime_warnings(env: dict) -> list[str]:
                 "Adam(W) runs will fail. Use the pptk image or install the CUDA toolkit."
             )
     return notes
-
-
-if __name__ == "__main__":  # `python -m pptk.env` (the Docker image's build check): the same as `pptk env`
-    from pptk.cli.env import main
-
-    sys.exit(main())

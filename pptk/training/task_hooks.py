@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pptk.data.sampler import Shard
-from pptk.pipeline import ModelSource, PipelinePlan
+from pptk.parallel.pipeline import ModelSource, PipelinePlan
 
 # What PipelineEngine.train_batch reads per micro-batch: (inputs, labels), inputs a tuple of int64 tensors.
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
@@ -38,7 +38,7 @@ class Evaluation:
 class PreparedTask(Protocol):
     """A task whose inputs were read and checked; everything here is the same on every rank."""
 
-    task: str  # the pptk.tasks name: causal-lm, masked-lm, sequence-classification, token-classification
+    task: str  # the pptk.models.heads name: causal-lm, masked-lm, sequence-classification, token-classification
     source: ModelSource
     tokenizer: Any
     seq_len: int  # longest sequence a micro-batch can have (the cost model's length)

@@ -10,7 +10,7 @@ the meta device (no memory) and balances by one of:
 - ``parameters``: parameter counts, with a tied embedding counted on both stages that hold a copy (memory).
 - ``uniform``: the same number of blocks per stage.
 - ``type:REGEX``: the same number of layers whose class name matches REGEX (case-insensitive), as in DeepSpeed.
-- ``profile``: measured forward+backward time per layer on this device and batch shape (``pptk.profile``).
+- ``profile``: measured forward+backward time per layer on this device and batch shape (``pptk.parallel.profile``).
 """
 
 from __future__ import annotations
@@ -139,7 +139,9 @@ class StagePlan:
 def _weights(costs: list[LayerCost], method: str, measured_ms: tuple[float, ...] | None) -> list[float]:
     if method == "profile":
         if measured_ms is None or len(measured_ms) != len(costs):
-            raise RuntimeError("profile partition: pass one measured time per layer (pptk.profile.profile_layers)")
+            raise RuntimeError(
+                "profile partition: pass one measured time per layer (pptk.parallel.profile.profile_layers)"
+            )
         return list(measured_ms)
     if method == "compute":
         return [c.flops_per_token for c in costs]
@@ -183,7 +185,7 @@ def plan_stages(
             + (" (DualPipeV cuts the model into 2 x pp stages)" if schedule == "dualpipev" else "")
         )
     if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
-        raise RuntimeError("adapter bug: blocks must be contiguous, between the embedding and the head layers")
+        raise RuntimeError("family-module bug: blocks must be contiguous, between the embedding and the head layers")
     weights = _weights(costs, method, measured_ms)
     first, last = blocks[0], blocks[-1] + 1
     head_extra = sum(weights[:first])

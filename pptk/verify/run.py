@@ -11,7 +11,7 @@ write their parameters back by Hugging Face name. Dropout is off.
 shipped bf16 config (DeepSpeed's BF16_Optimizer: bf16 weights and activations, fp32 gradient accumulation and fp32
 master weights; bf16 gradient accumulation with ZeRO-0) against the Hugging Face model loaded in bf16 (the same
 weights cast to bf16), whose gradients are accumulated the same way. The ranks report their fp32 master weights,
-so the step's update is the gradient itself; pptk.verify_compare says how gradients are compared in bf16.
+so the step's update is the gradient itself; pptk.verify.compare says how gradients are compared in bf16.
 
 ``verify_many`` = ``prepare_jobs`` (the parent's half: plans, saved models and batches, reference steps) +
 ``launch_jobs`` (one launch of the ranks, then the comparison).
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from pptk.errors import PptkError
-from pptk.launch import run_ranks
+from pptk.launch.ranks import run_ranks
 from pptk.models import first_tied_index
-from pptk.pipeline import PipelinePlan, max_positions, pipeline_inputs, plan_pipeline, resolve_model
-from pptk.verify_compare import (
+from pptk.parallel.pipeline import PipelinePlan, max_positions, pipeline_inputs, plan_pipeline, resolve_model
+from pptk.verify.compare import (
     BF16_TOLERANCE,
     FP32_TOLERANCE,
     LEARNING_RATE,
@@ -48,7 +48,7 @@ class VerifyJob:
     """One model/task to check; several jobs share one launch of the ranks (start-up dominates on CPU)."""
 
     model: str | Path
-    task: str | None = None  # None: read from config.architectures (pptk.tasks.infer_task)
+    task: str | None = None  # None: read from config.architectures (pptk.models.heads.infer_task)
     micro_batch_size: int = 2
     micro_batches: int = 2
     seq_len: int = 32
@@ -89,11 +89,11 @@ def _ds_config(
         "steps_per_print": 10**9,
     }
     if tp > 1:
-        from pptk.ds_config import TENSOR_PARALLEL_PIPELINE
+        from pptk.training.ds_config import TENSOR_PARALLEL_PIPELINE
 
         config["pipeline"] = dict(TENSOR_PARALLEL_PIPELINE)
     if precision == "bf16":  # the precision sections of the config users train with
-        from pptk.ds_config import load_ds_config, shipped_config
+        from pptk.training.ds_config import load_ds_config, shipped_config
 
         shipped = load_ds_config(shipped_config("bf16"))
         config["bf16"] = shipped["bf16"]
@@ -107,7 +107,7 @@ def _grad_accum_dtype(precision: str, zero_stage: int) -> torch.dtype:
 
 
 def _verify_rank(rank: int, workdir: str, jobs: list[dict], layout: dict) -> None:
-    from pptk.engine import init_distributed
+    from pptk.training.engine import init_distributed
 
     init_distributed()  # pptk verify runs on CPU ranks (gloo)
     for index, job in enumerate(jobs):
@@ -119,9 +119,9 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from pptk.deepspeed_compat import get_param_state, tensor_parallel_group
-    from pptk.pipeline import build_pipeline_module
-    from pptk.tensor_parallel import gather_full, shard_spec
-    from pptk.weights import hf_names
+    from pptk.parallel.hf_weights import hf_names
+    from pptk.parallel.pipeline import build_pipeline_module
+    from pptk.parallel.tensor_parallel import gather_full, shard_spec
 
     tp = layout["tp"]
 
@@ -347,7 +347,7 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
         raise PptkError(
             f"micro_batch_size ({job.micro_batch_size}) and micro_batches ({job.micro_batches}) must be at least 1"
         )
-    from pptk.schedules import check_schedule
+    from pptk.parallel.schedules import check_schedule
 
     check_schedule(job.schedule, pp=pp, micro_batches=job.micro_batches)
     plan = plan_pipeline(

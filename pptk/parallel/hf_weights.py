@@ -12,7 +12,7 @@ from torch import nn
 
 from pptk.errors import PptkError
 from pptk.models import PipeLayer
-from pptk.tensor_parallel import ShardSpec, shard_spec
+from pptk.parallel.tensor_parallel import ShardSpec, shard_spec
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

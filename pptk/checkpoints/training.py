@@ -10,7 +10,7 @@
         mp_rank_00_model_states.pt    DeepSpeed: engine state per stage
         zero_pp_rank_*_optim_states.pt  DeepSpeed: ZeRO-1 optimizer shards, valid for this layout only
         optim_layer_00.pt ...         pptk: per-layer fp32 weights and Adam moments, valid for any layout
-                                      (optim_layer_00-model_01.pt at tp > 1; see pptk.layer_files)
+                                      (optim_layer_00-model_01.pt at tp > 1; see pptk.checkpoints.layer_files)
         rng_rank0.pt ...              pptk: each rank's RNG states, for an exact resume on the same layout
 
 A save writes into ``step200.partial`` and is renamed to ``step200`` by rank 0 only after a barrier that every rank
@@ -36,10 +36,7 @@ import torch
 import torch.distributed as dist
 
 from pptk import deepspeed_compat as compat
-from pptk.deepspeed_compat import ADAM_STATES
-from pptk.errors import PptkError, StoppedByPeer
-from pptk.failpoints import failpoint, failpoint_armed
-from pptk.layer_files import (
+from pptk.checkpoints.layer_files import (
     layer_file,
     load_rank_layer,
     optim_file,
@@ -47,8 +44,11 @@ from pptk.layer_files import (
     saved_tp,
     tensor_parallel_entry,
 )
-from pptk.parallel import Layout
-from pptk.pipeline import PipelinePlan, local_layers
+from pptk.deepspeed_compat import ADAM_STATES
+from pptk.errors import PptkError, StoppedByPeer
+from pptk.failpoints import failpoint, failpoint_armed
+from pptk.parallel.layout import Layout
+from pptk.parallel.pipeline import PipelinePlan, local_layers
 
 MANIFEST = "pptk.json"
 FORMAT = 1
@@ -188,7 +188,7 @@ def _save_layer_optimizer_states(engine, plan: PipelinePlan, tag_dir: Path) -> N
 
 def _save_layer_slices(engine, plan: PipelinePlan, tag_dir: Path) -> None:
     """tp > 1: each tp rank of replica 0 writes its own slices of its layers (DeepSpeed's ``-model_YY`` files); no
-    layer is ever gathered to full size. pptk.layer_files merges them for another tp and for an export."""
+    layer is ever gathered to full size. pptk.checkpoints.layer_files merges them for another tp and for an export."""
     _, tp_rank, _ = compat.tensor_parallel_group(engine.module)
     if engine.grid.get_data_parallel_rank() != 0:
         return

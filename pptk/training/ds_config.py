@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pptk.errors import PptkError
-from pptk.parallel import Layout
+from pptk.parallel.layout import Layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SHIPPED = {"fp32": "pipe_zero1_cpu.json", "bf16": "pipe_zero1_bf16.json", "fp16": "pipe_zero1_fp16.json"}

@@ -16,13 +16,18 @@ from transformers import AutoConfig, PretrainedConfig
 
 from pptk.deepspeed_compat import build_each_layer_with, partition_by_boundaries, tensor_parallel_group
 from pptk.errors import PptkError
-from pptk.models import PipeLayer, first_tied_index, get_adapter, layers_for, supported_model_types
+from pptk.models import PipeLayer, first_tied_index, get_family, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
-from pptk.partition import StagePlan, layer_costs, plan_stages
-from pptk.schedules import check_schedule, stages_for
-from pptk.tasks import get_task, hf_model_class, infer_task
-from pptk.tensor_parallel import check_tensor_parallel, materialize_parameters, shard_stage, sum_partial_gradients
-from pptk.weights import HFCheckpoint, load_stage_weights
+from pptk.models.heads import get_task, hf_model_class, infer_task
+from pptk.parallel.hf_weights import HFCheckpoint, load_stage_weights
+from pptk.parallel.partition import StagePlan, layer_costs, plan_stages
+from pptk.parallel.schedules import check_schedule, stages_for
+from pptk.parallel.tensor_parallel import (
+    check_tensor_parallel,
+    materialize_parameters,
+    shard_stage,
+    sum_partial_gradients,
+)
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,12 @@ def resolve_model(model: str | Path | PretrainedConfig) -> ModelSource:
             raise PptkError(f"{path} is not valid JSON: {err}") from None
         if "model_type" not in raw:
             raise PptkError(f'{path} has no "model_type"; it is not a Hugging Face config.json')
-        get_adapter(raw["model_type"])
+        get_family(raw["model_type"])
         config = AutoConfig.for_model(**raw)
         return ModelSource(config, None, str(path))
     name = str(model)
     if name in supported_model_types():
-        return ModelSource(get_adapter(name).small_config(), None, f"{name} (small random config)")
+        return ModelSource(get_family(name).small_config(), None, f"{name} (small random config)")
     raise PptkError(
         f"{name!r} is not a local model directory, a config.json, or a supported model type "
         f"({', '.join(supported_model_types())}). pptk reads only local files: fetch hub models first, e.g. "
@@ -136,7 +141,7 @@ def plan_pipeline(
     measured_ms: tuple[float, ...] | None = None,
     tp: int = 1,
 ) -> PipelinePlan:
-    """task: None reads it from config.architectures (see pptk.tasks.infer_task); a name overrides that.
+    """task: None reads it from config.architectures (see pptk.models.heads.infer_task); a name overrides that.
 
     num_stages: pipeline ranks (pp); under ``schedule="dualpipev"`` the model is cut into 2 x pp stages.
     tp: tensor-parallel shards per stage; checked here (family, heads) so a bad value fails before ranks start.
@@ -153,11 +158,11 @@ def plan_pipeline(
     length = min(seq_len or positions, positions)
     costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=length)
     if partition_method == "profile" and measured_ms is None:
-        from pptk.profile import profile_layers
+        from pptk.parallel.profile import profile_layers
 
         measured_ms = profile_layers(
             layers,
-            input_names=get_adapter(config.model_type).input_names,
+            input_names=get_family(config.model_type).input_names,
             vocab_size=config.vocab_size,
             micro_batch_size=micro_batch_size,
             seq_len=length,
@@ -173,7 +178,7 @@ def plan_pipeline(
 
 
 class PlannedPipelineModule(PipelineModule):
-    """DeepSpeed's PipelineModule, partitioned by pptk's plan (see pptk.partition) rather than its own.
+    """DeepSpeed's PipelineModule, partitioned by pptk's plan (see pptk.parallel.partition) rather than its own.
 
     make_layer(module, index, spec): builds and finishes each local layer, one at a time (see _make_layer).
     """
@@ -332,7 +337,7 @@ def build_sequential_module(plan: PipelinePlan, *, seed: int = 1234) -> Sequenti
 
 
 def pipeline_inputs(plan: PipelinePlan) -> tuple[str, ...]:
-    return get_adapter(plan.config.model_type).input_names
+    return get_family(plan.config.model_type).input_names
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 """DeepSpeed's own ``partition_method="profile"`` raises NotImplementedError. pptk times the layers one at a time:
 layer i is built (random weights), run forward on the output of layer i-1 and backward from a unit gradient, timed,
 and freed before layer i+1 is built, so the peak memory is one layer plus one micro-batch's activations. The
-exact min-max planner (``pptk.partition.plan_stages``) then balances the measured times instead of FLOP estimates.
+exact min-max planner (``partition.plan_stages``) then balances the measured times instead of FLOP estimates.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def agree_on_profile(plan):
 
     import torch.distributed as dist
 
-    from pptk.partition import plan_stages
+    from pptk.parallel.partition import plan_stages
 
     if plan.stages.method != "profile":
         return plan

@@ -104,5 +104,5 @@ def watch_launcher(*, interval_s: float = 1.0) -> bool:
 
 def exit_on_sigterm() -> None:
     """Make SIGTERM raise ``SystemExit(143)`` in the main thread, so the rank unwinds (``finally`` blocks release
-    what they hold, torch's build lock included) before pptk.errors.run_main ends the process."""
+    what they hold, torch's build lock included) before pptk.launch.entry.run_main ends the process."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
