@@ -38,7 +38,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         tp=args.tp,
         task=args.task,
         micro_batch_size=args.micro_batch_size,
-        micro_batches=args.micro_batches or (2 * args.pp if args.schedule == "dualpipev" else 2),
+        micro_batches=_default_micro_batches(args) if args.micro_batches is None else args.micro_batches,
         seq_len=args.seq_len,
         zero_stage=args.zero_stage,
         partition_method=args.partition_method,
@@ -51,6 +51,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     print(result.to_json() if args.json else result.describe())
     return 0 if result.passed else 1
+
+
+def _default_micro_batches(args: argparse.Namespace) -> int:
+    # at least 2: a bad --pp is then reported alone, not as a --micro-batches the user never gave
+    return max(2, 2 * args.pp) if args.schedule == "dualpipev" else 2
 
 
 # Training memory per parameter with Adam under DeepSpeed 0.19.8's ZeRO-1 wrappers, as (held whole by every replica,
@@ -69,7 +74,18 @@ def bytes_per_param(precision: str, *, dp: int, zero_stage: int) -> float:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from pptk.parallel.pipeline import plan_pipeline
+    from pptk.training.config import check_settings
 
+    # the numbers and the layout checked as verify and the recipes check them, before a model is built
+    check_settings(
+        schedule=args.schedule,
+        pp=args.pp,
+        tp=args.tp,
+        dp=args.dp,
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len,
+    )
     plan = plan_pipeline(
         args.model,
         num_stages=args.pp,

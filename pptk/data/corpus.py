@@ -1,6 +1,7 @@
 # A run's pretraining corpus: --data entries (prepared sets, weights, plain files) -> checked, split, blended blocks.
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,15 @@ from pptk.errors import PptkError
 @dataclass(frozen=True)
 class DataEntry:
     path: Path
-    weight: float | None = None
+    weight: float | None = None  # the set's share of a blend, before normalisation
+
+    def __post_init__(self) -> None:
+        # A nan weight passes every comparison, and an inf one normalises to nan: both once trained silently.
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise PptkError(
+                f"--data {self.path}:{self.weight}: a blend weight must be a finite number > 0 (the set's share of "
+                f"the samples), got {self.weight!r}"
+            )
 
 
 def parse_entry(spec: str | Path) -> DataEntry:
@@ -26,9 +35,10 @@ def parse_entry(spec: str | Path) -> DataEntry:
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            return DataEntry(Path(head), float(tail))
+            weight = float(tail)
         except ValueError:
-            pass
+            return DataEntry(Path(text))
+        return DataEntry(Path(head), weight)
     return DataEntry(Path(text))
 
 

@@ -1,11 +1,93 @@
 # The parallel layout (pp x tp x dp ranks, micro-batches, ZeRO stage) as one frozen dataclass that validates itself.
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from pptk.errors import PptkError
+from pptk.parallel.schedules import ideal_efficiency, schedule_problem
 
-ZERO_STAGES = (0, 1, 2, 3)
+
+@dataclass(frozen=True)
+class Range:
+    """The values one numeric setting accepts. ``flag`` names it in the error: the name users type, which a Python
+    caller recognises too. The layout's ranges are here; pptk.training.config.NUMBERS adds every other number."""
+
+    flag: str
+    low: float
+    high: float = math.inf
+    integer: bool = True
+    low_excluded: bool = False  # low itself is refused (an lr of 0)
+    off: float | None = None  # one more accepted value, outside the range, that turns the setting off
+
+    def describe(self) -> str:
+        if self.integer:
+            text = (
+                f"an integer >= {self.low}" if self.high == math.inf else f"an integer from {self.low} to {self.high}"
+            )
+        else:
+            text = f"a finite number {'>' if self.low_excluded else '>='} {self.low}"
+            text += f" and <= {self.high}" if self.high != math.inf else ""
+        return text + (f", or {self.off} (off)" if self.off is not None else "")
+
+    def accepts(self, value: object) -> bool:
+        # bool is an int subclass: pp=True is a bug, not 1
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.off is not None and value == self.off:
+            return True
+        return (value > self.low if self.low_excluded else value >= self.low) and value <= self.high
+
+    def problem(self, value: object) -> str | None:
+        return None if self.accepts(value) else f"{self.flag} must be {self.describe()}, got {value!r}"
+
+
+LAYOUT_RANGES = {
+    "pp": Range("--pp", 1),
+    "tp": Range("--tp", 1),
+    "dp": Range("--dp", 1),
+    "micro_batch_size": Range("--micro-batch-size", 1),
+    "grad_accum_steps": Range("--grad-accum-steps", 1),
+    "zero_stage": Range("--zero-stage", 0, 3),
+    "global_batch_size": Range("--global-batch-size", 1),  # Layout.from_world divides it into grad_accum_steps
+}
+
+
+def layout_problems(
+    *,
+    pp: Any,
+    tp: Any = 1,
+    dp: Any = None,
+    micro_batch_size: Any = None,
+    grad_accum_steps: Any = None,
+    zero_stage: Any = None,
+    schedule: str = "1f1b",
+) -> list[str]:
+    """Everything wrong with a layout, as far as it is known. None: not known yet (dp until WORLD_SIZE is,
+    grad_accum_steps until a global batch size is divided, zero_stage until the DeepSpeed JSON is read).
+
+    A Layout checks itself with this, and pptk.training.config.check_settings asks it for RunConfig, `pptk plan`
+    and `pptk verify`: all of them refuse the same layouts, with the same words."""
+    given = dict(
+        pp=pp, tp=tp, dp=dp, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, zero_stage=zero_stage
+    )
+    problems = [
+        problem
+        for name, value in given.items()
+        if value is not None and (problem := LAYOUT_RANGES[name].problem(value)) is not None
+    ]
+    if problems:  # the rules below compare the numbers, so they need valid ones
+        return problems
+    if zero_stage is not None and zero_stage >= 2 and pp > 1:
+        problems.append(
+            f"--zero-stage {zero_stage} with --pp {pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; "
+            "use --zero-stage 1 (optimizer-state sharding across the dp replicas) or --pp 1"
+        )
+    schedule_error = schedule_problem(schedule, pp=pp, micro_batches=grad_accum_steps, tp=tp)
+    return problems + ([schedule_error] if schedule_error is not None else [])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,30 +126,20 @@ class Layout:
         """Share of a step a stage idles in this schedule with balanced stages (0 without pipelining)."""
         if self.schedule == "1f1b":
             return (self.pp - 1) / (self.grad_accum_steps + self.pp - 1)
-        from pptk.parallel.schedules import ideal_efficiency
-
         return 1.0 - ideal_efficiency(self.schedule, pp=self.pp, micro_batches=self.grad_accum_steps)
 
     def validate(self) -> None:
-        problems = []
-        for name in ("pp", "tp", "dp", "micro_batch_size", "grad_accum_steps"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.zero_stage) or self.zero_stage not in ZERO_STAGES:
-            problems.append(f"zero_stage must be one of 0, 1, 2, 3, got {self.zero_stage!r}")
-        elif self.zero_stage >= 2 and _is_int(self.pp) and self.pp > 1:
-            problems.append(
-                f"zero_stage {self.zero_stage} with pp({self.pp}) > 1: DeepSpeed's pipeline engine supports ZeRO "
-                "stage 0 or 1 only; use zero_stage 1 (optimizer-state sharding across the dp replicas) or pp=1"
-            )
-        if _is_int(self.tp) and self.tp > 1 and self.schedule != "1f1b":
-            problems.append(f"schedule {self.schedule!r} with tp({self.tp}) > 1 is not supported yet; use 1f1b")
+        problems = layout_problems(
+            pp=self.pp,
+            tp=self.tp,
+            dp=self.dp,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum_steps=self.grad_accum_steps,
+            zero_stage=self.zero_stage,
+            schedule=self.schedule,
+        )
         if problems:
-            raise PptkError("invalid parallel layout:\n  " + "\n  ".join(problems))
-        from pptk.parallel.schedules import check_schedule
-
-        check_schedule(self.schedule, pp=self.pp, micro_batches=self.grad_accum_steps)
+            raise PptkError("invalid parallel layout: " + "; ".join(problems))
 
     def describe(self) -> str:
         ranks = f"pp({self.pp}) x tp({self.tp}) x dp({self.dp})" if self.tp > 1 else f"pp({self.pp}) x dp({self.dp})"
@@ -95,9 +167,11 @@ class Layout:
         schedule: str = "1f1b",
     ) -> Layout:
         """Derive dp from the launcher's WORLD_SIZE, and grad_accum_steps from a global batch size if given."""
-        for name, value in (("world_size", world_size), ("pp", pp), ("tp", tp), ("micro_batch_size", micro_batch_size)):
-            if not _is_int(value) or value < 1:
-                raise PptkError(f"{name} must be a positive integer, got {value!r}")
+        world_problem = Range("WORLD_SIZE", 1).problem(world_size)
+        problems = [world_problem] if world_problem is not None else []
+        problems += layout_problems(pp=pp, tp=tp, micro_batch_size=micro_batch_size)  # the arithmetic below needs them
+        if problems:
+            raise PptkError("; ".join(problems))
         if tp > 1 and world_size % (pp * tp):
             choices = ", ".join(f"{d} (dp {world_size // d})" for d in _divisors(world_size) if d % tp == 0 and d > 1)
             raise PptkError(
@@ -140,8 +214,9 @@ class Layout:
 
 def _accum_from_global(global_batch_size: int, *, micro_batch_size: int, dp: int) -> int:
     per_accum = micro_batch_size * dp
-    if not _is_int(global_batch_size) or global_batch_size < 1:
-        raise PptkError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
+    problem = LAYOUT_RANGES["global_batch_size"].problem(global_batch_size)
+    if problem is not None:
+        raise PptkError(problem)
     if global_batch_size % per_accum == 0:
         return global_batch_size // per_accum
     lower = global_batch_size // per_accum * per_accum
@@ -156,8 +231,3 @@ def _accum_from_global(global_batch_size: int, *, micro_batch_size: int, dp: int
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass; pp=True is a bug, not 1.
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -22,23 +22,35 @@ def needs_fixed_shapes(schedule: str) -> bool:
     return schedule == "dualpipev"
 
 
-def check_schedule(schedule: str, *, pp: int, micro_batches: int | None = None) -> None:
+def check_schedule(schedule: str, *, pp: int, micro_batches: int | None = None, tp: int = 1) -> None:
     """One clear error for a schedule the layout cannot run."""
+    problem = schedule_problem(schedule, pp=pp, micro_batches=micro_batches, tp=tp)
+    if problem is not None:
+        raise PptkError(problem)
+
+
+def schedule_problem(schedule: str, *, pp: int, micro_batches: int | None = None, tp: int = 1) -> str | None:
+    """What stops this layout from running the schedule, or None; micro_batches None: not known yet."""
     if schedule not in SCHEDULES:
-        raise PptkError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        return f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}"
     if schedule != "dualpipev":
-        return
+        return None
     if pp < 2:
-        raise PptkError(
+        return (
             f"--schedule dualpipev needs --pp 2 or more (got pp={pp}): it pairs the stages of a pipeline; use "
             "--schedule 1f1b for pp=1"
         )
+    if tp > 1:  # not built yet (docs/parallelism.md): pptk's tensor parallelism runs under 1f1b only
+        return (
+            f"--schedule dualpipev with --tp {tp} is not supported yet (dualpipev runs tp=1 only); use --schedule 1f1b"
+        )
     if micro_batches is not None and micro_batches < 2 * pp:
-        raise PptkError(
+        return (
             f"--schedule dualpipev with pp={pp} needs at least 2 * pp = {2 * pp} micro-batches per step, got "
             f"{micro_batches}; raise --grad-accum-steps (or --micro-batches for verify) to {2 * pp}, or use "
             "--schedule 1f1b"
         )
+    return None
 
 
 def check_eval_micro_batches(schedule: str, *, pp: int, count: int, what: str) -> None:

@@ -14,7 +14,65 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pptk.data.corpus import parse_entry
 from pptk.errors import PptkError
+from pptk.parallel.layout import LAYOUT_RANGES, Range, layout_problems
+
+# The accepted range of every number a run, `pptk plan` or `pptk verify` takes, by its field name; the flag names it in
+# the error. check_settings is the one place they are checked (a blend weight's range is pptk.data.corpus's).
+NUMBERS: dict[str, Range] = {
+    **LAYOUT_RANGES,
+    "micro_batches": Range("--micro-batches", 1),  # pptk verify's grad_accum_steps
+    "activation_checkpoint_interval": Range("--activation-checkpoint-interval", 0),  # 0: off
+    "peak_tflops": Range("--peak-tflops", 0, integer=False, low_excluded=True),
+    "lr": Range("--lr", 0, integer=False, low_excluded=True),
+    "weight_decay": Range("--weight-decay", 0, integer=False),
+    "warmup_steps": Range("--warmup-steps", 1),  # DeepSpeed's Warmup* schedulers refuse 0
+    "grad_clip": Range("--grad-clip", 0, integer=False),  # 0: off (DeepSpeed's gradient_clipping)
+    "max_steps": Range("--max-steps", 1),
+    "epochs": Range("--epochs", 1),
+    "loss_spike_factor": Range("--loss-spike-factor", 1, integer=False, low_excluded=True, off=0),
+    "max_bad_steps": Range("--max-bad-steps", 1),
+    "log_every": Range("--log-every", 1),
+    "eval_every": Range("--eval-every", 1),
+    "eval_batches": Range("--eval-batches", 1),
+    "save_every": Range("--save-every", 1),
+    "seq_len": Range("--seq-len", 1),
+    "max_seq_len": Range("--max-seq-len", 1),
+    "num_labels": Range("--num-labels", 1),
+    "tolerance": Range("--tolerance", 0, integer=False, low_excluded=True),
+    # NumPy takes seeds below 2**32, and every rank seeds with seed + its rank: leave the upper half free
+    "seed": Range("--seed", 0, 2**31 - 1),
+}
+
+
+def settings_problems(*, schedule: str = "1f1b", **numbers: Any) -> list[str]:
+    """Every number by its NUMBERS range (None: not given, a default follows), then, when pp is among them, the
+    layout they make (pptk.parallel.layout.layout_problems). verify's micro_batches is the layout's grad_accum_steps.
+    """
+    problems = [
+        problem
+        for name, value in numbers.items()
+        if value is not None and (problem := NUMBERS[name].problem(value)) is not None
+    ]
+    if problems or "pp" not in numbers:
+        return problems
+    return layout_problems(
+        pp=numbers["pp"],
+        tp=numbers.get("tp", 1),
+        dp=numbers.get("dp"),
+        micro_batch_size=numbers.get("micro_batch_size"),
+        grad_accum_steps=numbers.get("grad_accum_steps", numbers.get("micro_batches")),
+        zero_stage=numbers.get("zero_stage"),
+        schedule=schedule,
+    )
+
+
+def check_settings(*, schedule: str = "1f1b", **numbers: Any) -> None:
+    """The check RunConfig, `pptk plan` and `pptk verify` make before anything runs: one line for all problems."""
+    problems = settings_problems(schedule=schedule, **numbers)
+    if problems:
+        raise PptkError("; ".join(problems))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +140,9 @@ class OutputConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
+    """Checked when built, before anything runs: every number against NUMBERS, the layout as far as it is known
+    (dp waits for WORLD_SIZE), and the blend weights of the data section's --data entries."""
+
     model: ModelConfig
     data: Any  # the task's frozen data dataclass
     output: OutputConfig
@@ -91,38 +152,22 @@ class RunConfig:
     preset: str | None = None  # a named preset the flags started from (e.g. "demo")
 
     def __post_init__(self) -> None:
-        problems = []
-        required: tuple[tuple[str, int], ...] = (
-            ("micro_batch_size", self.parallel.micro_batch_size),
-            ("pp", self.parallel.pp),
-            ("tp", self.parallel.tp),
-            ("log_every", self.output.log_every),
-            ("eval_every", self.output.eval_every),
-            ("eval_batches", self.output.eval_batches),
-            ("save_every", self.output.save_every),
-            ("max_bad_steps", self.optim.max_bad_steps),
-        )
-        for name, value in required:
-            if value < 1:
-                problems.append(f"{name} must be at least 1, got {value}")
-        if self.optim.loss_spike_factor != 0 and self.optim.loss_spike_factor <= 1:
-            problems.append(f"loss_spike_factor must be above 1 (or 0: off), got {self.optim.loss_spike_factor}")
-        optional: tuple[tuple[str, int | None], ...] = (
-            ("max_steps", self.optim.max_steps),
-            ("epochs", self.optim.epochs),
-            ("warmup_steps", self.optim.warmup_steps),
-        )
-        for name, maybe in optional:
-            if maybe is not None and maybe < 1:
-                problems.append(f"{name} must be at least 1, got {maybe}")
+        # The task's data section holds numbers too (seq_len, max_seq_len, num_labels); its fractions, whose ranges
+        # differ by task, are checked by the task.
+        parts = (self.parallel, self.optim, self.output, *([self.data] if dataclasses.is_dataclass(self.data) else []))
+        numbers = {
+            f.name: getattr(part, f.name) for part in parts for f in dataclasses.fields(part) if f.name in NUMBERS
+        }
+        problems = settings_problems(schedule=self.parallel.schedule, seed=self.seed, **numbers)
         if self.optim.max_steps is None and self.optim.epochs is None:
-            problems.append("give max_steps or epochs")
-        if self.parallel.activation_checkpoint_interval < 0:
-            problems.append(
-                f"activation_checkpoint_interval must be >= 0, got {self.parallel.activation_checkpoint_interval}"
-            )
+            problems.append("give --max-steps or --epochs")
+        for spec in getattr(self.data, "files", ()):  # the --data entries of a pretraining task: DIR:WEIGHT
+            try:
+                parse_entry(spec)
+            except PptkError as err:
+                problems.append(str(err))
         if problems:
-            raise PptkError("invalid run configuration: " + "; ".join(problems))
+            raise PptkError("; ".join(problems))
 
     @property
     def checkpoints_dir(self) -> Path:

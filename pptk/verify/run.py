@@ -29,6 +29,7 @@ from pptk.errors import PptkError
 from pptk.launch.ranks import run_ranks
 from pptk.models import first_tied_index
 from pptk.parallel.pipeline import PipelinePlan, max_positions, pipeline_inputs, plan_pipeline, resolve_model
+from pptk.training.config import check_settings
 from pptk.verify.compare import (
     BF16_TOLERANCE,
     FP32_TOLERANCE,
@@ -242,6 +243,7 @@ def verify_many(
     top: int = 5,
 ) -> list[VerifyResult]:
     """Check every job on one launch of ``pp * tp * dp`` ranks; each job gets its own engine and its own result."""
+    check_settings(tolerance=tolerance)  # the jobs and the layout: prepare_jobs
     owner = tempfile.TemporaryDirectory(prefix="pptk-verify-") if workdir is None else None
     work = Path(owner.name) if owner is not None else Path(workdir)  # type: ignore[arg-type]  # workdir given
     try:
@@ -259,17 +261,18 @@ def prepare_jobs(
 ) -> list[PreparedJob]:
     """The parent's half, before any rank starts: check the input, plan each job, save its model and batch under
     ``work/job{i}``, and run the Hugging Face reference step."""
-    if dp < 1:
-        raise PptkError(f"dp must be at least 1, got {dp}")
-    if zero_stage not in (0, 1) and pp > 1:
-        raise PptkError(
-            f"ZeRO stage {zero_stage} with pp={pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 "
-            "or 1 only; use --zero-stage 1"
+    for job in jobs:  # the numbers and the layout, checked as `pptk plan` and the recipes check them
+        check_settings(
+            schedule=job.schedule,
+            pp=pp,
+            tp=tp,
+            dp=dp,
+            zero_stage=zero_stage,
+            micro_batch_size=job.micro_batch_size,
+            micro_batches=job.micro_batches,
+            seq_len=job.seq_len,
+            seed=job.seed,
         )
-    if tp < 1:
-        raise PptkError(f"tp must be at least 1, got {tp}")
-    if tp > 1 and any(job.schedule != "1f1b" for job in jobs):
-        raise PptkError(f"--tp {tp} runs the 1f1b schedule only (dualpipev with tensor parallelism is not supported)")
     plans = [_plan_job(job, pp=pp, tp=tp) for job in jobs]
     work = Path(work)
     prepared: list[PreparedJob] = []
@@ -343,13 +346,6 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
             else ""
         )
         raise PptkError(f"--precision {job.precision!r}: verify runs {' or '.join(VERIFY_PRECISIONS)}{hint}")
-    if job.micro_batch_size < 1 or job.micro_batches < 1:
-        raise PptkError(
-            f"micro_batch_size ({job.micro_batch_size}) and micro_batches ({job.micro_batches}) must be at least 1"
-        )
-    from pptk.parallel.schedules import check_schedule
-
-    check_schedule(job.schedule, pp=pp, micro_batches=job.micro_batches)
     plan = plan_pipeline(
         resolve_model(job.model),
         num_stages=pp,

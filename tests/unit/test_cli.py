@@ -41,7 +41,7 @@ def test_models_lists_gpt2(capsys):
     ("argv", "message"),
     [
         (["verify", "gpt2", "--pp", "9"], "pp=9 stages but the model has only 4 blocks"),
-        (["verify", "gpt2", "--pp", "2", "--zero-stage", "3"], "ZeRO stage 3 with pp=2"),
+        (["verify", "gpt2", "--pp", "2", "--zero-stage", "3"], "--zero-stage 3 with --pp 2: DeepSpeed's pipeline"),
         (["verify", "nosuchmodel", "--pp", "2"], "is not a local model directory, a config.json, or a supported"),
         (["verify", "gpt2", "--pp", "2", "--seq-len", "65"], "--seq-len 65 is longer than the model's 64 positions"),
         (
@@ -67,6 +67,57 @@ def test_bad_input_exits_2_before_any_rank_starts(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith(f"pptk {argv[0]}: error:")
+
+
+# Every numeric flag of plan and verify, bad: one line naming the flag, the value and the range, and exit 2 (plan
+# used to print a plan for world size -4, or a ZeroDivisionError traceback).
+BAD_NUMBERS = [
+    (["--pp", "0"], "--pp must be an integer >= 1, got 0"),
+    (["--tp", "-2"], "--tp must be an integer >= 1, got -2"),
+    (["--tp", "0"], "--tp must be an integer >= 1, got 0"),
+    (["--dp", "0"], "--dp must be an integer >= 1, got 0"),
+    (["--dp", "-1"], "--dp must be an integer >= 1, got -1"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be an integer >= 1, got 0"),
+    (["--zero-stage", "4"], "--zero-stage must be an integer from 0 to 3, got 4"),
+    (["--zero-stage", "-1"], "--zero-stage must be an integer from 0 to 3, got -1"),
+    (["--seq-len", "0"], "--seq-len must be an integer >= 1, got 0"),
+    (["--zero-stage", "2"], "--zero-stage 2 with --pp 2: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1"),
+    (["--tp", "2", "--schedule", "dualpipev"], "--schedule dualpipev with --tp 2 is not supported yet"),
+]
+VERIFY_BAD_NUMBERS = [
+    (["--micro-batches", "0"], "--micro-batches must be an integer >= 1, got 0"),  # used to mean the default
+    (["--micro-batches", "-3"], "--micro-batches must be an integer >= 1, got -3"),
+    (
+        ["--schedule", "dualpipev", "--micro-batches", "3"],
+        "--schedule dualpipev with pp=2 needs at least 2 * pp = 4 micro-batches",
+    ),
+    (["--tolerance", "nan"], "--tolerance must be a finite number > 0, got nan"),
+    (["--tolerance", "inf"], "--tolerance must be a finite number > 0, got inf"),
+    (["--tolerance", "0"], "--tolerance must be a finite number > 0, got 0.0"),
+    (["--tolerance=-1e-5"], "--tolerance must be a finite number > 0, got -1e-05"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2147483647, got -1"),
+    (["--seed", str(2**32)], f"--seed must be an integer from 0 to 2147483647, got {2**32}"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "message"),
+    [("plan", flags, message) for flags, message in BAD_NUMBERS]
+    + [("verify", flags, message) for flags, message in BAD_NUMBERS + VERIFY_BAD_NUMBERS],
+)
+def test_plan_and_verify_refuse_bad_numbers_in_one_line(command, flags, message, capsys):
+    assert main([command, "gpt2", "--pp", "2", *flags]) == 2  # a flag given twice: the last wins
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"pptk {command}: error: {message}")
+    assert captured.err.count("\n") == 1 and captured.out == ""
+
+
+def test_plan_refuses_every_layout_verify_refuses(capsys):
+    # the layouts pptk plan used to show although verify and the recipes refuse them
+    for flags in (["--tp", "2", "--schedule", "dualpipev"], ["--zero-stage", "3"], ["--tp", "-2"], ["--dp", "0"]):
+        codes = [main([command, "gpt2", "--pp", "2", *flags]) for command in ("plan", "verify")]
+        errors = [line.split(": error: ")[1] for line in capsys.readouterr().err.splitlines()]
+        assert codes == [2, 2] and errors[0] == errors[1], flags
 
 
 def _subcommand_parsers(parser, prefix=""):

@@ -1,10 +1,11 @@
 # Layout: derived sizes, from_world arithmetic, and every validation error with its numbers.
 import dataclasses
+import re
 
 import pytest
 
 from pptk.errors import PptkError
-from pptk.parallel.layout import Layout
+from pptk.parallel.layout import Layout, Range, layout_problems
 
 
 def test_derived_sizes():
@@ -37,31 +38,81 @@ def test_describe():
 def test_every_non_positive_field_is_reported_at_once():
     with pytest.raises(PptkError) as err:
         Layout(pp=0, dp=-1, micro_batch_size=2, grad_accum_steps=0)
-    message = str(err.value)
-    assert "pp must be a positive integer, got 0" in message
-    assert "dp must be a positive integer, got -1" in message
-    assert "grad_accum_steps must be a positive integer, got 0" in message
-    assert "micro_batch_size" not in message
+    assert str(err.value) == (
+        "invalid parallel layout: --pp must be an integer >= 1, got 0; --dp must be an integer >= 1, got -1; "
+        "--grad-accum-steps must be an integer >= 1, got 0"
+    )
 
 
-@pytest.mark.parametrize("bad", [True, 2.0, "2"])
+@pytest.mark.parametrize("bad", [True, 2.0, "2", float("nan")])
 def test_non_integers_are_rejected(bad):
-    with pytest.raises(PptkError, match=f"micro_batch_size must be a positive integer, got {bad!r}"):
+    with pytest.raises(PptkError, match=re.escape(f"--micro-batch-size must be an integer >= 1, got {bad!r}")):
         Layout(pp=1, dp=1, micro_batch_size=bad, grad_accum_steps=1)
 
 
-def test_zero_stage_out_of_range():
-    with pytest.raises(PptkError, match="zero_stage must be one of 0, 1, 2, 3, got 4"):
-        Layout(pp=1, dp=2, micro_batch_size=1, grad_accum_steps=1, zero_stage=4)
+@pytest.mark.parametrize("stage", [-1, 4])
+def test_zero_stage_out_of_range(stage):
+    with pytest.raises(PptkError, match=f"--zero-stage must be an integer from 0 to 3, got {stage}"):
+        Layout(pp=1, dp=2, micro_batch_size=1, grad_accum_steps=1, zero_stage=stage)
+
+
+@pytest.mark.parametrize("tp", [-2, 0])
+def test_a_negative_or_zero_tp_is_refused_not_multiplied_into_the_world_size(tp):
+    with pytest.raises(PptkError, match=f"--tp must be an integer >= 1, got {tp}"):
+        Layout(pp=2, tp=tp, dp=1, micro_batch_size=1, grad_accum_steps=4)
+    with pytest.raises(PptkError, match=f"--tp must be an integer >= 1, got {tp}"):
+        Layout.from_world(world_size=4, pp=2, tp=tp, micro_batch_size=1, grad_accum_steps=4)
+
+
+def test_dualpipev_with_tensor_parallelism_is_refused():
+    with pytest.raises(PptkError, match="--schedule dualpipev with --tp 2 is not supported yet"):
+        Layout(pp=2, tp=2, dp=1, micro_batch_size=1, grad_accum_steps=4, schedule="dualpipev")
+
+
+def test_layout_problems_checks_what_is_known():
+    # dp, grad_accum_steps and zero_stage come later in a recipe (WORLD_SIZE, a global batch, the DeepSpeed JSON)
+    assert layout_problems(pp=2, tp=2, micro_batch_size=4) == []
+    assert layout_problems(pp=2, zero_stage=2) == [
+        "--zero-stage 2 with --pp 2: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use --zero-stage 1 "
+        "(optimizer-state sharding across the dp replicas) or --pp 1"
+    ]
+    # a bad number is reported alone: the rules between numbers need valid ones
+    assert layout_problems(pp=0, tp=2, schedule="dualpipev") == ["--pp must be an integer >= 1, got 0"]
+
+
+@pytest.mark.parametrize(
+    ("bound", "value", "message"),
+    [
+        (Range("--lr", 0, integer=False, low_excluded=True), float("nan"), "--lr must be a finite number > 0, got nan"),
+        (Range("--lr", 0, integer=False, low_excluded=True), float("inf"), "--lr must be a finite number > 0, got inf"),
+        (Range("--lr", 0, integer=False, low_excluded=True), 0.0, "--lr must be a finite number > 0, got 0.0"),
+        (Range("--grad-clip", 0, integer=False), -1.0, "--grad-clip must be a finite number >= 0, got -1.0"),
+        (
+            Range("--loss-spike-factor", 1, integer=False, low_excluded=True, off=0),
+            0.5,
+            "--loss-spike-factor must be a finite number > 1, or 0 (off), got 0.5",
+        ),
+        (Range("--seed", 0, 9), 10, "--seed must be an integer from 0 to 9, got 10"),
+    ],
+)
+def test_a_range_names_the_flag_the_value_and_what_it_accepts(bound, value, message):
+    assert bound.problem(value) is not None and bound.problem(value).startswith(message)
+
+
+def test_a_range_accepts_its_ends_and_its_off_value():
+    assert Range("--seed", 0, 9).problem(0) is None and Range("--seed", 0, 9).problem(9) is None
+    assert Range("--grad-clip", 0, integer=False).problem(0) is None
+    spike = Range("--loss-spike-factor", 1, integer=False, low_excluded=True, off=0)
+    assert spike.problem(0) is None and spike.problem(1.5) is None and spike.problem(1) is not None
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_2_and_3_rejected_with_pipelines(stage):
     with pytest.raises(PptkError) as err:
         Layout(pp=2, dp=2, micro_batch_size=1, grad_accum_steps=4, zero_stage=stage)
-    assert f"zero_stage {stage} with pp(2) > 1" in str(err.value)
-    assert "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use zero_stage 1" in str(err.value)
-    assert "or pp=1" in str(err.value)
+    assert f"--zero-stage {stage} with --pp 2" in str(err.value)
+    assert "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use --zero-stage 1" in str(err.value)
+    assert "or --pp 1" in str(err.value)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -130,13 +181,20 @@ def test_from_world_needs_accum_or_global_batch():
     assert "global_batch_size 16 gives grad_accum_steps 4 (= 2 * pp)" in str(err.value)
 
 
-@pytest.mark.parametrize("field", ["world_size", "pp", "micro_batch_size"])
-def test_from_world_rejects_non_positive(field):
+@pytest.mark.parametrize(
+    ("field", "name"), [("world_size", "WORLD_SIZE"), ("pp", "--pp"), ("micro_batch_size", "--micro-batch-size")]
+)
+def test_from_world_rejects_non_positive(field, name):
     kwargs = dict(world_size=4, pp=2, micro_batch_size=2, grad_accum_steps=2) | {field: 0}
-    with pytest.raises(PptkError, match=f"{field} must be a positive integer, got 0"):
+    with pytest.raises(PptkError, match=f"{name} must be an integer >= 1, got 0"):
         Layout.from_world(**kwargs)
 
 
+def test_from_world_rejects_a_non_positive_global_batch():
+    with pytest.raises(PptkError, match="--global-batch-size must be an integer >= 1, got -8"):
+        Layout.from_world(world_size=4, pp=2, micro_batch_size=2, global_batch_size=-8)
+
+
 def test_from_world_rejects_zero_stage_2_with_pipeline():
-    with pytest.raises(PptkError, match=r"zero_stage 2 with pp\(2\) > 1"):
+    with pytest.raises(PptkError, match="--zero-stage 2 with --pp 2"):
         Layout.from_world(world_size=4, pp=2, micro_batch_size=1, grad_accum_steps=4, zero_stage=2)

@@ -28,14 +28,15 @@ def test_dualpipev_ideal_beats_1f1b_at_the_same_layout(pp, m):
         (dict(schedule="dualpipev", pp=2, micro_batches=3), "needs at least 2 * pp = 4 micro-batches"),
         (dict(schedule="dualpipev", pp=1, micro_batches=4), "needs --pp 2 or more"),
         (dict(schedule="interleaved", pp=2, micro_batches=4), "unknown schedule 'interleaved'"),
+        (dict(schedule="dualpipev", pp=2, micro_batches=4, tp=2), "--schedule dualpipev with --tp 2 is not supported"),
     ],
 )
 def test_schedule_constraints_are_clear_errors(kwargs, message):
-    schedule, pp, m = kwargs["schedule"], kwargs["pp"], kwargs["micro_batches"]
+    schedule, pp, m, tp = kwargs["schedule"], kwargs["pp"], kwargs["micro_batches"], kwargs.get("tp", 1)
     with pytest.raises(PptkError, match=re.escape(message)):
-        check_schedule(schedule, pp=pp, micro_batches=m)
+        check_schedule(schedule, pp=pp, micro_batches=m, tp=tp)
     with pytest.raises(PptkError, match=re.escape(message)):
-        Layout(pp=pp, dp=1, micro_batch_size=2, grad_accum_steps=m, schedule=schedule)
+        Layout(pp=pp, tp=tp, dp=1, micro_batch_size=2, grad_accum_steps=m, schedule=schedule)
 
 
 def test_dualpipev_plans_two_stages_per_rank_with_embedding_and_head_on_rank_0():
