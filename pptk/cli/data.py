@@ -8,7 +8,9 @@ from pathlib import Path
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from pptk.data.prepare import prepare_files
+    from pptk.logs import setup_logging
 
+    setup_logging()  # prepare says why it rebuilds a damaged set and which leftovers it removes
     result = prepare_files(
         args.inputs,
         tokenizer=args.tokenizer,

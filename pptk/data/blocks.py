@@ -14,6 +14,7 @@ layout with the same global batch reads exactly the blocks the uninterrupted run
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pptk.data.integrity import find_damage
 from pptk.data.prepare import FORMAT, MANIFEST_FILE
 from pptk.errors import PptkError
 
@@ -44,7 +46,7 @@ def is_prepared(path: Path) -> bool:
 
 
 def open_prepared(path: str | Path) -> PreparedSet:
-    """Map a prepared set read-only after checking its manifest against its files."""
+    """Map a prepared set read-only after a quick check of its files against its manifest (pptk.data.integrity)."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
@@ -58,19 +60,15 @@ def open_prepared(path: str | Path) -> PreparedSet:
             f"prepared set {str(path)!r} has format {manifest.get('format')}, this pptk reads {FORMAT}; prepare it "
             "again"
         )
+    # Sizes, offsets and a sampled checksum: cheap at every start; prepare's up-to-date check reads every byte.
+    damage = find_damage(path, manifest, full=False)
+    if damage is not None:
+        raise PptkError(
+            f"prepared set {str(path)!r}: {damage}; the set is damaged: prepare it again (`pptk data prepare` "
+            "with the same inputs and --out rebuilds it)"
+        )
     dtype = np.dtype(manifest["dtype"])
     tokens_file, index_file = path / manifest["tokens_file"], path / manifest["index_file"]
-    expected = {
-        tokens_file: manifest["num_tokens"] * dtype.itemsize,
-        index_file: (manifest["num_documents"] + 1) * 8,
-    }
-    for file, size in expected.items():
-        actual = file.stat().st_size if file.is_file() else None
-        if actual != size:
-            raise PptkError(
-                f"prepared set {str(path)!r}: {file.name} has {actual} bytes, its manifest says {size}; the set is "
-                "damaged: prepare it again"
-            )
     tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(manifest["num_tokens"],))
     offsets = np.memmap(index_file, dtype=np.int64, mode="r", shape=(manifest["num_documents"] + 1,))
     return PreparedSet(path, manifest, tokens, offsets)
@@ -212,7 +210,7 @@ def blend(parts: Sequence[Blocks], weights: Sequence[float] | None, *, seed: int
     """Normalised weights; without weights, sets are drawn in proportion to their blocks (plain concatenation)."""
     if weights is None:
         weights = [float(len(p)) for p in parts]
-    if len(weights) != len(parts) or any(w <= 0 for w in weights):
+    if len(weights) != len(parts) or any(not math.isfinite(w) or w <= 0 for w in weights):
         raise PptkError(f"blend weights must be positive, one per set; got {list(weights)} for {len(parts)} sets")
     total = float(sum(weights))
     return Blend(tuple(parts), tuple(w / total for w in weights), seed)

@@ -4,7 +4,8 @@ pieces cut at line ends (a one-document .txt file of gigabytes never sits in mem
 pieces separately, and the document's end-of-text token follows its last piece.
 
 Every problem names the file (and line or row): a missing or unreadable file, binary content, bad UTF-8 or JSON,
-a missing text field, a file without a single non-blank document.
+a missing text field or one of another type (with the type found), a file without a single non-blank document.
+Null values in a Parquet text column are skipped (Parquet's missing value); a JSON null is an error.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pptk.data.describe import json_preview, json_type
 from pptk.errors import PptkError
 
 CHUNK_CHARS = 1 << 20  # pieces of a long document are about this long (cut at a line end)
@@ -122,12 +124,22 @@ def _jsonl(path: Path, text_field: str) -> Iterator[Piece]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise PptkError(f"input {str(path)!r} line {number} is not JSON ({err.msg}); fix or remove it") from None
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        if not isinstance(record, dict):
             raise PptkError(
-                f"input {str(path)!r} line {number} has no string field {text_field!r} (it has: {fields}); "
-                "pass --text-field NAME"
+                f"input {str(path)!r} line {number} is a JSON {json_type(record)}, not an object with a field "
+                f'{text_field!r}; .jsonl wants one object per line, such as {{"{text_field}": "..."}}'
+            )
+        if text_field not in record:
+            raise PptkError(
+                f"input {str(path)!r} line {number} has no field {text_field!r} (it has: "
+                f"{', '.join(record) or 'none'}); pass --text-field NAME"
+            )
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise PptkError(
+                f"input {str(path)!r} line {number}: field {text_field!r} holds a JSON {json_type(text)} "
+                f"({json_preview(text)}), not a string; store the document's text there as a string, or pass "
+                "--text-field NAME of the field that holds it"
             )
         if text.strip():
             yield Piece(text, True)
@@ -141,13 +153,33 @@ def _parquet(path: Path, text_field: str) -> Iterator[Piece]:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise PptkError(f"input {str(path)!r} is not a readable Parquet file ({err}); check the file") from None
-    names = parquet.schema_arrow.names
-    if text_field not in names:
+    schema = parquet.schema_arrow
+    text_columns = [field.name for field in schema if _is_text(field.type)]
+    if text_field not in schema.names:
         raise PptkError(
-            f"input {str(path)!r} has no column {text_field!r} (it has: {', '.join(names)}); pass --text-field NAME"
+            f"input {str(path)!r} has no column {text_field!r} (it has: {', '.join(schema.names)}); pass "
+            f"--text-field NAME{_text_columns_hint(text_columns)}"
+        )
+    column_type = schema.field(text_field).type
+    if not _is_text(column_type):
+        raise PptkError(
+            f"input {str(path)!r}: column {text_field!r} has type {column_type}, not text (string); pass "
+            f"--text-field NAME of a string column{_text_columns_hint(text_columns)}"
         )
     # Record batches stream the column a row group at a time.
     for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if isinstance(text, str) and text.strip():
                 yield Piece(text, True)
+
+
+def _is_text(arrow_type) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):
+        return _is_text(arrow_type.value_type)
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type)
+
+
+def _text_columns_hint(text_columns: list[str]) -> str:
+    return f" (its string columns: {', '.join(text_columns)})" if text_columns else " (it has no string column)"

@@ -37,7 +37,13 @@ def tokenize_files(paths: Sequence[str | Path], tokenizer: Any) -> np.ndarray:
     for path in map(Path, paths):
         if not path.is_file():
             raise PptkError(f"text file {str(path)!r} does not exist; check the path")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise PptkError(
+                f"text file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); is it a binary file? "
+                "Save it as UTF-8 text"
+            ) from None
         if not text.strip():
             raise PptkError(f"text file {str(path)!r} is empty; remove it from the list or fill it")
         texts.append(text)

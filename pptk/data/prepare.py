@@ -4,23 +4,29 @@
     tokens.bin      every document's token ids followed by the separator (eos), back to back;
                     uint16 when the tokenizer's vocabulary fits, else uint32
     documents.idx   int64 offsets into tokens.bin: document d is tokens[idx[d]:idx[d + 1]] (its eos included)
-    manifest.json   format version, dtype, counts, the largest token id, the tokenizer (name, content hash, eos
-                    id, size) and the source: input files with sizes and mtimes and the reading options
+    manifest.json   format version, dtype, counts, the largest token id, the checksums of both files (full and
+                    sampled, see pptk.data.integrity), the tokenizer (name, content hash, eos id, size) and the
+                    source: input files with sizes and mtimes and the reading options
 
 Raw little-endian arrays, as Megatron-LM's .bin/.idx: ``np.memmap`` reads them without copying, and a block is
-one slice. The directory appears whole: it is written as ``OUT.partial-<pid>`` and renamed. Preparing again with
-an unchanged source (same files, sizes, mtimes, tokenizer and options) is a no-op. Several processes may prepare
-the same set at once (every rank of a run given text files does): the first rename wins, the rest are dropped.
+one slice. The directory appears whole: it is written as ``OUT.partial-HOST-PID``, synced and renamed; a later
+prepare removes the partial directories of this host's processes that no longer run (a ``kill -9`` leaves one).
+Preparing again with an unchanged source (same files, sizes, mtimes, tokenizer and options) checks every byte
+against the manifest's checksums and is a no-op when they match; a damaged set, or one too old to have checksums,
+is prepared again, with a line saying why. Several processes may prepare the same set at once (every rank of a run
+given text files does): the first rename wins, the rest are dropped.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+import socket
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +34,18 @@ from typing import Any
 import numpy as np
 
 from pptk.data.documents import Piece, check_inputs, read_documents
+from pptk.data.integrity import file_checksums, find_damage
+from pptk.data.workers import backend_tokenizer, encode, encode_in_workers
 from pptk.errors import PptkError
+from pptk.logs import get_logger
 
 FORMAT = 1
 TOKENS_FILE = "tokens.bin"
 INDEX_FILE = "documents.idx"
 MANIFEST_FILE = "manifest.json"
 BATCH_CHARS = 1 << 20  # text handed to a worker at once
+
+_log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -153,15 +164,20 @@ def read_manifest(path: Path) -> dict | None:
 def _prepare(
     out: Path, source: dict, info: dict, tokenizer: Any, pieces: Iterable[Piece], *, workers: int, progress_total
 ) -> Prepared:
+    remove_leftovers(out)
     existing = read_manifest(out) if out.exists() else None
-    if existing is not None and existing.get("source") == source:
-        return Prepared(out, existing, reused=True)
     if out.exists() and existing is None:
         raise PptkError(
             f"{str(out)!r} exists and is not a prepared set (no readable {MANIFEST_FILE}); choose another --out "
             "or remove it"
         )
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    if existing is not None and existing.get("source") == source:
+        # The same check as training's and more: sizes, offsets and every byte against the recorded checksums.
+        damage = find_damage(out, existing, full=True)
+        if damage is None:
+            return Prepared(out, existing, reused=True)
+        _log.warning(f"prepared set {str(out)!r}: {damage}; preparing it again")
+    partial = out.with_name(f"{out.name}.partial-{_owner()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
@@ -175,54 +191,76 @@ def _prepare(
             "tokenizer": info,
             "source": source,
         }
-        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        with open(partial / MANIFEST_FILE, "w") as f:
+            f.write(json.dumps(manifest, indent=1))
+            _sync(f)
         return Prepared(_publish(partial, out, manifest), manifest, reused=False)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 
 def _publish(partial: Path, out: Path, manifest: dict) -> Path:
-    """Rename the finished directory into place; an outdated set there is replaced, a concurrent twin kept."""
+    """Rename the finished directory into place; an outdated or damaged set there is replaced, a sound twin kept."""
+    if _sound_twin(out, manifest):
+        return out  # another process finished the same set first
     if out.exists():
-        current = read_manifest(out)
-        if current is not None and current.get("source") == manifest["source"]:
-            return out  # another process finished the same set first
-        stale = out.with_name(f"{out.name}.stale-{os.getpid()}")
-        out.rename(stale)  # readers that mapped the old files keep them until they close
+        stale = out.with_name(f"{out.name}.stale-{_owner()}")
+        with suppress(FileNotFoundError):  # another process may have moved it away first
+            out.rename(stale)  # readers that mapped the old files keep them until they close
         shutil.rmtree(stale, ignore_errors=True)
     try:
         partial.rename(out)
     except OSError:
-        current = read_manifest(out)
-        if current is None or current.get("source") != manifest["source"]:
+        if not _sound_twin(out, manifest):
             raise
     return out
 
 
-# --- tokenizing: one or several processes, in order, never more than a few batches in flight --------------------
-
-_WORKER: dict[str, Any] = {}  # a worker process's tokenizer, built once by _init_worker
-
-
-def _backend(tokenizer_json: str) -> Any:
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(tokenizer_json)
-    backend.no_padding()
-    backend.no_truncation()
-    return backend
+def _sound_twin(out: Path, manifest: dict) -> bool:
+    current = read_manifest(out)
+    return (
+        current is not None and current.get("source") == manifest["source"] and not find_damage(out, current, full=True)
+    )
 
 
-def _init_worker(tokenizer_json: str) -> None:
-    _WORKER["tokenizer"] = _backend(tokenizer_json)
+# --- what a killed prepare leaves behind ----------------------------------------------------------------------------
 
 
-def _encode(texts: list[str], backend: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of the texts back to back (uint32) and each text's length: the fast tokenizer's batch API."""
-    encodings = (backend or _WORKER["tokenizer"]).encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.uint32, count=int(lengths.sum()))
-    return ids, lengths
+def _owner() -> str:
+    """HOST-PID: names this process's working directories, so a later prepare can tell whether it still runs."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove ``OUT.partial-HOST-PID`` and ``OUT.stale-HOST-PID`` directories whose process on this host has ended
+    (a prepare killed before its clean-up ran). A live process's are left alone, and so are another host's (on a
+    shared filesystem), since whether it runs cannot be seen from here. ``OUT.partial-PID``, named before the host
+    was part of the name, counts as this host's."""
+    if not out.parent.is_dir():
+        return
+    host = socket.gethostname()
+    for leftover in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
+        kind, _, owner = leftover.name[len(out.name) + 1 :].partition("-")
+        owner_host, _, pid = owner.rpartition("-")
+        if kind not in ("partial", "stale") or not pid.isdigit() or owner_host not in (host, ""):
+            continue
+        if _running(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+        _log.info(f"removed {str(leftover)!r}, left by a prepare that no longer runs (pid {pid})")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
+
+
+# --- tokenizing and writing: in order, never more than a batch per worker in flight ---------------------------------
 
 
 def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
@@ -238,6 +276,12 @@ def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
         yield batch
 
 
+def _sync(f: Any) -> None:
+    """The set is renamed into place next: its bytes must be on disk first, or a crash could publish holes."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _write_tokens(
     directory: Path, pieces: Iterable[Piece], tokenizer: Any, info: dict, *, workers: int, progress_total
 ) -> dict:
@@ -247,9 +291,15 @@ def _write_tokens(
     eos = info["eos_id"]
     tokenizer_json = tokenizer.backend_tokenizer.to_str()
     num_tokens, num_documents, max_id, document_length = 0, 0, eos, 0
+    sums = {TOKENS_FILE: hashlib.sha256(), INDEX_FILE: hashlib.sha256()}  # of every byte, as it is written
     bar = tqdm(total=progress_total, unit="B", unit_scale=True, desc="prepare", disable=progress_total is None)
-    with open(directory / TOKENS_FILE, "wb") as tokens_out, open(directory / INDEX_FILE, "wb") as index_out:
-        index_out.write(np.zeros(1, dtype=np.int64).tobytes())
+    with bar, open(directory / TOKENS_FILE, "wb") as tokens_out, open(directory / INDEX_FILE, "wb") as index_out:
+
+        def put(data: bytes, file: Any, name: str) -> None:
+            file.write(data)
+            sums[name].update(data)
+
+        put(np.zeros(1, dtype=np.int64).tobytes(), index_out, INDEX_FILE)
 
         def write(batch: list[Piece], ids: np.ndarray, lengths: np.ndarray) -> None:
             nonlocal num_tokens, num_documents, max_id, document_length
@@ -268,31 +318,23 @@ def _write_tokens(
             flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
             if flat.size:
                 max_id = max(max_id, int(flat.max()))
-            tokens_out.write(flat.astype(dtype).tobytes())
-            index_out.write(np.asarray(ends, dtype=np.int64).tobytes())
+            put(flat.astype(dtype).tobytes(), tokens_out, TOKENS_FILE)
+            put(np.asarray(ends, dtype=np.int64).tobytes(), index_out, INDEX_FILE)
             num_documents += len(ends)
             bar.update(sum(len(p.text) for p in batch))
 
+        texts = ((batch, [p.text for p in batch]) for batch in _batches(pieces))
         if workers == 1:
-            backend = _backend(tokenizer_json)
-            for batch in _batches(pieces):
-                write(batch, *_encode([p.text for p in batch], backend))
+            backend = backend_tokenizer(tokenizer_json)
+            encoded: Generator = ((batch, *encode(batch_texts, backend)) for batch, batch_texts in texts)
         else:
-            import multiprocessing
-
-            # spawn: safe beside the threads of torch and of the Rust tokenizer, the same on every platform
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
-                pending: deque = deque()
-                for batch in _batches(pieces):
-                    pending.append((batch, pool.apply_async(_encode, ([p.text for p in batch],))))
-                    if len(pending) > 2 * workers:  # back-pressure: the corpus never queues up in memory
-                        done, result = pending.popleft()
-                        write(done, *result.get())
-                while pending:
-                    done, result = pending.popleft()
-                    write(done, *result.get())
-    bar.close()
+            encoded = encode_in_workers(texts, tokenizer_json=tokenizer_json, workers=workers)
+        with closing(encoded):  # on an error, the workers stop now, not when the traceback is freed
+            for batch, ids, lengths in encoded:
+                write(batch, ids, lengths)
+        _sync(tokens_out)
+        _sync(index_out)
     if num_documents == 0:
         raise PptkError("the inputs hold no non-blank document; give text to prepare")
-    return {"num_tokens": num_tokens, "num_documents": num_documents, "max_token_id": max_id}
+    checksums = {name: file_checksums(directory / name, digest.hexdigest()) for name, digest in sums.items()}
+    return {"num_tokens": num_tokens, "num_documents": num_documents, "max_token_id": max_id, "checksums": checksums}

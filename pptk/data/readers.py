@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pptk.data.describe import json_preview, json_type
 from pptk.errors import PptkError
 
 IOB_TAG = re.compile(r"^(O|[BIES]-\S+)$")
@@ -61,9 +62,9 @@ def read_text_classification(
     examples = []
     with _utf8(path):
         for where, row in rows:
-            text = _field(row, text_column, where)
-            pair = _field(row, text_pair_column, where) if text_pair_column else None
-            label = _field(row, label_column, where)
+            text = _text(row, text_column, where)
+            pair = _text(row, text_pair_column, where) if text_pair_column else None
+            label = _label(row, label_column, where)
             examples.append(TextExample(text, label, where, pair))
     if not examples:
         raise PptkError(f"{path} has no examples; fill it or point to another file")
@@ -72,16 +73,33 @@ def read_text_classification(
 
 def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict]]:
     with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        delimiter, other = ("\t", ",") if path.suffix == ".tsv" else (",", "\t")
+        reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
         missing = [c for c in columns if c not in header]
         if missing:
+            hint = (
+                f" (one column: are its fields separated by {other!r}? A {path.suffix} file separates them by "
+                f"{delimiter!r}; rename it .{'csv' if other == ',' else 'tsv'})"
+                if len(header) == 1 and other in header[0]
+                else ""
+            )
             raise PptkError(
-                f"{path}:1: no column {', '.join(map(repr, missing))} in the header {header}; pass "
+                f"{path}:1: no column {', '.join(map(repr, missing))} in the header {header}{hint}; pass "
                 "--text-column / --label-column / --text-pair-column with the names this file uses"
             )
         for row in reader:
-            yield f"{path}:{reader.line_num}", row
+            where = f"{path}:{reader.line_num}"
+            # A row of another width would shift the fields silently: a text's unquoted delimiter makes the rest
+            # of it the label.
+            extra, short = row.get(None) or [], sum(row[c] is None for c in header)
+            if extra or short:
+                fields = len(header) + len(extra) - short
+                raise PptkError(
+                    f"{where}: the row has {fields} field{'s' * (fields != 1)}, the header {len(header)}; put a text "
+                    f"that holds {delimiter!r} or a line break in double quotes"
+                )
+            yield where, row
 
 
 def _jsonl_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict]]:
@@ -95,7 +113,11 @@ def _jsonl_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict]]:
             except json.JSONDecodeError as err:
                 raise PptkError(f"{where}: not a JSON object ({err.msg}); .jsonl wants one object per line") from None
             if not isinstance(row, dict):
-                raise PptkError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                hint = " (a .json file holding one array converts with: jq -c '.[]' in.json > out.jsonl)"
+                raise PptkError(
+                    f"{where}: expected a JSON object, got a JSON {json_type(row)}; .jsonl wants one object per line"
+                    + (hint if isinstance(row, list) else "")
+                )
             missing = [c for c in columns if c not in row]
             if missing:
                 raise PptkError(
@@ -105,11 +127,34 @@ def _jsonl_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict]]:
             yield where, row
 
 
-def _field(row: dict, column: str, where: str) -> str:
+def _text(row: dict, column: str, where: str) -> str:
     value = row.get(column)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if value is None or isinstance(value, str):
         raise PptkError(f"{where}: empty {column!r}; every example needs a text and a label")
-    return str(value).strip()
+    raise PptkError(
+        f"{where}: {column!r} holds a JSON {json_type(value)} ({json_preview(value)}), not a string; write the text "
+        "as a JSON string, or pass --text-column / --text-pair-column naming the key that holds it"
+    )
+
+
+def _label(row: dict, column: str, where: str) -> str:
+    """A class label as a string: strings and integers as written (JSON true/false as True/False), a whole float
+    as its integer, so 1 and 1.0 are one class."""
+    value = row.get(column)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, str)) and str(value).strip():
+        return str(value).strip()
+    if value is None or isinstance(value, str):
+        raise PptkError(f"{where}: empty {column!r}; every example needs a text and a label")
+    what = "a non-integer number" if isinstance(value, float) else f"a JSON {json_type(value)}"
+    raise PptkError(
+        f"{where}: label {column!r} is {what} ({json_preview(value)}), not a class; classification labels are "
+        "strings or integers (a score to regress is not supported); fix the data, or pass --label-column naming the "
+        "key that holds the classes"
+    )
 
 
 def read_conll(path: str | Path) -> list[TaggedSentence]:
@@ -138,7 +183,8 @@ def read_conll(path: str | Path) -> list[TaggedSentence]:
                 )
             if not IOB_TAG.match(fields[-1]):
                 raise PptkError(
-                    f"{where}: tag {fields[-1]!r} is not an IOB tag (O, B-TYPE, I-TYPE); convert the file to IOB tags"
+                    f"{where}: tag {fields[-1]!r} is not an IOB tag (O, B-TYPE, I-TYPE); the tag is read from each "
+                    "line's last column: move it there, or convert the file to IOB tags"
                 )
             if not words:
                 start = where

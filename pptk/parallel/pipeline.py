@@ -148,7 +148,7 @@ def plan_pipeline(
     partition_method "profile" times every layer on one micro-batch of ``micro_batch_size x seq_len`` here,
     unless ``measured_ms`` (one time per layer, e.g. another rank's) is given.
     """
-    check_schedule(schedule, pp=num_stages)
+    check_schedule(schedule, pp=num_stages, tp=tp)
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     config = prepare_config(source.config, attn_implementation=attn_implementation, dropout=dropout)
     task = infer_task(config, task, source=source.label)

@@ -70,6 +70,9 @@ def test_malformed_conll_line_names_file_and_line(tmp_path):
     path = _write(tmp_path / "notiob.conll", "Maria PER\n")
     with pytest.raises(PptkError, match=rf"{path}:1: tag 'PER' is not an IOB tag"):
         read_conll(path)
+    path = _write(tmp_path / "columns.conll", "Maria B-PER NNP\n")
+    with pytest.raises(PptkError, match=r"tag 'NNP' is not an IOB tag .* read from each line's last column"):
+        read_conll(path)
 
 
 def test_csv_and_jsonl_rows_keep_their_line_numbers(tmp_path):
@@ -94,6 +97,31 @@ def test_reader_errors_say_which_column_or_line(tmp_path):
         read_text_classification(_write(tmp_path / "c.csv", "text,label\nx,y\nz,\n"))
     with pytest.raises(PptkError, match="unknown format '.txt'"):
         read_text_classification(_write(tmp_path / "d.txt", "x"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("int.jsonl", '{"text": 5, "label": "a"}', r"int.jsonl:1: 'text' holds a JSON number \(5\), not a string; "),
+        ("list.jsonl", '{"text": "x", "label": ["a"]}', r"label 'label' is a JSON array \(\[\"a\"\]\), not a class"),
+        ("score.jsonl", '{"text": "x", "label": 0.5}', r"label 'label' is a non-integer number \(0.5\), not a class"),
+        ("null.jsonl", '{"text": "x", "label": null}', r"null.jsonl:1: empty 'label'"),
+        ("array.jsonl", '[{"text": "x", "label": "a"}]', r"got a JSON array; .jsonl wants one object per line \(a "),
+        ("wide.csv", "text,label\nhello, world,pos\n", r"wide.csv:2: the row has 3 fields, the header 2; put a text"),
+        ("short.csv", "text,label\nhello\n", r"short.csv:2: the row has 1 field, the header 2"),
+        ("commas.tsv", "text,label\nx,y\n", r"one column: are its fields separated by ','\? .* rename it .csv\)"),
+    ],
+)
+def test_reader_values_of_the_wrong_type_or_width_are_named_with_the_fix(tmp_path, name, content, message):
+    with pytest.raises(PptkError, match=message):
+        read_text_classification(_write(tmp_path / name, content + "\n"))
+
+
+def test_json_labels_one_and_one_point_zero_are_one_class_and_booleans_stay_readable(tmp_path):
+    path = _write(
+        tmp_path / "a.jsonl", '{"text": "x", "label": 1}\n{"text": "y", "label": 1.0}\n{"text": "z", "label": true}\n'
+    )
+    assert [e.label for e in read_text_classification(path)] == ["1", "1", "True"]
 
 
 # ---------------------------------------------------------------------------------------------------- labels

@@ -159,6 +159,9 @@ def test_tokenize_files_errors(tokenizer, tmp_path):
         tokenize_files([tmp_path / "empty.txt"], tokenizer)
     with pytest.raises(PptkError, match="no text files given"):
         tokenize_files([], tokenizer)
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(PptkError, match=f"text file {str(tmp_path / 'latin1.txt')!r} is not UTF-8 text \\(byte 3"):
+        tokenize_files([tmp_path / "latin1.txt"], tokenizer)
 
 
 def test_tokenize_needs_an_eos_token(tokenizer_dir):

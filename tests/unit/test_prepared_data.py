@@ -107,7 +107,7 @@ def test_bad_inputs_get_one_error_naming_the_file(tmp_path, tokenizer):
         "binary.txt": (b"abc\0\1\2", "is binary"),
         "latin1.txt": ("caf\u00e9".encode("latin-1"), "is not UTF-8 text"),
         "bad.jsonl": (b'{"text": "ok"}\n{oops\n', "line 2 is not JSON"),
-        "field.jsonl": (b'{"body": "x"}\n', "has no string field 'text' \\(it has: body\\); pass --text-field"),
+        "field.jsonl": (b'{"body": "x"}\n', "has no field 'text' \\(it has: body\\); pass --text-field"),
         "data.csv": (b"a,b\n", "unknown input type"),
         "broken.parquet": (b"not parquet at all", "is not a readable Parquet file"),
     }
