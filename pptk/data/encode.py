@@ -114,3 +114,23 @@ def pad_batch(features: Sequence[dict], *, pad_id: int, length: int | None = Non
 def longest(*feature_lists: Sequence[dict]) -> int:
     """The longest encoded example: the one length every micro-batch is padded to when shapes must not change."""
     return max(len(f["input_ids"]) for features in feature_lists for f in features)
+
+
+def fill_rows(batch: Batch, *, rows: int) -> Batch:
+    """``batch`` grown to ``rows`` examples by copies of its first one, labelled IGNORE throughout: the loss skips
+    them and the metrics drop them (``is_filler``), so a short evaluation micro-batch takes the shape every other
+    one has (DualPipeV sends activation shapes once) and scores exactly as it would unfilled. Copies of a real
+    example rather than padding, so no filler row attends to nothing."""
+    inputs, labels = batch
+    missing = rows - len(labels)
+    if missing <= 0:
+        return batch
+    filled = tuple(torch.cat([t, t[:1].expand(missing, *t.shape[1:])]) for t in inputs)
+    filler = torch.full((missing, *labels.shape[1:]), IGNORE, dtype=labels.dtype)
+    return filled, torch.cat([labels, filler])
+
+
+def is_filler(labels: torch.Tensor) -> torch.Tensor:
+    """Per row of a classification micro-batch's labels: True for the rows ``fill_rows`` added (nothing in them is
+    scored). A real example always has a label: its class, or its first word's tag."""
+    return (labels == IGNORE).reshape(len(labels), -1).all(dim=1)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pptk.data.encode import IGNORE, encode_classification, encode_tagging, longest, pad_batch
+from pptk.data.encode import IGNORE, encode_classification, encode_tagging, is_filler, longest, pad_batch
 from pptk.data.labels import LabelMap, class_label_names, config_with_labels, resolve_labels, tag_label_names
 from pptk.data.readers import read_conll, read_text_classification
 from pptk.data.sampler import Shard
@@ -120,10 +120,12 @@ class PredictionRecorder:
 
 
 def gold_and_predicted(records, *, per_token: bool) -> list[tuple]:
-    """(gold, predicted) label ids per example: ints for classes, lists over scored words for tagging."""
+    """(gold, predicted) label ids per real example: ints for classes, lists over scored words for tagging. The
+    rows that filled a short micro-batch (``fill_rows``) are dropped."""
     pairs = []
     for predictions, labels in records:
-        for pred, gold in zip(predictions.tolist(), labels.tolist()):
+        real = ~is_filler(labels)
+        for pred, gold in zip(predictions[real].tolist(), labels[real].tolist()):
             if per_token:
                 kept = [(g, p) for g, p in zip(gold, pred) if g != IGNORE]
                 pairs.append(([g for g, _ in kept], [p for _, p in kept]))
@@ -184,7 +186,7 @@ class PreparedClassification:
 
     def evaluate(self, engine, shard: Shard, *, max_micro_batches: int) -> Evaluation:
         assert self.recorder is not None, "loss_fn() builds the recorder before the engine exists"
-        batches = eval_micro_batches(self.eval, shard, self._collate)
+        batches = eval_micro_batches(self.eval, shard, self._collate, fixed_shape=self.pad_to is not None)
         with self.recorder.recording() as records:
             loss = engine.eval_batch(iter(batches), num_micro_batches=len(batches))
         mean_loss = replica_mean(float(loss))

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pptk.data.encode import Batch
+from pptk.data.encode import Batch, fill_rows
 from pptk.data.sampler import Shard, eval_indices
 from pptk.errors import PptkError
 from pptk.parallel.pipeline import ModelSource, max_positions, resolve_model
@@ -41,11 +42,28 @@ def resolve_encoder(run: RunConfig, *, max_seq_len: int | None, examples: str) -
     return source, AutoTokenizer.from_pretrained(tokenizer_dir), max_len
 
 
-def eval_micro_batches(features: Sequence[dict], shard: Shard, collate: Callable[[list[dict]], Batch]) -> list[Batch]:
-    """This replica's share of the whole evaluation set, every example used once (see ``eval_indices``)."""
-    return [
-        collate([features[i] for i in chunk]) for chunk in eval_indices([len(f["input_ids"]) for f in features], shard)
-    ]
+def eval_micro_batches(
+    features: Sequence[dict], shard: Shard, collate: Callable[[list[dict]], Batch], *, fixed_shape: bool = False
+) -> list[Batch]:
+    """This replica's share of the whole evaluation set, every example used once (see ``eval_indices``).
+
+    Each micro-batch is filled to exactly ``micro_batch_size`` examples with unscored rows (``fill_rows``), after
+    ``collate`` (so masking sees only the real rows): DualPipeV exchanges activation shapes once, so a short one
+    would break it, and every schedule then runs the same micro-batches. ``eval_indices`` deals a few more than
+    ``micro_batch_size`` only to keep the replicas' counts equal on tiny sets (fewer than 2 x dp examples, or
+    micro-batches of 1); ``fixed_shape`` (DualPipeV) cannot run those.
+    """
+    lengths = [len(f["input_ids"]) for f in features]
+    chunks = eval_indices(lengths, shard)
+    # every replica judges every replica's share, so all of them stop here alike rather than some in eval_batch
+    shares = (eval_indices(lengths, replace(shard, dp_rank=r)) for r in range(shard.dp_size))
+    if fixed_shape and max(len(chunk) for share in shares for chunk in share) > shard.micro_batch_size:
+        raise PptkError(
+            f"{len(features)} evaluation examples cannot be dealt to dp({shard.dp_size}) replicas in equal numbers "
+            f"of micro-batches of {shard.micro_batch_size}, which --schedule dualpipev needs; raise "
+            "--micro-batch-size, give more evaluation examples, or use --schedule 1f1b"
+        )
+    return [fill_rows(collate([features[i] for i in chunk]), rows=shard.micro_batch_size) for chunk in chunks]
 
 
 def select(features: Sequence[dict], indices: np.ndarray) -> list[dict]:

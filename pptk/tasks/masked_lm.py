@@ -158,7 +158,7 @@ class PreparedMaskedLM:
                 seed=masking_seed(self.seed, 10_000, shard.dp_rank),
                 pad_to=self.pad_to,
             )
-            self._eval_batches = eval_micro_batches(self.eval, shard, collate)
+            self._eval_batches = eval_micro_batches(self.eval, shard, collate, fixed_shape=self.pad_to is not None)
         batches = self._eval_batches
         loss = replica_mean(float(engine.eval_batch(iter(batches), num_micro_batches=len(batches))))
         return Evaluation({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))})

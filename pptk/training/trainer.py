@@ -5,14 +5,14 @@
    layout, the step plan (epochs -> steps), the filled DeepSpeed config, the stage plan and a resume
    checkpoint's compatibility are settled, so bad input fails everywhere the same way and no rank waits;
 2. the process group, this rank's stage and the engine; the checkpoint, if resuming;
-3. the steps: train, log every ``log_every``, evaluate when due, checkpoint every ``save_every`` (and at epoch
-   ends and the last step);
+3. the steps: train, log every ``log_every``, checkpoint every ``save_every`` (and at epoch ends and the last
+   step) when the weights are sound (``saving``), then evaluate when due: a failing evaluation never costs the
+   trained weights;
 4. the Hugging Face export, the task's closing extras and the summary.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from pptk import deepspeed_compat as compat
 from pptk.checkpoints.convert import check_export_destination
-from pptk.checkpoints.training import check_layer_files, find_checkpoint, read_manifest, same_layout, save_checkpoint
+from pptk.checkpoints.training import check_layer_files, find_checkpoint, read_manifest, same_layout
 from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, train_indices
-from pptk.errors import PptkError, StoppedByPeer
+from pptk.errors import PptkError
 from pptk.launch.watch import exit_on_sigterm, watch_launcher
 from pptk.logs import get_logger, setup_logging
 from pptk.parallel.layout import Layout
@@ -38,7 +38,8 @@ from pptk.training.guards import DivergenceGuard, nan_loss_failpoint
 from pptk.training.observe import PipelineObserver, peak_tflops, precision_of
 from pptk.training.reporting import MetricsLog, Summary, format_evaluation
 from pptk.training.run_dir import check_free_space, claim_output_dir, release_output_dir, start_fresh
-from pptk.training.task_hooks import Batch, PreparedTask, replica_mean
+from pptk.training.saving import Saver, stop_when_diverged
+from pptk.training.task_hooks import Batch, PreparedTask
 
 log = get_logger(__name__)
 
@@ -154,7 +155,12 @@ class Trainer:
             activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
             dynamic_shape=task.dynamic_shape,
         )
-        guard = DivergenceGuard(factor=run.optim.loss_spike_factor, max_bad_steps=run.optim.max_bad_steps)
+        scaling = compat.loss_scale_state(engine.optimizer) or {}  # fp16's dynamic scaler skips updates by design
+        guard = DivergenceGuard(
+            factor=run.optim.loss_spike_factor,
+            max_bad_steps=run.optim.max_bad_steps,
+            dynamic_loss_scale=bool(scaling.get("dynamic") or scaling.get("dynamic_loss_scale")),
+        )
         if run.output.resume_from is not None:
             from pptk.checkpoints.training import resume
 
@@ -206,9 +212,11 @@ class Trainer:
             rank=rank,
             observer=observer,
             guard=guard,
+            saver=Saver(run=run, engine=engine, plan=plan, layout=layout, guard=guard, rank=rank),
         )
         try:
-            summary = loop.train(start_step)
+            with stop_when_diverged(rank=rank, checkpoints_dir=run.checkpoints_dir):
+                summary = loop.train(start_step)
         finally:
             summary_wandb = metrics.close()
         summary.wandb = summary_wandb
@@ -262,6 +270,7 @@ class _Loop:
     rank: int
     observer: PipelineObserver
     guard: DivergenceGuard
+    saver: Saver
 
     def batches(self, start_step: int) -> Iterator[Batch]:
         """The one sampler: this replica's micro-batches from ``start_step`` on, as the task builds them."""
@@ -297,24 +306,12 @@ class _Loop:
         if self.rank == 0:
             log.info(format_evaluation(record, result.report))
 
-    def _updated_weights_spiked(self, step: int, data: Iterator[Batch]) -> tuple[bool, Iterator[Batch]]:
-        """Whether the weights about to be saved give a spiking loss. A step's loss is measured before its update,
-        so a blow-up in that very update would be checkpointed unseen: one forward pass (every rank) on the next
-        step's micro-batches, which that step then trains on, judges the weights themselves."""
-        if not self.guard.judging():
-            return False, data
-        ahead = list(itertools.islice(data, self.layout.grad_accum_steps))
-        loss = replica_mean(float(self.engine.eval_batch(iter(ahead), num_micro_batches=len(ahead))))
-        spiked = self.guard.spiked(loss)  # the same on every rank: the loss is the mean over all of them
-        if spiked and self.rank == 0:
-            log.warning(f"step {step}: the updated weights give loss {loss:.4g}, a spike")
-        return spiked, itertools.chain(ahead, data)
-
     def train(self, start_step: int) -> Summary:
         run, steps, engine = self.run, self.steps, self.engine
         summary = Summary(task=self.task.task, checkpoints=str(run.checkpoints_dir), metrics=str(self.metrics.path))
         if run.output.eval_at_start and start_step == 0:
             self.evaluate(0, summary)
+        self.saver.start()
         data = self.batches(start_step)
         samples_per_step = self.layout.global_batch_size
         tokens_per_sample = self.task.tokens_per_example()
@@ -328,14 +325,9 @@ class _Loop:
             update_skipped = compat.skipped_optimizer_steps(engine) > skipped
             took = time.perf_counter() - began
             window_time, window_steps, train_time = window_time + took, window_steps + 1, train_time + took
-            try:
-                bad_step = self.guard.check(loss, step=step, update_skipped=update_skipped)  # raises to stop
-            except PptkError:
-                if self.rank != 0:  # every rank saw the same loss: rank 0 says it, once
-                    raise StoppedByPeer(code=2) from None
-                raise
             if update_skipped and self.rank == 0:
                 log.warning(f"step {step}: loss {loss}; DeepSpeed skipped the update (non-finite gradients)")
+            bad_step = self.guard.check(loss, step=step, update_skipped=update_skipped)  # why; raises Diverged to stop
             summary.first_loss = loss if step == start_step + 1 else summary.first_loss
             summary.last_loss = loss
             self.metrics.advance(loss=loss)
@@ -352,22 +344,11 @@ class _Loop:
                     }
                 )
                 window_time, window_steps = 0.0, 0
+            if steps.saves(step):  # before the evaluation: a failing one must not cost the trained weights
+                data = self.saver.save(step, bad_step=bad_step, data=data)
             if steps.evaluates(step):
                 self.evaluate(step, summary)
-            if steps.saves(step) and not bad_step:
-                bad_step, data = self._updated_weights_spiked(step, data)
-            if steps.saves(step) and bad_step:
-                if self.rank == 0:
-                    log.warning(f"step {step}: the loss spiked; no checkpoint now, so latest stays on good weights")
-            elif steps.saves(step):
-                save_checkpoint(
-                    engine,
-                    self.plan,
-                    layout=self.layout,
-                    checkpoints_dir=run.checkpoints_dir,
-                    step=step,
-                    extra={"run_config": run.to_dict(), "recent_losses": list(self.guard.recent)},
-                )
+        self.saver.check_last_save(steps.max_steps)
         summary.steps = steps.max_steps - start_step
         if train_time:
             summary.tokens_per_s = samples_per_step * tokens_per_sample * summary.steps / train_time

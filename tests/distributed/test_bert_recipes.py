@@ -130,6 +130,35 @@ def cls(minilm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cls_dualpipev(minilm, tmp_path_factory):
+    # DualPipeV sends activation shapes once: the 80 eval examples in micro-batches of 6 leave short ones (eval_indices
+    # deals 6, 6, ..., 5), which are filled with unscored rows. Two steps of 4 micro-batches (2 x pp), then the save
+    # and the evaluation of step 2.
+    yield from launch(
+        "bert_finetune.py",
+        tmp_path_factory.mktemp("cls-dualpipev"),
+        "--model",
+        str(minilm),
+        "--task",
+        "sequence-classification",
+        "--train",
+        str(DATA / "cls_train.csv"),
+        "--eval",
+        str(DATA / "cls_dev.csv"),
+        "--pp",
+        "2",
+        "--schedule",
+        "dualpipev",
+        "--micro-batch-size",
+        "6",
+        "--grad-accum-steps",
+        "4",
+        "--max-steps",
+        "2",
+    )
+
+
+@pytest.fixture(scope="module")
 def mlm(minilm, tmp_path_factory):
     yield from launch(
         "bert_mlm.py",
@@ -223,6 +252,52 @@ def test_classification_evaluates_every_epoch_and_two_replicas_score_every_examp
     assert "pp(1) x dp(2)" in cls.output
     report = cls.output.split("== evaluation at step")[-1]
     assert "negative" in report and "positive" in report and "macro avg" in report
+
+
+def test_dualpipev_evaluates_short_micro_batches_as_1f1b_would_after_saving(cls_dualpipev):
+    """The last eval micro-batches hold 5 of 6 examples: the run finishes, checkpoints, and scores exactly the 80 real
+    examples, as the trained weights score them in plain micro-batches of those examples (what 1F1B evaluates)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pptk.checkpoints.convert import load_sequential_from_checkpoint
+    from pptk.data.encode import encode_classification, pad_batch
+    from pptk.data.labels import LabelMap
+    from pptk.data.readers import read_text_classification
+    from pptk.data.sampler import Shard, eval_indices
+    from pptk.tasks.metrics import classification_metrics
+
+    run = cls_dualpipev
+    assert "dualpipev" in run.output and [e["step"] for e in run.evaluations] == [2]
+    ckpt = run.output_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step2"
+    # saved before the evaluation (whose record is the last write to metrics.jsonl): a failing one keeps the weights
+    assert (ckpt / "latest").stat().st_mtime_ns <= (run.output_dir / "metrics.jsonl").stat().st_mtime_ns
+    plan, model = load_sequential_from_checkpoint(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(run.output_dir / "hf_config")
+    names = tuple(run.summary["labels"])
+    features = encode_classification(
+        read_text_classification(DATA / "cls_dev.csv"),
+        tokenizer,
+        LabelMap(names),
+        max_len=512,
+        truncate=False,
+    )
+    chunks = eval_indices([len(f["input_ids"]) for f in features], Shard(dp_rank=0, dp_size=1, micro_batch_size=6))
+    assert sorted(len(chunk) for chunk in chunks)[0] == 5  # the case DualPipeV could not run
+    losses, gold, predicted = [], [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            inputs, labels = pad_batch([features[i] for i in chunk], pad_id=tokenizer.pad_token_id)
+            logits = model.eval()(inputs)
+            losses.append(float(plan.loss_fn()(logits, labels)))
+            gold += labels.tolist()
+            predicted += logits.argmax(-1).tolist()
+    metrics, _ = classification_metrics(gold, predicted, names)
+    evaluation = run.evaluations[-1]
+    assert evaluation["eval_examples"] == len(features) == 80
+    assert (evaluation["eval_accuracy"], evaluation["eval_f1_macro"]) == (metrics["accuracy"], metrics["f1_macro"])
+    assert evaluation["eval_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
 
 
 def test_masked_lm_continued_pretraining_lowers_the_eval_loss(mlm):

@@ -1,8 +1,9 @@
-# The divergence guard on plain numbers: spikes are bad steps, a streak stops the run, NaN stops it at once.
+# The divergence guard on plain numbers: spikes, skipped updates and blown-up weights are bad steps, a streak stops
+# the run, an applied NaN stops it at once.
 import pytest
 
 from pptk.errors import PptkError
-from pptk.training.guards import DivergenceGuard
+from pptk.training.guards import Diverged, DivergenceGuard
 
 
 def _falling(guard, steps=20):
@@ -28,7 +29,7 @@ def test_one_spike_is_a_bad_step_and_a_streak_stops_the_run():
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf")])
 def test_a_non_finite_loss_stops_the_run_at_once(loss):
-    with pytest.raises(PptkError, match="loss became .* at step 3; resume from the last checkpoint"):
+    with pytest.raises(Diverged, match="^the run diverged: the loss became .* at step 3 and its update was applied; "):
         DivergenceGuard().check(loss, step=3)
 
 
@@ -56,5 +57,44 @@ def test_a_non_finite_loss_whose_update_was_skipped_is_a_bad_step_and_a_streak_s
     assert guard.check(float("nan"), step=1, update_skipped=True)  # during the warmup too: NaN is never judged late
     assert not guard.check(5.0, step=2)
     assert guard.check(float("inf"), step=3, update_skipped=True)
-    with pytest.raises(PptkError, match=r"not finite \(nan\) at step 4, 2 steps in a row \(DeepSpeed skipped"):
+    with pytest.raises(
+        Diverged, match=r"diverged: 2 bad steps in a row, the last one step 4, whose update DeepSpeed s"
+    ):
         guard.check(float("nan"), step=4, update_skipped=True)
+
+
+def test_a_skipped_update_is_a_bad_step_whatever_the_loss():
+    """--lr 1e30: the loss, measured before each update, stays near 6 while DeepSpeed skips every update (non-finite
+    gradients). Those steps are bad, so the streak stops the run instead of checkpointing blown-up weights."""
+    guard = DivergenceGuard(max_bad_steps=3)
+    _falling(guard)
+    assert guard.check(6.245, step=21, update_skipped=True) == "DeepSpeed skipped its update (non-finite gradients)"
+    assert guard.check(6.24, step=22, update_skipped=True)
+    with pytest.raises(Diverged, match=r"3 bad steps in a row, the last one step 23, whose update .*; loss 6.238\)"):
+        guard.check(6.238, step=23, update_skipped=True)
+    assert len(guard.recent) == 20  # no skipped step's loss joined the recent level
+
+
+def test_fp16s_loss_scaler_searching_its_scale_is_not_a_bad_step():
+    """fp16's dynamic loss scaler skips overflowing updates by design (and raises itself at its minimum scale); a
+    non-finite loss is still bad there."""
+    guard = DivergenceGuard(max_bad_steps=2, dynamic_loss_scale=True)
+    assert not any(guard.check(5.0, step=s, update_skipped=True) for s in range(1, 6))
+    assert guard.check(float("nan"), step=6, update_skipped=True)
+
+
+def test_blown_up_weights_are_a_bad_step_in_the_same_streak():
+    """The save after a huge finite update is refused (its weights' norm jumped); the skipped updates after it
+    continue the streak, which stops the run with the numbers."""
+    guard = DivergenceGuard(max_bad_steps=3)
+    assert not guard.check(6.2, step=1)  # the step's own loss predates its huge update
+    assert guard.weights_blew_up(step=1, norm=5e31, reference=40.0) == "its weights' norm jumped 1.25e+30x"
+    assert guard.check(6.2, step=2, update_skipped=True)
+    with pytest.raises(Diverged, match="3 bad steps in a row, the last one step 3, whose update DeepSpeed skipped"):
+        guard.check(6.2, step=3, update_skipped=True)
+    guard = DivergenceGuard(max_bad_steps=2)
+    assert guard.weights_blew_up(step=6, norm=5e31, reference=40.0)
+    with pytest.raises(
+        Diverged, match=r"2 bad steps in a row, the last one step 7, whose weights' norm jumped to 5e\+31, 1"
+    ):
+        guard.weights_blew_up(step=7, norm=5e31, reference=40.0)
