@@ -2,8 +2,8 @@
 
 Three failures of a 2-rank GPT demo run (`recipes/gpt_pretrain.py` under DeepSpeed's own launcher), each timed from
 the moment it happens to the moment the launcher exits, with what the user sees:
-- an error on one rank after the process group formed (rank 0's save fails as on a full disk: the failpoint
-  `disk:0:4`), timed from its error line;
+- an error on one rank after the process group formed (rank 0's weights turn NaN before the step-4 save, which it
+  refuses: the failpoint `nan:0:4`), timed from its error line;
 - SIGKILL of rank 1 during training (as the OOM killer does), timed from the kill; pptk's line must name rank 1;
 - SIGTERM to the launcher (a batch scheduler), timed until no rank is left.
 Target: under 30 s each. Writes benchmarks/results/failure_exit.json.
@@ -80,7 +80,7 @@ def _wait_for_training(out: Path, runner: subprocess.Popen, steps: int = 2) -> N
 
 def error_after_process_group(work: Path, cache: Path, env: dict) -> dict:
     runner, lines = _launch(work / "error", cache, ["--max-steps", "8", "--save-every", "2"],
-                            dict(env, PPTK_FAILPOINT="disk:0:4"))  # fmt: skip
+                            dict(env, PPTK_FAILPOINT="nan:0:4"))  # fmt: skip
     code = runner.wait(timeout=600)
     ended = time.monotonic()
     time.sleep(0.5)  # the reader thread's last lines
@@ -89,7 +89,7 @@ def error_after_process_group(work: Path, cache: Path, env: dict) -> dict:
     if not failed:
         raise RuntimeError("no error line:\n" + "\n".join(line for _, line in output[-30:]))
     said = [line for _, line in output if "gpt_pretrain: error:" in line or "stopping" in line]
-    return {"what": "an error on rank 0 after the process group formed (full disk at a save)",
+    return {"what": "an error on rank 0 after the process group formed (NaN weights refused at a save)",
             "from": "the error line", "seconds": round(ended - failed[0][0], 2), "exit_code": code,
             "exit_code_is_the_failed_ranks": code == 2, "lines": said}  # fmt: skip
 

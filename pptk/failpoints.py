@@ -3,7 +3,6 @@ for every rank). Unset, every function here is a no-op; the recipes never set it
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 
@@ -17,12 +16,9 @@ def failpoint_armed(name: str, *, step: int) -> bool:
 
 
 def failpoint(name: str, *, step: int) -> None:
-    """save:1:16 SIGKILLs global rank 1 midway through the step-16 save; disk:0:4 makes rank 0's step-4 save fail as
-    a full disk does (an error on one rank after the process group formed). nan:R:S is checked by save_checkpoint
-    itself (a NaN in rank R's weights), and nanloss:*:S by the trainer (see pptk.training.guards.nan_loss_failpoint)."""
-    if not failpoint_armed(name, step=step):
-        return
-    if name == "save":
+    """save:1:16 SIGKILLs global rank 1 midway through the step-16 save. nan:R:S is checked by save_checkpoint
+    itself (a NaN in rank R's weights), and nanloss:*:S by the trainer (see pptk.training.guards.nan_loss_failpoint).
+    A full disk needs no failpoint: the tests give a rank a real file size limit (tests/distributed/
+    test_failing_well.py)."""
+    if failpoint_armed(name, step=step) and name == "save":
         os.kill(os.getpid(), signal.SIGKILL)
-    if name == "disk":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

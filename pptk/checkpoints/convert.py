@@ -10,8 +10,10 @@ from typing import Any
 from torch import nn
 from transformers import AutoConfig
 
-from pptk.checkpoints.layer_files import layer_sources, read_layer, save_full_layer
-from pptk.checkpoints.training import MANIFEST, _write_atomically, find_checkpoint, manifest_for, read_manifest
+from pptk.checkpoints.integrity import FileLedger, check_files, format_bytes
+from pptk.checkpoints.layer_files import is_layer_file, layer_sources, read_layer, save_full_layer
+from pptk.checkpoints.safe_writes import publish
+from pptk.checkpoints.training import find_checkpoint, manifest_for, read_manifest
 from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index
 from pptk.models.common import init_layer_like_hf
@@ -76,6 +78,7 @@ def hf_to_ds(
     partial = dst / "step0.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    files = FileLedger(partial)
     first = first_tied_index(plan.layers)
     optional = tuple(layer.hf_prefix for layer in plan.layers if layer.optional)
     manifest = manifest_for(plan, step=0, layout=None, tp=tp)
@@ -89,13 +92,18 @@ def hf_to_ds(
             holder, plan.layers, checkpoint, base_model_prefix=plan.hf_class.base_model_prefix, allow_missing=optional
         )
         (module,) = holder.tied_modules.values() if layer.tied_key else holder.children()
-        save_full_layer(module.state_dict(), partial, index, manifest)
+        save_full_layer(module.state_dict(), files, index, manifest)
         del holder, module  # release this layer before the next one is built
-    _write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1))
-    if tag_dir.exists():  # --overwrite: replace the old step0 only once the new one is complete
-        shutil.rmtree(tag_dir)
-    partial.rename(tag_dir)
-    _write_atomically(dst / "latest", tag_dir.name)
+        if files.failure is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+            weights = sum(p.stat().st_size for p in Path(source.pretrained_dir).glob("*.safetensors"))
+            fix = files.failure.fix(elsewhere="another destination")
+            raise PptkError(
+                f"could not write {partial.name} in {dst}: {files.failure.describe()}; the layer files need about "
+                f"{format_bytes(weights)} there: {fix} and convert again"
+            )
+    manifest["files"] = dict(sorted(files.files.items()))
+    publish(partial, tag_dir, manifest, retry="convert again")  # --overwrite: the old step0 goes only now
     return tag_dir
 
 
@@ -166,6 +174,7 @@ def ds_to_hf(
     check_export_destination(final, overwrite=overwrite)
     tag_dir = find_checkpoint(src)
     manifest = read_manifest(tag_dir)
+    check_files(tag_dir, manifest, only=is_layer_file)  # the files an export reads, before anything is written
     config = config_from_manifest(manifest)
     hf_class = hf_model_class(config, manifest["task"])
     dst = final.parent / f".{final.name}.partial-{os.getpid()}"
@@ -226,6 +235,7 @@ def load_sequential_from_checkpoint(src: str | Path):
 
     tag_dir = find_checkpoint(src)
     manifest = read_manifest(tag_dir)
+    check_files(tag_dir, manifest, only=is_layer_file)
     config = config_from_manifest(manifest)
     plan = plan_pipeline(ModelSource(config, None, str(tag_dir)), num_stages=1, task=manifest["task"])
     module = SequentialPipe(plan.layers)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pptk.checkpoints.integrity import FileLedger
 from pptk.errors import PptkError
 from pptk.parallel.hf_weights import TensorSource
 from pptk.parallel.tensor_parallel import ShardSpec, load_sliced_state, rank_slice, shard_spec, shard_stage
@@ -28,6 +29,11 @@ Splits = dict[str, dict[str, list[int]]]  # layer index -> parameter name -> [di
 def layer_file(tag_dir: Path, index: int, tp_rank: int | None = None) -> Path:
     model = "" if tp_rank is None else f"-model_{tp_rank:02d}"
     return tag_dir / f"layer_{index:02d}{model}-model_states.pt"
+
+
+def is_layer_file(name: str) -> bool:
+    """A layer's weights (at any tp), what a conversion reads; not its optimizer state."""
+    return name.startswith("layer_") and name.endswith("-model_states.pt")
 
 
 def optim_file(tag_dir: Path, index: int, tp_rank: int | None = None) -> Path:
@@ -74,17 +80,18 @@ def _specs(manifest: dict, index: int, rank: int = 0) -> dict[str, ShardSpec]:
     }
 
 
-def save_full_layer(state: dict[str, torch.Tensor], tag_dir: Path, index: int, manifest: dict) -> None:
-    """A full layer's state as the manifest says a checkpoint holds it: one file, or one per tp rank of its slices."""
+def save_full_layer(state: dict[str, torch.Tensor], files: FileLedger, index: int, manifest: dict) -> None:
+    """A full layer's state as the manifest says a checkpoint holds it: one file, or one per tp rank of its slices,
+    each recorded in ``files``."""
     tp = saved_tp(manifest)
     if tp == 1:
-        torch.save(state, layer_file(tag_dir, index))
+        files.save(state, layer_file(files.tag_dir, index))
         return
     for rank in range(tp):
         specs = _specs(manifest, index, rank)
-        torch.save(
+        files.save(
             {name: specs[name].take(t) if name in specs else t for name, t in state.items()},
-            layer_file(tag_dir, index, rank),
+            layer_file(files.tag_dir, index, rank),
         )
 
 

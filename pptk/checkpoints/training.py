@@ -4,7 +4,8 @@
     checkpoints/
       latest                          the newest *complete* tag; replaced atomically, after every rank finished
       step200/
-        pptk.json                     manifest: model type, task, HF config, layers, layout, step, scheduler state
+        pptk.json                     manifest: model type, task, HF config, layers, layout, step, scheduler state,
+                                      and every other file's size and sha256 (pptk.checkpoints.integrity)
         layer_00-model_states.pt ...  DeepSpeed: one file per layer (so weights load under any number of stages);
                                       at tp > 1 one per layer and tp rank, layer_00-model_01-model_states.pt
         mp_rank_00_model_states.pt    DeepSpeed: engine state per stage
@@ -13,12 +14,15 @@
                                       (optim_layer_00-model_01.pt at tp > 1; see pptk.checkpoints.layer_files)
         rng_rank0.pt ...              pptk: each rank's RNG states, for an exact resume on the same layout
 
-A save writes into ``step200.partial`` and is renamed to ``step200`` by rank 0 only after a barrier that every rank
-reaches once all its files are written; ``latest`` is updated after that. A rank killed mid-save therefore leaves
-the previous checkpoint and ``latest`` untouched. On the same layout, resume uses DeepSpeed's own loader (bitwise
-exact). On another layout (pp, tp or dp changed), weights load layer by layer and the optimizer state is rebuilt from
-the per-layer files, fragment by fragment, into whatever ZeRO partitions the new layout has; that path is exact
-too, and also serves the same layout where DeepSpeed's loader cannot restore the optimizer (bf16 without ZeRO).
+A save writes into ``step200.partial`` and is renamed to ``step200`` by rank 0 only after a collective that every
+rank reaches once all its files are written; ``latest`` is updated after that. A rank killed mid-save therefore
+leaves the previous checkpoint and ``latest`` untouched; a write that fails (a full disk) removes the partial tag
+and stops every rank in step (pptk.checkpoints.safe_writes). A resume first checks every file against the manifest.
+
+On the same layout, resume uses DeepSpeed's own loader (bitwise exact). On another layout (pp, tp or dp changed),
+weights load layer by layer and the optimizer state is rebuilt from the per-layer files, fragment by fragment, into
+whatever ZeRO partitions the new layout has; that path is exact too, and also serves the same layout where
+DeepSpeed's loader cannot restore the optimizer (bf16 without ZeRO).
 Every DeepSpeed internal this needs is in pptk.deepspeed_compat.
 """
 
@@ -28,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from pptk import deepspeed_compat as compat
+from pptk.checkpoints.integrity import MANIFEST, FileLedger, check_files
 from pptk.checkpoints.layer_files import (
     layer_file,
     load_rank_layer,
@@ -44,14 +48,14 @@ from pptk.checkpoints.layer_files import (
     saved_tp,
     tensor_parallel_entry,
 )
+from pptk.checkpoints.safe_writes import from_every_rank, publish, stop_if_a_write_failed
 from pptk.deepspeed_compat import ADAM_STATES
 from pptk.errors import PptkError, StoppedByPeer
 from pptk.failpoints import failpoint, failpoint_armed
 from pptk.parallel.layout import Layout
 from pptk.parallel.pipeline import PipelinePlan, local_layers
 
-MANIFEST = "pptk.json"
-FORMAT = 1
+FORMAT = 1  # "files" (sizes and checksums, pptk.checkpoints.integrity) is optional: older checkpoints lack it
 
 
 def describe_layers(plan: PipelinePlan) -> list[dict]:
@@ -127,24 +131,13 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def check_layer_files(tag_dir: Path) -> None:
-    """Before any rank loads them: every layer file of a checkpoint is a whole torch archive (a zip whose
-    directory, written last, is there), so a truncated file is one error naming it, not a stream error midway."""
-    broken = [p.name for p in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(p)]
-    if broken:
-        raise PptkError(
-            f"checkpoint {tag_dir} has truncated or corrupt files ({', '.join(broken[:4])}); resume from an earlier "
-            f"step (the step directories beside it), or copy the checkpoint again"
-        )
+    """Before any rank loads them (the trainer calls this on every rank): every file of the checkpoint has the size
+    and sha256 recorded when it was saved (older checkpoints: every file is a whole torch archive), so a damaged
+    file is one error naming it and the tag, not a stream error midway or, worse, a silent resume from it. The ranks
+    of a launch split the hashing (RANK of WORLD_SIZE), so the checkpoint is read once, not once per rank."""
+    share = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    check_files(tag_dir, read_manifest(tag_dir), share=share)
 
 
 def rng_states() -> dict:
@@ -172,7 +165,7 @@ def _local_layer_modules(engine, plan: PipelinePlan):
             yield index, layer_module
 
 
-def _save_layer_optimizer_states(engine, plan: PipelinePlan, tag_dir: Path) -> None:
+def _save_layer_optimizer_states(engine, plan: PipelinePlan, files: FileLedger) -> None:
     """Per-layer fp32 weights and Adam moments, each tp rank its own slices; collective over the dp group (every
     replica takes part), written by replica 0."""
     _, tp_rank, tp = compat.tensor_parallel_group(engine.module)
@@ -183,26 +176,24 @@ def _save_layer_optimizer_states(engine, plan: PipelinePlan, tag_dir: Path) -> N
             for name, p in layer_module.named_parameters()
         }
         if write:
-            torch.save(states, optim_file(tag_dir, index, tp_rank if tp > 1 else None))
+            files.save(states, optim_file(files.tag_dir, index, tp_rank if tp > 1 else None))
 
 
-def _save_layer_slices(engine, plan: PipelinePlan, tag_dir: Path) -> None:
+def _save_layer_slices(engine, plan: PipelinePlan, files: FileLedger) -> None:
     """tp > 1: each tp rank of replica 0 writes its own slices of its layers (DeepSpeed's ``-model_YY`` files); no
     layer is ever gathered to full size. pptk.checkpoints.layer_files merges them for another tp and for an export."""
     _, tp_rank, _ = compat.tensor_parallel_group(engine.module)
     if engine.grid.get_data_parallel_rank() != 0:
         return
-    tag_dir.mkdir(parents=True, exist_ok=True)
     for index, layer_module in _local_layer_modules(engine, plan):
-        torch.save(layer_module.state_dict(), layer_file(tag_dir, index, tp_rank))
+        files.save(layer_module.state_dict(), layer_file(files.tag_dir, index, tp_rank))
 
 
 def _refuse_non_finite(module: torch.nn.Module, *, checkpoints_dir: Path, step: int) -> None:
     """Never save non-finite weights (collective): rank 0 names the ranks holding NaN/inf, the others stop."""
-    bad = torch.tensor([0.0 if all(bool(torch.isfinite(p).all()) for p in module.parameters()) else 1.0])
-    flags = [torch.zeros(1) for _ in range(dist.get_world_size())]
-    dist.all_gather(flags, bad)
-    bad_ranks = [rank for rank, flag in enumerate(flags) if flag.item()]
+    finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    # objects, not CPU tensors: an NCCL process group (GPUs) has no backend for a CPU tensor
+    bad_ranks = [rank for rank, ok in enumerate(from_every_rank(finite)) if not ok]
     if not bad_ranks:
         return
     if dist.get_rank() != 0:
@@ -219,7 +210,13 @@ def _refuse_non_finite(module: torch.nn.Module, *, checkpoints_dir: Path, step: 
 def save_checkpoint(
     engine, plan: PipelinePlan, *, layout: Layout, checkpoints_dir: Path, step: int, extra: dict | None = None
 ) -> Path:
-    """Save collectively (every rank calls this); returns the final tag directory."""
+    """Save collectively (every rank calls this); returns the final tag directory.
+
+    Every file is written through a FileLedger (DeepSpeed's too), which records its size and sha256 for the
+    manifest, or the write that failed: a full disk, a quota or a file size limit, which torch.save reports as a
+    RuntimeError. A failure stops every rank after the writes, in step, with the partial tag removed and ``latest``
+    on the last whole checkpoint (pptk.checkpoints.safe_writes).
+    """
     compat.check_per_layer_states_supported(engine.optimizer)
     if failpoint_armed("nan", step=step):
         with torch.no_grad():
@@ -228,27 +225,22 @@ def save_checkpoint(
     tag = f"step{step}"
     partial, final = checkpoints_dir / f"{tag}.partial", checkpoints_dir / tag
     rank = dist.get_rank()
+    files = FileLedger(partial)
+    params = sum(cost.unique_params for cost in plan.stages.costs)  # to say how much space a checkpoint needs
     if rank == 0:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier save that was killed
-    dist.barrier()
-    try:
-        failpoint("disk", step=step)
-        if layout.tp > 1:  # no DeepSpeed engine files: resume goes through the per-layer files, on any layout
-            _save_layer_slices(engine, plan, partial)
-        else:
+        files.write(partial, lambda: partial.mkdir(parents=True))
+    stop_if_a_write_failed(files, tag=tag, checkpoints_dir=checkpoints_dir, params=params)
+    if layout.tp > 1:  # no DeepSpeed engine files: resume goes through the per-layer files, on any layout
+        _save_layer_slices(engine, plan, files)
+    else:
+        with compat.checkpoint_writes_through(engine, files.write):
             engine.save_checkpoint(str(checkpoints_dir), tag=partial.name, save_latest=False)
-        _save_layer_optimizer_states(engine, plan, partial)
-        torch.save(rng_states(), partial / f"rng_rank{rank}.pt")
-    except OSError as err:  # a full or failing disk: drop the half-written tag; latest still names a whole one
-        shutil.rmtree(partial, ignore_errors=True)
-        latest = (checkpoints_dir / "latest").read_text().strip() if (checkpoints_dir / "latest").exists() else None
-        raise PptkError(
-            f"could not write checkpoint {tag} in {checkpoints_dir}: {err.strerror or err}; free space there (or "
-            "use another --output-dir) and resume" + (f" from latest ({latest}), which is intact" if latest else "")
-        ) from None
+    _save_layer_optimizer_states(engine, plan, files)
+    files.save(rng_states(), partial / f"rng_rank{rank}.pt")
     failpoint("save", step=step)
-    dist.barrier()  # every rank has written everything it owns
+    written = stop_if_a_write_failed(files, tag=tag, checkpoints_dir=checkpoints_dir, params=params)
+    problem = None
     if rank == 0:
         scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
         manifest = manifest_for(
@@ -264,19 +256,17 @@ def save_checkpoint(
                 "loss_scale": compat.loss_scale_state(engine.optimizer),
                 "optimizer_wrapper": compat.optimizer_wrapper(engine.optimizer),
                 **(extra or {}),
+                "files": dict(sorted(written.items())),
             },
         )
-        _write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1))
-        if final.exists():  # an earlier run's tag of the same name: replace it only now that the new one is whole
-            stale = checkpoints_dir / f"{tag}.replaced"
-            shutil.rmtree(stale, ignore_errors=True)
-            final.rename(stale)
-            partial.rename(final)
-            shutil.rmtree(stale)
-        else:
-            partial.rename(final)
-        _write_atomically(checkpoints_dir / "latest", tag)
-    dist.barrier()
+        try:
+            publish(partial, final, manifest)
+        except PptkError as err:
+            problem = err
+    if from_every_rank(problem is not None)[0]:  # rank 0's outcome, for every rank
+        if problem is not None:
+            raise problem
+        raise StoppedByPeer(code=2)
     return final
 
 

@@ -15,7 +15,7 @@ from pptk.logs import quiet_deepspeed_startup
 
 quiet_deepspeed_startup()  # before the imports below bring DeepSpeed in
 
-from pptk.cli import env, plot, timeline  # noqa: E402
+from pptk.cli import checkpoint, env, plot, timeline  # noqa: E402
 from pptk.cli.data import add_data_parser  # noqa: E402
 from pptk.errors import PptkError  # noqa: E402
 from pptk.parallel.partition import METHODS  # noqa: E402
@@ -146,7 +146,9 @@ def _tp_share(plan, row: dict, tp: int) -> float:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from pptk.checkpoints.convert import ds_to_hf, hf_to_ds
+    from pptk.training.config import check_settings
 
+    check_settings(pp=args.pp, tp=args.tp)
     if args.direction == "hf-to-ds":
         tag_dir = hf_to_ds(
             args.src,
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pptk",
         description="Pipeline-parallel Hugging Face models on DeepSpeed",
         epilog="Each command's --help ends with an example. Training runs through the recipes (see README).",
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=14, width=110),
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=16, width=110),
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -270,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
+    checkpoint.add_parser(sub)
     timeline.add_parser(sub)
     plot.add_parser(sub)
     add_data_parser(sub)
@@ -287,6 +290,8 @@ EXAMPLES = {
     "plan": "pptk plan llama --pp 4 --tp 2 --dp 2 --precision bf16",
     "convert": "pptk convert ds-to-hf runs/demo/checkpoints runs/demo/hf-again",
     "models": "pptk models --json",
+    "checkpoint": "pptk checkpoint verify runs/demo/checkpoints",
+    "checkpoint verify": "pptk checkpoint verify runs/demo/checkpoints",
     "timeline": "pptk timeline runs/demo",
     "plot": "pptk plot runs/demo",
     "data": "pptk data prepare corpus.jsonl --tokenizer runs/demo/hf --out data/corpus",

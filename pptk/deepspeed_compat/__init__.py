@@ -23,6 +23,7 @@ fp16, ZeRO-0                           ``FP16_Optimizer`` / ``_Unfused``   flat 
 May import: errors, logs. Every other room that needs a DeepSpeed internal asks this one.
 """
 
+from pptk.deepspeed_compat.checkpoint_writes import checkpoint_writes_through
 from pptk.deepspeed_compat.engine import (
     after_initialize,
     build_each_layer_with,
@@ -73,6 +74,7 @@ __all__ = [
     "build_op",
     "check_build_locks",
     "check_per_layer_states_supported",
+    "checkpoint_writes_through",
     "deepspeed_loader_restores_optimizer",
     "fix_dualpipev_eval",
     "fix_pipeline_clipping",

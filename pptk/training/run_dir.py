@@ -21,6 +21,7 @@ import socket
 import time
 from pathlib import Path
 
+from pptk.checkpoints.integrity import expected_checkpoint_bytes
 from pptk.errors import PptkError
 
 LOCK_FILE = ".pptk.lock"
@@ -106,17 +107,13 @@ def _alive(holder: dict) -> bool:
     return True
 
 
-# Bytes per parameter of one checkpoint: the weights (fp32 layer files), DeepSpeed's ZeRO shards (fp32 master copy
-# and two Adam moments: 12) and pptk's per-layer optimizer states (the same 12 again, for resuming on any layout).
-CHECKPOINT_BYTES_PER_PARAM = 4 + 12 + 12
-
-
 def check_free_space(directory: Path, *, params: int) -> None:
-    """Refuse to start when ``directory``'s file system cannot hold one checkpoint of ``params`` parameters: a run
-    that fills the disk at its first save has trained for nothing."""
+    """Refuse to start when ``directory``'s file system cannot hold one checkpoint of ``params`` parameters (the
+    size of the newest one there, else about CHECKPOINT_BYTES_PER_PARAM each): a run that fills the disk at its
+    first save has trained for nothing."""
     import shutil
 
-    needed = params * CHECKPOINT_BYTES_PER_PARAM
+    needed = expected_checkpoint_bytes(directory, params=params)
     existing = directory
     while not existing.exists():  # the run creates its directories later; measure the file system they land on
         existing = existing.parent

@@ -112,7 +112,7 @@ def test_a_missing_layer_file_is_named(tmp_path):
     _save_hf(tmp_path / "hf", "gpt2")
     tag = hf_to_ds(tmp_path / "hf", tmp_path / "ds")
     (tag / "layer_03-model_states.pt").unlink()
-    with pytest.raises(PptkError, match="layer_03-model_states.pt is missing: the checkpoint is incomplete"):
+    with pytest.raises(PptkError, match="checkpoint step0 .* is damaged: layer_03-model_states.pt is missing; use"):
         ds_to_hf(tmp_path / "ds", tmp_path / "out")
 
 

@@ -109,7 +109,8 @@ def test_overwrite_replaces_only_a_previous_export(tmp_path):
 def test_a_disk_that_cannot_hold_one_checkpoint_is_refused_before_training(tmp_path):
     import shutil
 
-    from pptk.training.run_dir import CHECKPOINT_BYTES_PER_PARAM, check_free_space
+    from pptk.checkpoints.integrity import CHECKPOINT_BYTES_PER_PARAM
+    from pptk.training.run_dir import check_free_space
 
     free = shutil.disk_usage(tmp_path).free
     fits = free // CHECKPOINT_BYTES_PER_PARAM // 2
@@ -118,3 +119,10 @@ def test_a_disk_that_cannot_hold_one_checkpoint_is_refused_before_training(tmp_p
     with pytest.raises(PptkError, match=rf"needs about [\d.]+ GiB, and {tmp_path} has [\d.]+ GiB free; free space"):
         check_free_space(tmp_path / "run" / "checkpoints", params=too_big)
     assert not (tmp_path / "run").exists()
+    # resuming there: the newest checkpoint's own size counts, not the estimate (a sparse file takes no space)
+    (tmp_path / "checkpoints" / "step2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step2")
+    with open(tmp_path / "checkpoints" / "step2" / "optim_layer_00.pt", "wb") as f:
+        f.truncate(free + 10**9)
+    with pytest.raises(PptkError, match="needs about"):
+        check_free_space(tmp_path / "checkpoints", params=1)
