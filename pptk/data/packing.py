@@ -92,6 +92,10 @@ class ChatRows:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def filled(self, index: int) -> int:
+        """Conversation tokens in row ``index`` (the rest of its ``seq_len`` positions is padding)."""
+        return sum(len(self.conversations[c]) for c in self.rows[index])
+
     def tensors(self, indices: Sequence[int] | np.ndarray) -> ChatBatch:
         """The rows ``indices``, stacked."""
         shape = (len(indices), self.seq_len)

@@ -11,6 +11,8 @@ from pptk.data.chat_template import ChatTemplate, mask_method, resolve_chat_temp
 from pptk.data.packing import TRUNCATION, ChatRows, build_rows, pad_id_of
 from pptk.errors import PptkError
 
+SAMPLE_PROMPTS = 8  # kept for the samples a finished run prints
+
 
 @dataclass(frozen=True, eq=False)
 class SftData:
@@ -18,6 +20,7 @@ class SftData:
     eval: ChatRows | None
     template: ChatTemplate  # save it with the tokenizer of an exported model (tokenizer.chat_template = text)
     supervision: str  # "generation" / "prefix" (how answers were found) or "every token" (train_on_prompt)
+    sample_prompts: tuple[tuple[dict[str, str], ...], ...] = ()  # held-out prompts (messages up to the last answer)
 
     def describe(self) -> str:
         rows = "packed" if self.train.packed else "padded"
@@ -70,11 +73,22 @@ def load_sft_data(
         return build_rows(tokenized, seq_len=seq_len, pad_id=pad_id, packing=packing, truncation=truncation)
 
     return SftData(
+        sample_prompts=_prompts(held_out or train, SAMPLE_PROMPTS),
         train=rows(train),
         eval=rows(held_out) if held_out is not None else None,
         template=template,
         supervision="every token" if train_on_prompt else mask_method(tokenizer, template),
     )
+
+
+def _prompts(conversations: list[Conversation], count: int) -> tuple[tuple[dict[str, str], ...], ...]:
+    """The first ``count`` conversations' messages before their last assistant turn: what a model is asked."""
+    prompts = []
+    for conversation in conversations[:count]:
+        last = max(i for i, m in enumerate(conversation.messages) if m.role == "assistant")
+        if last > 0:
+            prompts.append(tuple(conversation.as_dicts(last)))
+    return tuple(prompts)
 
 
 def _read(paths: Sequence[str | Path], format: str | None) -> list[Conversation]:

@@ -19,13 +19,18 @@ class Task:
     loss: Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]  # loss(config) -> loss_fn(logits, labels)
 
 
-def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
-    # Hugging Face's loss: labels shifted inside, -100 ignored, mean over the micro-batch's counted tokens.
-    return loss_utils.ForCausalLMLoss(logits, labels, vocab_size=vocab_size)
+def _causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int, num_items_in_batch: float | None = None
+) -> torch.Tensor:
+    # Hugging Face's loss: labels shifted inside, -100 ignored, mean over the micro-batch's counted tokens, or their
+    # sum over num_items_in_batch (pptk.training.token_mean).
+    return loss_utils.ForCausalLMLoss(logits, labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch)
 
 
-def _masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
-    return loss_utils.ForMaskedLMLoss(logits, labels, vocab_size=vocab_size)
+def _masked_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int, num_items_in_batch: float | None = None
+) -> torch.Tensor:
+    return loss_utils.ForMaskedLMLoss(logits, labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch)
 
 
 def _sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, *, config) -> torch.Tensor:

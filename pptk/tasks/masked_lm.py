@@ -19,7 +19,8 @@ from pptk.parallel.pipeline import ModelSource, PipelinePlan
 from pptk.parallel.schedules import needs_fixed_shapes
 from pptk.tasks.encoder import eval_micro_batches, resolve_encoder, select
 from pptk.training.config import RunConfig
-from pptk.training.task_hooks import Batch, Evaluation, replica_mean
+from pptk.training.task_hooks import Batch, Evaluation
+from pptk.training.token_mean import TokenMeanLoss, evaluate_token_mean, unshifted_items
 
 TASK = "masked-lm"
 
@@ -124,6 +125,7 @@ class PreparedMaskedLM:
     dynamic_shape: bool = True  # every micro-batch is padded to its own longest line
     lengths: set[int] = field(default_factory=set)
     _eval_batches: list | None = None
+    token_mean_loss: TokenMeanLoss | None = None
     pad_to: int | None = None  # one length for every micro-batch (DualPipeV sends shapes once)
 
     @property
@@ -136,8 +138,10 @@ class PreparedMaskedLM:
     def tokens_per_example(self) -> float:
         return sum(len(f["input_ids"]) for f in self.train) / len(self.train)
 
-    def loss_fn(self, plan: PipelinePlan):
-        return plan.loss_fn()
+    def loss_fn(self, plan: PipelinePlan) -> TokenMeanLoss:
+        # the mean over every masked token of the step, not of per-micro-batch means (pptk.training.token_mean)
+        self.token_mean_loss = TokenMeanLoss(plan.loss_fn(), unshifted_items)
+        return self.token_mean_loss
 
     def train_batch(self, indices: np.ndarray, number: int, shard: Shard) -> Batch:
         collate = MaskingCollator(
@@ -160,7 +164,7 @@ class PreparedMaskedLM:
             )
             self._eval_batches = eval_micro_batches(self.eval, shard, collate, fixed_shape=self.pad_to is not None)
         batches = self._eval_batches
-        loss = replica_mean(float(engine.eval_batch(iter(batches), num_micro_batches=len(batches))))
+        loss = evaluate_token_mean(engine, self.token_mean_loss, batches, dp_size=shard.dp_size)
         return Evaluation({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))})
 
     def summary_extra(self) -> dict[str, Any]:
@@ -213,6 +217,7 @@ class MaskedLMBlocks:
     dynamic_shape: bool = False
     samples_by_position: bool = True
     _eval_batches: list | None = None
+    token_mean_loss: TokenMeanLoss | None = None
 
     @property
     def num_train_examples(self) -> int:
@@ -224,8 +229,10 @@ class MaskedLMBlocks:
     def tokens_per_example(self) -> float:
         return float(self.seq_len)
 
-    def loss_fn(self, plan: PipelinePlan):
-        return plan.loss_fn()
+    def loss_fn(self, plan: PipelinePlan) -> TokenMeanLoss:
+        # the mean over every masked token of the step, not of per-micro-batch means (pptk.training.token_mean)
+        self.token_mean_loss = TokenMeanLoss(plan.loss_fn(), unshifted_items)
+        return self.token_mean_loss
 
     def features(self, blocks: torch.Tensor) -> list[dict]:
         """Each block as a tokenizer's encoding: [CLS] block [SEP], one segment, no padding."""
@@ -257,7 +264,7 @@ class MaskedLMBlocks:
                 for i, s in enumerate(samples)
             ]
         batches = self._eval_batches
-        loss = replica_mean(float(engine.eval_batch(iter(batches), num_micro_batches=len(batches))))
+        loss = evaluate_token_mean(engine, self.token_mean_loss, batches, dp_size=shard.dp_size)
         return Evaluation({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))})
 
     def summary_extra(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@
 - ``task_hooks``: the protocol between the trainer and a task (``PreparedTask``, ``Batch``, ``Evaluation``);
 - ``ds_config``: DeepSpeed JSON, ``"auto"`` values filled from the run, bad combinations refused early;
 - ``engine``: from a ``RunConfig`` to a running DeepSpeed pipeline engine;
-- ``trainer``: ``Trainer(run, prepare).fit()``, all a recipe calls;
+- ``trainer``: ``Trainer(run, prepare).fit()``, all a recipe calls; ``saving``: a step's save, and judging the
+  weights before it;
+- ``token_mean``: the loss as the mean over every counted token of the step (SFT, masked-LM), not of micro-batches;
 - ``guards``, ``observe``, ``reporting``, ``run_dir``: divergence, measured efficiency, metrics and summary, and the
   output directory's ownership.
 

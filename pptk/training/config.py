@@ -40,6 +40,7 @@ NUMBERS: dict[str, Range] = {
     "seq_len": Range("--seq-len", 1),
     "max_seq_len": Range("--max-seq-len", 1),
     "num_labels": Range("--num-labels", 1),
+    "samples": Range("--samples", 0),  # SFT: held-out prompts the export answers (0: none)
     "tolerance": Range("--tolerance", 0, integer=False, low_excluded=True),
     # NumPy takes seeds below 2**32, and every rank seeds with seed + its rank: leave the upper half free
     "seed": Range("--seed", 0, 2**31 - 1),

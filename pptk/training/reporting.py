@@ -146,6 +146,11 @@ class Summary:
         for key, value in self.extra.items():
             if isinstance(value, str) and "\n" in value:
                 lines += [f"{key}:", *(f"  {line}" for line in value.splitlines())]
+            elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+                # e.g. SFT's samples: one line per item, "prompt: ... | answer: ..."
+                lines += [f"{key}:"] + [
+                    "  " + " | ".join(f"{k}: {v!s}".replace("\n", " ") for k, v in item.items()) for item in value
+                ]
             elif not isinstance(value, (list, dict)):
                 lines.append(f"{key:<12} {value}")
         log.info("\n".join(lines))

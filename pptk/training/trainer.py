@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from pptk.training.reporting import MetricsLog, Summary, format_evaluation
 from pptk.training.run_dir import check_free_space, claim_output_dir, release_output_dir, start_fresh
 from pptk.training.saving import Saver, stop_when_diverged
 from pptk.training.task_hooks import Batch, PreparedTask
+from pptk.training.token_mean import global_items
 
 log = get_logger(__name__)
 
@@ -306,6 +308,18 @@ class _Loop:
         if self.rank == 0:
             log.info(format_evaluation(record, result.report))
 
+    def _step_data(self, data: Iterator[Batch]) -> tuple[Iterator[Batch], int | None]:
+        """The step's micro-batches, and for a task whose loss is a mean over the step's tokens (SFT, masked-LM) the
+        count of those tokens over every replica, which it then normalises by (pptk.training.token_mean)."""
+        token_mean = getattr(self.task, "token_mean_loss", None)
+        if token_mean is None:
+            return data, None
+        batches = list(itertools.islice(data, self.layout.grad_accum_steps))
+        group = self.engine.grid.get_data_parallel_group() if self.layout.dp > 1 else None
+        items = global_items(token_mean.local_items(batches), group=group)
+        token_mean.begin_step(total_items=items, micro_batches=self.layout.grad_accum_steps * self.layout.dp)
+        return iter(batches), items
+
     def train(self, start_step: int) -> Summary:
         run, steps, engine = self.run, self.steps, self.engine
         summary = Summary(task=self.task.task, checkpoints=str(run.checkpoints_dir), metrics=str(self.metrics.path))
@@ -320,8 +334,9 @@ class _Loop:
             began = time.perf_counter()
             logs = step % run.output.log_every == 0 or step == steps.max_steps
             skipped = compat.skipped_optimizer_steps(engine)
+            step_data, items = self._step_data(data)
             with self.observer.step(synchronize=logs), nan_loss_failpoint(engine, step=step):
-                loss = float(engine.train_batch(data))  # the observer times the steps whose metrics are logged
+                loss = float(engine.train_batch(step_data))  # the observer times the steps whose metrics are logged
             update_skipped = compat.skipped_optimizer_steps(engine) > skipped
             took = time.perf_counter() - began
             window_time, window_steps, train_time = window_time + took, window_steps + 1, train_time + took
@@ -340,6 +355,8 @@ class _Loop:
                         "lr": engine.get_lr()[0],
                         "tokens_per_s": samples_per_s * tokens_per_sample,
                         "samples_per_s": samples_per_s,
+                        **({"supervised_tokens": items} if items is not None else {}),
+                        **(self.task.step_metrics() if hasattr(self.task, "step_metrics") else {}),
                         **self.observer.metrics(step),
                     }
                 )

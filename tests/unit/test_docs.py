@@ -89,3 +89,21 @@ def test_readme_is_short_and_links_every_docs_page():
     linked = {(ROOT / target.partition("#")[0]).resolve() for target in _links(text)}
     unlinked = [page.name for page in DOCS if page.resolve() not in linked]
     assert DOCS and not unlinked, f"README.md does not link to docs/{unlinked}"
+
+
+def test_every_test_the_failure_table_names_exists():
+    """docs/failures.md: each row names its tests as `unit/test_x.py::test_y` (or `::test_z` for the same file)."""
+    text = (ROOT / "docs" / "failures.md").read_text()
+    missing = []
+    for row in (line for line in text.splitlines() if line.startswith("| ")):
+        current = None
+        for path, name in re.findall(r"`(?:((?:unit|distributed)/test_\w+\.py))?(?:::(\w+))?", row):
+            current = path or current
+            if current is None:
+                continue
+            source = (ROOT / "tests" / current).read_text() if (ROOT / "tests" / current).is_file() else None
+            if source is None:
+                missing.append(current)
+            elif name and not re.search(rf"def {name}\b", source):
+                missing.append(f"{current}::{name}")
+    assert not missing, f"docs/failures.md names tests that do not exist: {missing}"
