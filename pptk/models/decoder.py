@@ -24,6 +24,11 @@ table are registered, and each one is checked against Hugging Face by the parity
 tests/distributed/test_decoder_dist.py);
 a test also checks that the table covers every config field the families' model-level code reads, so a
 transformers upgrade that adds model-level behaviour fails loudly instead of training something different.
+
+Mixture-of-experts families (``MOE_FAMILIES``: Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE, gpt-oss,
+DeepSeek-V3) run their own layers the same way; when Hugging Face would add the router load-balancing loss, each
+block also adds its routers' partial sums to the stage tensors and the LM head passes them to the loss
+(pptk.models.moe; checked by tests/unit/test_moe.py).
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ from pptk.models.common import (
     init_layer_like_hf,
     tied_lm_logits,
 )
-from pptk.models.decoder_families import FAMILIES, SMALL_COMMON
+from pptk.models.decoder_families import FAMILIES, MOE_FAMILIES, SMALL_COMMON, Family, family_of
 from pptk.models.decoder_parts import check_supported, decoder_parts, layer_mask_kinds
+from pptk.models.moe import RouterCapture, layer_sums, router_capture, router_loss_of
 from pptk.models.protocol import StageMasks, StageTensors
 
 PREFIX = "model."  # <Family>ForCausalLM.base_model_prefix
@@ -104,6 +110,7 @@ class DecoderLayerPipe(nn.Module):
         masks: StageMasks,
         rotary: RotaryTables,
         layer_type: str | None,
+        router: RouterCapture | None = None,
     ):
         super().__init__(config, layer_idx)
         self.pipe_config = config
@@ -111,9 +118,22 @@ class DecoderLayerPipe(nn.Module):
         self.masks = masks  # shared by the model's blocks: one mask per micro-batch and kind, not per layer
         self.rotary = rotary  # a plain object, not a submodule (see RotaryTables)
         self.rotary_layer_type = layer_type if rotary.per_layer_type else None
+        # mixture of experts with a router loss: this block adds its routers' partial sums (pptk.models.moe)
+        # (not "router": some families' layers may hold a submodule of that name)
+        self.router_capture = router if router is not None and router.routers(self) else None
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         stage = StageTensors.from_tuple(inputs)
+        capture = self.router_capture
+        if capture is None:
+            return stage.with_hidden(self._layer_forward(stage)).as_tuple()
+        with capture.logits(self) as router_logits:
+            hidden = self._layer_forward(stage)
+        sums = [layer_sums(logits, stage.attention_mask, top_k=capture.top_k) for logits in router_logits]
+        block_sums = sum(sums[1:], sums[0]) if sums else None
+        return stage.with_hidden(hidden).with_router(block_sums).as_tuple()
+
+    def _layer_forward(self, stage: StageTensors) -> torch.Tensor:
         hidden = super().forward(
             stage.hidden_states,
             attention_mask=self.masks(self.mask_kind, self.pipe_config, stage),
@@ -125,7 +145,7 @@ class DecoderLayerPipe(nn.Module):
                 f"{type(self).__name__}: the decoder layer returned {type(hidden).__name__}, expected the "
                 "hidden states tensor (transformers 5.x layers return a tensor)"
             )
-        return stage.with_hidden(hidden).as_tuple()
+        return hidden
 
 
 def layer_pipe_class(layer_class: type[Any]) -> type[Any]:
@@ -182,14 +202,32 @@ class DecoderEmbeddingPipe(TokenEmbeddingPipe):
         return (hidden, *rest)
 
 
+class RouterLMHeadPipe(LMHeadPipe):
+    """The untied LM head of a model with a router loss: the router sums follow the logits to the loss."""
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return (super().forward(inputs), *inputs[3:])
+
+
+def tied_lm_logits_and_router(embedding: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """forward_fn of a tied LM head with a router loss: (logits, *router sums)."""
+    return (tied_lm_logits(embedding, inputs), *inputs[3:])  # type: ignore[arg-type]
+
+
 class LogitsPipe(nn.Module):
-    """What a family's ForCausalLM.forward does to the LM head's output: ("mul" | "div" | "softcap", value)s."""
+    """What a family's ForCausalLM.forward does to the LM head's output: ("mul" | "div" | "softcap", value)s.
+    A tuple (logits, *router sums) keeps its router sums."""
 
     def __init__(self, ops: tuple[tuple[str, float], ...]):
         super().__init__()
         self.ops = ops
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if isinstance(output, tuple):
+            return (self._scale(output[0]), *output[1:])
+        return self._scale(output)
+
+    def _scale(self, logits: torch.Tensor) -> torch.Tensor:
         for op, value in self.ops:
             if op == "mul":
                 logits = logits * value
@@ -211,9 +249,11 @@ def materialise_norm(meta_norm: nn.Module, *, config: PretrainedConfig, hf_class
 
 
 def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
-    family = FAMILIES[config.model_type]
+    family = table_entry(config.model_type)
     parts = decoder_parts(config)
-    check_supported(config, parts)
+    check_supported(config, parts, moe=family.moe)
+    router_loss = router_loss_of(config, moe=family.moe)
+    router = router_capture(parts.causal_lm_class, top_k=router_loss.top_k) if router_loss else None
     mask_kinds = layer_mask_kinds(config)
     layer_types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
     hf_class = parts.causal_lm_class
@@ -238,7 +278,16 @@ def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
     block = layer_pipe_class(parts.layer_class)
     layers += [
         PipeLayer(
-            LayerSpec(block, config, i, mask_kind=mask_kinds[i], masks=masks, rotary=rotary, layer_type=layer_types[i]),
+            LayerSpec(
+                block,
+                config,
+                i,
+                mask_kind=mask_kinds[i],
+                masks=masks,
+                rotary=rotary,
+                layer_type=layer_types[i],
+                router=router,
+            ),
             "block",
             f"{PREFIX}layers.{i}.",
         )
@@ -254,25 +303,32 @@ def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
             *embed_args,
             **embed_kwargs,
             tied_weight_attr="weight",
-            forward_fn=tied_lm_logits,
+            forward_fn=tied_lm_logits_and_router if router else tied_lm_logits,
         )
         layers.append(PipeLayer(head, "head", PREFIX + "embed_tokens."))
     else:
-        layers.append(PipeLayer(LayerSpec(LMHeadPipe, config.hidden_size, config.vocab_size), "head", ""))
+        head_class = RouterLMHeadPipe if router else LMHeadPipe
+        layers.append(PipeLayer(LayerSpec(head_class, config.hidden_size, config.vocab_size), "head", ""))
     ops = tuple((op, float(getattr(config, name))) for op, name in family.logits if getattr(config, name) is not None)
     if ops:
         layers.append(PipeLayer(LayerSpec(LogitsPipe, ops), "head", ""))
     return layers
 
 
+def table_entry(model_type: str) -> Family:
+    family = family_of(model_type)
+    assert family is not None, model_type  # only registered families reach here
+    return family
+
+
 def small_config_of(model_type: str) -> Callable[[], PretrainedConfig]:
     def small_config() -> PretrainedConfig:
-        return AutoConfig.for_model(model_type, **{**SMALL_COMMON, **FAMILIES[model_type].small})
+        return AutoConfig.for_model(model_type, **{**SMALL_COMMON, **table_entry(model_type).small})
 
     return small_config
 
 
-for _model_type, _family in FAMILIES.items():
+for _model_type, _family in {**FAMILIES, **MOE_FAMILIES}.items():
     register(
         ModelFamily(
             model_type=_model_type,

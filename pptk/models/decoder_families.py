@@ -15,6 +15,9 @@ class Family:
     embedding_multiplier: str | None = None  # config field: embeddings * value (Granite, HyperCLOVA X)
     embedding_dropout: str | None = None  # config field: dropout on the embeddings (StarCoder2)
     logits: tuple[tuple[str, str], ...] = ()  # (op, config field) applied to the LM head's output
+    # mixture of experts (pptk.models.moe): "switch" = HF's load_balancing_loss_func when output_router_logits is
+    # set, "none" = MoE blocks without any auxiliary loss (DeepSeek-V3); None = a dense family
+    moe: str | None = None
     unsupported: dict[str, Callable[[object], bool]] = field(default_factory=dict)
 
 
@@ -44,6 +47,10 @@ LLAMA3_ROPE = dict(
     low_freq_factor=1.0,
     high_freq_factor=4.0,
 )
+
+# Mixture of experts: 4 experts, 2 active, the router loss on (output_router_logits) with each family's own
+# router_aux_loss_coef (OLMoE 0.01, the others 0.001), as Hugging Face's model adds it.
+SMALL_MOE = dict(num_experts_per_tok=2, output_router_logits=True)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(small=dict(tie_word_embeddings=False, attention_bias=True)),
@@ -169,3 +176,109 @@ FAMILIES: dict[str, Family] = {
         )
     ),
 }
+
+# Mixture-of-experts families (pptk.models.moe), kept apart from FAMILIES: tensor parallelism, LoRA targets and
+# checkpoint reading do not cover their experts yet, and the tables and tests of those iterate FAMILIES.
+MOE_FAMILIES: dict[str, Family] = {
+    "mixtral": Family(
+        small=dict(**SMALL_MOE, tie_word_embeddings=False, num_local_experts=4, sliding_window=WINDOW),
+        moe="switch",
+    ),
+    "qwen2_moe": Family(  # a shared expert beside the routed ones; layer 2 dense (mlp_only_layers)
+        small=dict(
+            **SMALL_MOE,
+            tie_word_embeddings=True,
+            num_experts=4,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[2],
+        ),
+        moe="switch",
+    ),
+    "qwen3_moe": Family(  # layer 0 dense: the first stage may send no router sums
+        small=dict(
+            **SMALL_MOE,
+            tie_word_embeddings=False,
+            num_experts=4,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        ),
+        moe="switch",
+    ),
+    "olmoe": Family(
+        small=dict(**SMALL_MOE, tie_word_embeddings=False, num_experts=4, intermediate_size=32, clip_qkv=0.5),
+        moe="switch",
+    ),
+    "flex_olmo": Family(
+        small=dict(**SMALL_MOE, tie_word_embeddings=True, num_experts=4, intermediate_size=32),
+        moe="switch",
+    ),
+    "granitemoe": Family(
+        small=dict(
+            **SMALL_MOE,
+            tie_word_embeddings=True,
+            num_local_experts=4,
+            intermediate_size=32,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=4.0,
+        ),
+        embedding_multiplier="embedding_multiplier",
+        logits=(("div", "logits_scaling"),),
+        moe="switch",
+    ),
+    "granitemoeshared": Family(  # GraniteMoE with a shared expert
+        small=dict(
+            **SMALL_MOE,
+            tie_word_embeddings=False,
+            num_local_experts=4,
+            intermediate_size=32,
+            shared_intermediate_size=48,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=4.0,
+        ),
+        embedding_multiplier="embedding_multiplier",
+        logits=(("div", "logits_scaling"),),
+        moe="switch",
+    ),
+    "gpt_oss": Family(  # attention sinks: eager attention only
+        small=dict(
+            **SMALL_MOE,
+            tie_word_embeddings=False,
+            num_local_experts=4,
+            intermediate_size=32,
+            sliding_window=WINDOW,
+            layer_types=ALTERNATING,
+        ),
+        moe="switch",
+    ),
+    "deepseek_v3": Family(  # latent attention, a shared expert, layer 0 dense; Hugging Face adds no router loss
+        small=dict(
+            tie_word_embeddings=False,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            kv_lora_rank=32,
+            q_lora_rank=48,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            head_dim=8,
+            num_key_value_heads=4,
+        ),
+        moe="none",
+    ),
+}
+
+
+def family_of(model_type: str) -> Family | None:
+    """The table entry of a decoder family, dense or mixture-of-experts; None for other families (GPT-2, BERT)."""
+    return FAMILIES.get(model_type) or MOE_FAMILIES.get(model_type)

@@ -18,7 +18,7 @@ PIPELINE_SHAPE = ["embed_tokens", "layers", "norm"]  # base_model_pp_plan of the
 # Rotary types whose tables depend only on the config and the position ids (which travel), all checked by the tests.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 MASK_KINDS = {"full_attention": "causal", "sliding_attention": "sliding_window"}
-# Config fields that mean a mixture-of-experts block: its router outputs and auxiliary loss have no pipeline form here.
+# Config fields that mean a mixture-of-experts block: refused unless the family's table entry declares its MoE kind.
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # The keyword arguments <Family>Model.forward passes each layer; a layer that requires anything else is not covered.
 LAYER_ARGUMENTS = {
@@ -59,7 +59,7 @@ def _declared_fields(config_class: type[Any]) -> set[str]:
 def decoder_parts(config: PretrainedConfig) -> DecoderParts:
     causal_lm = hf_model_class(config, "causal-lm")
     plan = list(getattr(config, "base_model_pp_plan", None) or {})
-    if plan != PIPELINE_SHAPE:
+    if plan and plan != PIPELINE_SHAPE:
         raise PptkError(
             f"{config.model_type}: transformers' base_model_pp_plan is {plan or 'missing'}, not "
             f"{PIPELINE_SHAPE}; the decoder family module covers only families of that shape"
@@ -77,6 +77,13 @@ def decoder_parts(config: PretrainedConfig) -> DecoderParts:
     shell_config._attn_implementation = "eager"
     with torch.device("meta"):
         shell = base_class(shell_config)
+    children = [name for name, _ in shell.named_children() if name != "rotary_emb"]
+    if not plan and children != PIPELINE_SHAPE:
+        # No plan declared (OLMoE, GraniteMoE): the base model's own modules must have the shape.
+        raise PptkError(
+            f"{config.model_type}: transformers' base_model_pp_plan is missing and {base_class.__name__} holds "
+            f"{children}, not {PIPELINE_SHAPE}; the decoder family module covers only families of that shape"
+        )
     if not hasattr(shell, "rotary_emb"):
         raise PptkError(
             f"{config.model_type}: {base_class.__name__} has no model-level rotary_emb; the decoder "
@@ -146,8 +153,11 @@ def _rope_types(config: PretrainedConfig) -> set[str]:
     return {p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)}  # one per layer type
 
 
-def check_supported(config: PretrainedConfig, parts: DecoderParts) -> None:
-    """Refuse, naming the setting, what the pipeline cannot reproduce exactly."""
+def check_supported(config: PretrainedConfig, parts: DecoderParts, *, moe: str | None = None) -> None:
+    """Refuse, naming the setting, what the pipeline cannot reproduce exactly.
+
+    moe: the family's mixture-of-experts kind (pptk.models.decoder_families.Family.moe); None refuses MoE fields.
+    """
     kind = config._attn_implementation
     if kind == "sdpa" and not parts.causal_lm_class._supports_sdpa:
         raise PptkError(
@@ -161,11 +171,11 @@ def check_supported(config: PretrainedConfig, parts: DecoderParts) -> None:
             f"{config.model_type} config: rope_type {', '.join(unsupported)} is not verified with "
             f"pptk's pipeline; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    for name in MOE_FIELDS:
+    for name in MOE_FIELDS if moe is None else ():
         if getattr(config, name, None):
             raise PptkError(
                 f"{config.model_type} config sets {name}={getattr(config, name)!r}: mixture-of-experts "
-                "blocks are not supported by the decoder family module"
+                "blocks are supported only for the families pptk lists as MoE (`pptk models`)"
             )
     required = {
         name

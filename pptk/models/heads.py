@@ -10,6 +10,8 @@ import torch
 from transformers.loss import loss_utils
 
 from pptk.errors import PptkError
+from pptk.models.decoder_families import family_of
+from pptk.models.moe import RouterLoss, RouterSums, load_balancing_loss, router_loss_of
 
 
 @dataclass(frozen=True)
@@ -20,11 +22,33 @@ class Task:
 
 
 def _causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int, num_items_in_batch: float | None = None
+    logits: torch.Tensor | tuple[torch.Tensor, ...],
+    labels: torch.Tensor,
+    *,
+    vocab_size: int,
+    num_items_in_batch: float | None = None,
+    router: RouterLoss | None = None,
 ) -> torch.Tensor:
     # Hugging Face's loss: labels shifted inside, -100 ignored, mean over the micro-batch's counted tokens, or their
     # sum over num_items_in_batch (pptk.training.token_mean).
-    return loss_utils.ForCausalLMLoss(logits, labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch)
+    outputs = logits if isinstance(logits, tuple) else (logits,)
+    loss = loss_utils.ForCausalLMLoss(outputs[0], labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch)
+    if router is None:
+        return loss
+    if len(outputs) != 4:
+        raise PptkError(
+            f"the model has a router loss (router_aux_loss_coef={router.coef}) but its output has no router sums "
+            f"({len(outputs)} tensors, expected logits, counts, probs, tokens): no layer ran a router"
+        )
+    # As <Family>ForCausalLM.forward: loss += coef * aux, per micro-batch (not divided by num_items_in_batch).
+    aux = load_balancing_loss(RouterSums.check(*outputs[1:]), num_experts=router.num_experts)
+    return loss + router.coef * aux.to(loss.device)
+
+
+def _causal_lm_task_loss(config) -> Callable[..., torch.Tensor]:
+    family = family_of(config.model_type)
+    router = router_loss_of(config, moe=family.moe if family else None)
+    return partial(_causal_lm_loss, vocab_size=config.vocab_size, router=router)
 
 
 def _masked_lm_loss(
@@ -42,9 +66,7 @@ def _token_classification_loss(logits: torch.Tensor, labels: torch.Tensor, *, co
 
 
 TASKS: dict[str, Task] = {
-    "causal-lm": Task(
-        "causal-lm", "AutoModelForCausalLM", lambda config: partial(_causal_lm_loss, vocab_size=config.vocab_size)
-    ),
+    "causal-lm": Task("causal-lm", "AutoModelForCausalLM", _causal_lm_task_loss),
     "masked-lm": Task(
         "masked-lm", "AutoModelForMaskedLM", lambda config: partial(_masked_lm_loss, vocab_size=config.vocab_size)
     ),

@@ -8,11 +8,21 @@ Pipeline inputs (read from the data iterator by the first stage only)::
 
     all int64 [batch, seq]; attention_mask is 1 for a real token and 0 for padding.
 
-Between stages, always three tensors::
+Between stages, three tensors::
 
     (hidden_states  float [batch, seq, hidden],
      attention_mask int64 [batch, seq],
      position_ids   int64 [batch, seq])
+
+and, once a mixture-of-experts block has run with a router loss (pptk.models.moe), three more: the load-balancing
+loss's partial sums over the layers so far::
+
+     router_counts  int64 [experts],
+     router_probs   fp32  [experts]   (its gradient flows back to every stage's routers),
+     router_tokens  int64 [1])
+
+The LM head passes them on after the logits, so the last stage's output is ``(logits, counts, probs, tokens)`` and
+the loss adds the router term there.
 
 Why this shape:
 - DeepSpeed marks every floating-point tensor it receives ``requires_grad=True`` and sends gradients back for
@@ -33,6 +43,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from pptk.errors import PptkError
+from pptk.models.moe import RouterSums
 
 
 @dataclass(frozen=True)
@@ -42,14 +53,16 @@ class StageTensors:
     hidden_states: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    router: RouterSums | None = None  # mixture-of-experts router-loss partial sums, once a router has run
 
     @classmethod
     def from_tuple(cls, inputs: tuple[torch.Tensor, ...]) -> StageTensors:
-        if not isinstance(inputs, tuple) or len(inputs) != 3:
+        if not isinstance(inputs, tuple) or len(inputs) not in (3, 6):
             raise TypeError(
-                f"stage protocol: expected (hidden_states, attention_mask, position_ids), got {_describe(inputs)}"
+                "stage protocol: expected (hidden_states, attention_mask, position_ids[, router_counts, "
+                f"router_probs, router_tokens]), got {_describe(inputs)}"
             )
-        hidden, mask, positions = inputs
+        hidden, mask, positions = inputs[:3]
         if not hidden.is_floating_point() or hidden.dim() != 3:
             raise TypeError(
                 f"stage protocol: hidden_states must be float [batch, seq, hidden], got {_describe(hidden)}"
@@ -57,11 +70,19 @@ class StageTensors:
         for name, t in (("attention_mask", mask), ("position_ids", positions)):
             if t.dtype != torch.long or tuple(t.shape) != tuple(hidden.shape[:2]):
                 raise TypeError(f"stage protocol: {name} must be int64 {list(hidden.shape[:2])}, got {_describe(t)}")
-        return cls(hidden, mask, positions)
+        router = RouterSums.check(*inputs[3:]) if len(inputs) == 6 else None
+        return cls(hidden, mask, positions, router)
 
-    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
         # DeepSpeed's p2p send needs contiguous tensors; a no-op for those that already are.
-        return (self.hidden_states.contiguous(), self.attention_mask.contiguous(), self.position_ids.contiguous())
+        sent = (self.hidden_states.contiguous(), self.attention_mask.contiguous(), self.position_ids.contiguous())
+        return sent if self.router is None else sent + self.router.as_tuple()
+
+    def with_router(self, sums: RouterSums | None) -> StageTensors:
+        """Adds one block's router sums to those that arrived (None: the block has no router)."""
+        if sums is None:
+            return self
+        return replace(self, router=sums if self.router is None else self.router + sums)
 
     def with_hidden(self, hidden_states: torch.Tensor) -> StageTensors:
         return replace(self, hidden_states=hidden_states)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pptk.errors import PptkError
+from pptk.models.decoder_families import MOE_FAMILIES
 
 # Families whose blocks shard_stage cannot split, and why; every other registered family shards (gpt2, bert, and the
 # decoders with separate q/k/v/o projections and an up/down MLP, with or without gate), each checked against
@@ -35,6 +36,11 @@ TP_REFUSED = {
     "olmo3": "its q/k norms run over all heads at once, which a rank holding some heads cannot compute",
     "cohere": "its q/k layer norms hold one weight row per head, which pptk does not slice yet",
     "youtu": "its multi-head latent attention (q_a/q_b, kv_a/kv_b projections) has no Megatron split here",
+    **dict.fromkeys(
+        MOE_FAMILIES,
+        "mixture of experts: its fused expert tensors are not sharded yet, and the router sums that cross "
+        "stages need DeepSpeed's pipe/grad partitioning off",
+    ),
 }
 SHARD_ATTR = "pptk_shard"
 PARTIAL_GRAD_ATTR = "pptk_partial_grad"  # a replicated parameter whose gradient is summed over tp

@@ -12,7 +12,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForCaus
 from pptk.errors import PptkError
 from pptk.models import get_family, supported_model_types
 from pptk.models.decoder import RotaryTables, decoder_parts, layer_mask_kinds
-from pptk.models.decoder_families import FAMILIES, LLAMA3_ROPE, SMALL_COMMON, WINDOW
+from pptk.models.decoder_families import FAMILIES, LLAMA3_ROPE, MOE_FAMILIES, SMALL_COMMON, WINDOW, family_of
 from pptk.parallel.hf_weights import INDEX_FILE, HFCheckpoint, hf_names, load_stage_weights
 from pptk.parallel.pipeline import build_sequential_module, plan_pipeline
 
@@ -251,7 +251,7 @@ def test_soft_capped_gemma2_refuses_sdpa_with_the_fix():
         ),
         ("gemma2", dict(layer_types=["full_attention", "chunked_attention"] * 2), "chunked_attention"),
         ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
-        ("llama", dict(num_local_experts=4), "mixture-of-experts"),
+        ("llama", dict(num_local_experts=4), "mixture-of-experts blocks are supported only for"),
     ],
 )
 def test_settings_the_pipeline_cannot_reproduce_are_refused(model_type, override, match):
@@ -276,16 +276,21 @@ GENERIC_FIELDS = {
     "get_text_config",
 }
 GENERATION_ONLY = {"phi3": {"original_max_position_embeddings"}}
+# What a MoE family's ForCausalLM reads for the router loss; pptk.models.moe.router_loss_of reads the same fields.
+ROUTER_LOSS_FIELDS = {"output_router_logits", "router_aux_loss_coef", "num_experts", "num_local_experts"}
+ROUTER_LOSS_FIELDS |= {"num_experts_per_tok"}
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("model_type", sorted(FAMILIES) + sorted(MOE_FAMILIES))
 def test_family_table_covers_what_the_model_level_code_reads(model_type):
     """Guards a transformers upgrade: a new model-level behaviour in a registered family must reach the table."""
     config_class = CONFIG_MAPPING[model_type]
     read = set()
     for cls in (AutoModel._model_mapping[config_class], AutoModelForCausalLM._model_mapping[config_class]):
         read |= set(re.findall(r"config\.(\w+)", inspect.getsource(cls)))
-    family = FAMILIES[model_type]
+    family = family_of(model_type)
+    assert family is not None
     handled = GENERIC_FIELDS | GENERATION_ONLY.get(model_type, set()) | set(family.unsupported)
+    handled |= ROUTER_LOSS_FIELDS if family.moe == "switch" else set()
     handled |= {family.embedding_multiplier, family.embedding_dropout} | {name for _, name in family.logits}
     assert read - handled == set()
