@@ -1,16 +1,20 @@
-# Per-rank memory of training from a prepared set does not grow with the corpus: >= 1 GB of generated text, pp=2.
+# Per-rank memory of training from a prepared set does not grow with the corpus: >= 1 GB of generated text, pp=2,
+# in pptk's format and in Megatron-LM's.
 """Measures, within one run:
 
 1. ``pptk data prepare`` throughput (tokens/s) at 1 and 2 workers on the same slice of generated text;
 2. a prepared set from >= --gigabytes of generated text (documents of random words from the demo corpus);
 3. each rank's RSS growth (VmRSS before the trainer, VmHWM at its end) while training a few steps at pp=2 from the
    large set, minus the same for a tiny set: the memory the data costs. It must stay under 100 MB while the token
-   file is at least 20x larger.
+   file is at least 20x larger;
+4. the same with both sets given as Megatron indexed datasets (PREFIX.bin + PREFIX.idx, no pptk manifest, so read
+   and checked as a set made by Megatron-LM is): the token file is linked, the .idx written from the document
+   offsets by pptk.data.megatron.write_index.
 
-    .venv/bin/python benchmarks/data_memory.py [--gigabytes 1.0] [--steps 4]
+    .venv/bin/python benchmarks/data_memory.py [--gigabytes 1.0] [--steps 4] [--out FILE]
 
-Writes benchmarks/results/data_memory.json (repository-relative paths only). Slow on 2 CPU cores (tokenizing 1 GB
-takes a while); --gigabytes 0.05 is a quick smoke run.
+Writes benchmarks/results/data_memory.json (repository-relative paths only), or --out. Slow on 2 CPU cores
+(tokenizing 1 GB takes a while); ``--gigabytes 0.05 --out /tmp/smoke.json`` is a quick smoke run.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -87,11 +92,37 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, steps: int) -> list[in
     return [(row["peak_kib"] - row["before_kib"]) * 1024 for row in rows]
 
 
+def as_megatron(prepared_dir: Path, prefix: Path) -> Path:
+    """The prepared set as a Megatron indexed dataset: the same token bytes, Megatron's index of its documents."""
+    from pptk.data.megatron import CODES, write_index
+
+    manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    if manifest["dtype"] not in CODES:
+        raise SystemExit(f"a {manifest['dtype']} token file has no Megatron dtype code; use a smaller vocabulary")
+    try:
+        os.link(prepared_dir / "tokens.bin", f"{prefix}.bin")
+    except OSError:
+        shutil.copyfile(prepared_dir / "tokens.bin", f"{prefix}.bin")
+    offsets = np.memmap(prepared_dir / "documents.idx", dtype=np.int64, mode="r")
+    write_index(Path(f"{prefix}.idx"), offsets, manifest["dtype"])
+    return prefix
+
+
+def growth_summary(tiny_growth: list[int], big_growth: list[int], token_file: int) -> dict:
+    from_data = [b - t for b, t in zip(big_growth, tiny_growth)]
+    return {
+        "rss_growth_bytes_per_rank": {"tiny_set": tiny_growth, "large_set": big_growth, "from_data": from_data},
+        "token_file_over_worst_rank_growth": token_file / max(*from_data, 1),
+        "passed": max(from_data) < 100 * 2**20 and token_file >= 20 * max(from_data),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gigabytes", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--speed-megabytes", type=float, default=50.0, help="text for the 1- vs 2-worker timing")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go (JSON)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers import AutoTokenizer, GPT2Config
@@ -128,20 +159,28 @@ def main() -> None:
         tiny_growth = train(model_dir, tiny.path, work / "run-tiny", args.steps)
         big_growth = train(model_dir, big.path, work / "run-big", args.steps)
         token_file = (big.path / "tokens.bin").stat().st_size
-        from_data = [b - t for b, t in zip(big_growth, tiny_growth)]
+        pptk_format = growth_summary(tiny_growth, big_growth, token_file)
+        tiny_megatron = as_megatron(tiny.path, work / "tiny_text_document")
+        big_megatron = as_megatron(big.path, work / "big_text_document")
+        megatron = growth_summary(
+            train(model_dir, tiny_megatron, work / "run-tiny-megatron", args.steps),
+            train(model_dir, big_megatron, work / "run-big-megatron", args.steps),
+            token_file,
+        )
         result = {
             "text_bytes": text_bytes,
             "token_file_bytes": token_file,
             "tokens": big.manifest["num_tokens"],
+            "documents": big.manifest["num_documents"],
             "prepare_seconds_2_workers": prepare_s,
             "prepare_tokens_per_s": {"1_worker": speed[1], "2_workers": speed[2]},
-            "rss_growth_bytes_per_rank": {"tiny_set": tiny_growth, "large_set": big_growth, "from_data": from_data},
-            "token_file_over_worst_rank_growth": token_file / max(*from_data, 1),
-            "passed": max(from_data) < 100 * 2**20 and token_file >= 20 * max(from_data),
+            **pptk_format,
+            "megatron_format": megatron,
+            "passed": pptk_format["passed"] and megatron["passed"],
             "command": "python benchmarks/data_memory.py " + f"--gigabytes {args.gigabytes} --steps {args.steps}",
         }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

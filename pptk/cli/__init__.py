@@ -296,6 +296,7 @@ EXAMPLES = {
     "plot": "pptk plot runs/demo",
     "data": "pptk data prepare corpus.jsonl --tokenizer runs/demo/hf --out data/corpus",
     "data prepare": "pptk data prepare corpus.jsonl --tokenizer runs/demo/hf --out data/corpus",
+    "data inspect": "pptk data inspect data/corpus --tokenizer runs/demo/hf",
     "env": "pptk env --quiet",
 }
 

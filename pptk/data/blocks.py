@@ -1,8 +1,9 @@
 # Prepared sets read through memory maps: the eval split by document, fixed-length blocks and weighted blends.
-"""Nothing here copies a token file into memory: ``open_prepared`` maps it (``np.memmap``) and a micro-batch
-reads only its own blocks. Which block a training sample is depends only on its global sample index ``g`` (the
-position in the run's stream of samples: step * global batch + its place in the step), so a run resumed on any
-layout with the same global batch reads exactly the blocks the uninterrupted run would have:
+"""Nothing here copies a token file into memory: ``open_prepared`` maps it (``np.memmap``), a pptk set or a
+Megatron one (``PREFIX.bin`` + ``PREFIX.idx``), and a micro-batch reads only its own blocks. Which block a training
+sample is depends only on its global sample index ``g`` (the position in the run's stream of samples: step * global
+batch + its place in the step), so a run resumed on any layout with the same global batch reads exactly the blocks
+the uninterrupted run would have:
 
 - blend: set ``i`` is chosen for ``g`` with probability ``weight_i`` (a hash of ``(seed, g)``, Megatron-style
   weighted blending without its precomputed index arrays);
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 
 from pptk.data.integrity import find_damage
-from pptk.data.prepare import FORMAT, MANIFEST_FILE
+from pptk.data.megatron import DocumentOffsets, idx_path, megatron_prefix, open_tokens, read_index
+from pptk.data.prepare import FORMAT, MANIFEST_FILE, read_manifest
+from pptk.data.vocabulary import check_foreign
 from pptk.errors import PptkError
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -31,29 +34,50 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 @dataclass(frozen=True, eq=False)
 class PreparedSet:
-    path: Path
-    manifest: dict
-    tokens: np.ndarray  # memmap, uint16 or uint32
-    offsets: np.ndarray  # memmap, int64, num_documents + 1
+    """A token set of either layout: documents back to back in ``tokens``, document d is
+    ``tokens[offsets[d]:offsets[d + 1]]``."""
+
+    path: Path  # the prepared directory, or a Megatron set's path prefix
+    manifest: dict | None  # pptk's manifest; None for a Megatron set made elsewhere (no tokenizer record)
+    tokens: np.ndarray  # memmap, an integer dtype
+    offsets: np.ndarray | DocumentOffsets  # memmap int64 (pptk), or computed from a Megatron index on demand
+    layout: str = "pptk"  # or "megatron"
 
     @property
     def num_documents(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
 
 def is_prepared(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST_FILE).is_file()
+    """A prepared directory, or a Megatron set (PREFIX, PREFIX.bin or PREFIX.idx)."""
+    return (path.is_dir() and (path / MANIFEST_FILE).is_file()) or megatron_prefix(path) is not None
 
 
 def open_prepared(path: str | Path) -> PreparedSet:
-    """Map a prepared set read-only after a quick check of its files against its manifest (pptk.data.integrity)."""
+    """Map a prepared set read-only after a quick check of its files (pptk.data.integrity, pptk.data.megatron).
+
+    A Megatron prefix inside a directory that pptk prepared with ``--format megatron`` opens that directory, so its
+    manifest (tokenizer, largest token id, checksums) is used either way.
+    """
     path = Path(path)
+    prefix = megatron_prefix(path)
+    if prefix is not None:
+        home = prefix.parent
+        manifest = read_manifest(home) if (home / MANIFEST_FILE).is_file() else None
+        if manifest is None or manifest.get("index_file") != idx_path(prefix).name:
+            index = read_index(idx_path(prefix))
+            return PreparedSet(prefix, None, open_tokens(prefix, index), DocumentOffsets(index), "megatron")
+        path = home
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
     except (OSError, ValueError) as err:
         raise PptkError(
             f"{str(path)!r} is not a prepared set ({MANIFEST_FILE} unreadable: {err}); make one with "
-            "`pptk data prepare`"
+            "`pptk data prepare`, or give a Megatron set's PREFIX (PREFIX.bin and PREFIX.idx)"
         ) from None
     if manifest.get("format") != FORMAT:
         raise PptkError(
@@ -67,15 +91,26 @@ def open_prepared(path: str | Path) -> PreparedSet:
             f"prepared set {str(path)!r}: {damage}; the set is damaged: prepare it again (`pptk data prepare` "
             "with the same inputs and --out rebuilds it)"
         )
-    dtype = np.dtype(manifest["dtype"])
     tokens_file, index_file = path / manifest["tokens_file"], path / manifest["index_file"]
-    tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(manifest["num_tokens"],))
+    if manifest.get("layout") == "megatron":
+        index = read_index(index_file)
+        tokens = open_tokens(index_file.with_suffix(""), index)
+        return PreparedSet(path, manifest, tokens, DocumentOffsets(index), "megatron")
+    tokens = np.memmap(tokens_file, dtype=np.dtype(manifest["dtype"]), mode="r", shape=(manifest["num_tokens"],))
     offsets = np.memmap(index_file, dtype=np.int64, mode="r", shape=(manifest["num_documents"] + 1,))
     return PreparedSet(path, manifest, tokens, offsets)
 
 
 def check_compatible(prepared: PreparedSet, *, tokenizer_info: dict, vocab_size: int) -> None:
-    """The run's tokenizer made this set, and every token id fits the model's embeddings."""
+    """The run's tokenizer made this set, and every token id fits the model's embeddings.
+
+    A set with pptk's manifest is checked by its record: the tokenizer's content hash and the largest token id. A
+    Megatron set made elsewhere records neither, so it is checked by what it holds: its dtype can store the
+    tokenizer's ids, sampled ids fit the tokenizer and the model, and sampled documents end with the tokenizer's eos.
+    """
+    if prepared.manifest is None:
+        check_foreign(prepared, tokenizer_info=tokenizer_info, vocab_size=vocab_size)
+        return
     made_by = prepared.manifest["tokenizer"]
     if made_by["hash"] != tokenizer_info["hash"]:
         raise PptkError(

@@ -30,7 +30,7 @@ class DataEntry:
 
 
 def parse_entry(spec: str | Path) -> DataEntry:
-    """``PATH`` or ``PATH:WEIGHT`` (a prepared directory with its blending weight)."""
+    """``PATH`` or ``PATH:WEIGHT`` (a prepared directory or a Megatron set's prefix, with its blending weight)."""
     text = str(spec)
     head, sep, tail = text.rpartition(":")
     if sep and head:
@@ -42,19 +42,35 @@ def parse_entry(spec: str | Path) -> DataEntry:
     return DataEntry(Path(text))
 
 
+def check_entries_exist(entries: Sequence[str | Path]) -> None:
+    """Every --data entry names a file, a directory or a Megatron set (whose prefix is no file itself)."""
+    missing = [str(spec) for spec in entries if not _exists(parse_entry(spec).path)]
+    if missing:
+        raise PptkError(
+            f"--data path(s) not found: {', '.join(missing)}; check the paths (a Megatron set is given by its "
+            "prefix: PREFIX for PREFIX.bin and PREFIX.idx)"
+        )
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or is_prepared(path)
+
+
 def collect_sets(
     entries: Sequence[str | Path], *, tokenizer: Any, cache_dir: Path
 ) -> list[tuple[PreparedSet, float | None]]:
-    """Each --data entry as an opened prepared set; plain files together become one set prepared into cache_dir."""
+    """Each --data entry as an opened set (a prepared directory or a Megatron prefix); plain files together become
+    one set prepared into cache_dir."""
     parsed = [parse_entry(e) for e in entries]
     if not parsed:
-        raise PptkError("no --data given; pass prepared directories or text files")
+        raise PptkError("no --data given; pass prepared directories, Megatron sets (PREFIX) or text files")
+    check_entries_exist(entries)
     plain = [e for e in parsed if not is_prepared(e.path)]
     for entry in plain:
         if entry.weight is not None:
             raise PptkError(
-                f"--data {entry.path}:{entry.weight}: weights apply to prepared directories, and {str(entry.path)!r} "
-                "is not one; prepare it first (`pptk data prepare`) or drop the weight"
+                f"--data {entry.path}:{entry.weight}: weights apply to prepared directories and Megatron sets, and "
+                f"{str(entry.path)!r} is neither; prepare it first (`pptk data prepare`) or drop the weight"
             )
         if entry.path.is_dir():
             raise PptkError(
@@ -67,8 +83,8 @@ def collect_sets(
     weights = [w for _, w in sets]
     if len(sets) > 1 and any(w is None for w in weights) and any(w is not None for w in weights):
         raise PptkError(
-            "give a weight to every prepared set of a blend (DIR:WEIGHT) or to none (sets are then drawn in "
-            "proportion to their sizes)"
+            "give a weight to every prepared set of a blend (DIR:WEIGHT or PREFIX:WEIGHT) or to none (sets are then "
+            "drawn in proportion to their sizes)"
         )
     return sets
 
@@ -81,7 +97,7 @@ class Corpus:
     eos_id: int
 
     def describe(self) -> str:
-        tokens = sum(int(s.manifest["num_tokens"]) for s in self.sets)
+        tokens = sum(s.num_tokens for s in self.sets)
         weights = ", ".join(f"{s.path.name}:{w:.3g}" for s, w in zip(self.sets, self.train.weights))
         eval_blocks = len(self.eval) if self.eval is not None else 0
         return (

@@ -2,8 +2,9 @@
 """Two depths of the same check, because hashing a multi-gigabyte token file costs seconds to minutes:
 
 - ``full=False`` (every training start, ``open_prepared``): the manifest's keys, each file's size, the index's first
-  and last offsets, and a SHA-256 of 16 chunks of 64 KiB spread over each file (1 MiB read per file). It catches
-  truncation, a stray file of another size and most overwrites, never all of them;
+  and last offsets (of a Megatron-layout set: its header and windows of its arrays, see pptk.data.megatron), and a
+  SHA-256 of 16 chunks of 64 KiB spread over each file (1 MiB read per file). It catches truncation, a stray file of
+  another size and most overwrites, never all of them;
 - ``full=True`` (``pptk data prepare``'s up-to-date check): the above and a SHA-256 of every byte of both files,
   recorded while they were written. Re-running the prepare command is the way to verify a set completely.
 
@@ -17,6 +18,8 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+
+from pptk.data.megatron import HEADER_BYTES, index_problem
 
 SAMPLE_CHUNKS = 16
 SAMPLE_BYTES = 1 << 16
@@ -56,17 +59,26 @@ def find_damage(path: Path, manifest: dict, *, full: bool) -> str | None:
     except TypeError:
         return f"its manifest names an unknown dtype {manifest['dtype']!r}"
     files = {"tokens": path / manifest["tokens_file"], "index": path / manifest["index_file"]}
-    sizes = {"tokens": manifest["num_tokens"] * itemsize, "index": (manifest["num_documents"] + 1) * 8}
+    megatron = manifest.get("layout") == "megatron"
+    documents = manifest["num_documents"]
+    # pptk's index: int64 offsets; Megatron's: a header and, for one sequence per document, 4 + 8 + 8 bytes each
+    index_bytes = HEADER_BYTES + 20 * documents + 8 if megatron else (documents + 1) * 8
+    sizes = {"tokens": manifest["num_tokens"] * itemsize, "index": index_bytes}
     for role, file in files.items():
         actual = file.stat().st_size if file.is_file() else None
         if actual != sizes[role]:
             return f"{file.name} has {actual} bytes, its manifest says {sizes[role]}"
-    ends = np.fromfile(files["index"], dtype=np.int64, count=1), _last_offset(files["index"])
-    if (int(ends[0][0]), ends[1]) != (0, manifest["num_tokens"]):
-        return (
-            f"{files['index'].name} spans tokens [{int(ends[0][0])}, {ends[1]}), its manifest says "
-            f"[0, {manifest['num_tokens']})"
-        )
+    if megatron:
+        problem = index_problem(files["tokens"].with_suffix(""))
+        if problem is not None:
+            return problem
+    else:
+        ends = np.fromfile(files["index"], dtype=np.int64, count=1), _last_offset(files["index"])
+        if (int(ends[0][0]), ends[1]) != (0, manifest["num_tokens"]):
+            return (
+                f"{files['index'].name} spans tokens [{int(ends[0][0])}, {ends[1]}), its manifest says "
+                f"[0, {manifest['num_tokens']})"
+            )
     checksums = manifest.get("checksums")
     if checksums is None:
         return "its manifest has no checksums (an older pptk made it), so it cannot be verified" if full else None

@@ -8,9 +8,13 @@
                     sampled, see pptk.data.integrity), the tokenizer (name, content hash, eos id, size) and the
                     source: input files with sizes and mtimes and the reading options
 
-Raw little-endian arrays, as Megatron-LM's .bin/.idx: ``np.memmap`` reads them without copying, and a block is
-one slice. The directory appears whole: it is written as ``OUT.partial-HOST-PID``, synced and renamed; a later
-prepare removes the partial directories of this host's processes that no longer run (a ``kill -9`` leaves one).
+Raw little-endian arrays: ``np.memmap`` reads them without copying, and a block is one slice. With
+``layout="megatron"`` (``--format megatron``) the directory holds ``tokens.bin`` (uint16, or int32 past 65,536
+tokens) and ``tokens.idx``, Megatron-LM's indexed dataset of one sequence per document (pptk.data.megatron), so
+Megatron-LM trains on it with ``--data-path OUT/tokens``; the manifest beside them says ``"layout": "megatron"``.
+
+The directory appears whole: it is written as ``OUT.partial-HOST-PID``, synced and renamed; a later prepare
+removes the partial directories of this host's processes that no longer run (a ``kill -9`` leaves one).
 Preparing again with an unchanged source (same files, sizes, mtimes, tokenizer and options) checks every byte
 against the manifest's checksums and is a no-op when they match; a damaged set, or one too old to have checksums,
 is prepared again, with a line saying why. Several processes may prepare the same set at once (every rank of a run
@@ -35,6 +39,8 @@ import numpy as np
 
 from pptk.data.documents import Piece, check_inputs, read_documents
 from pptk.data.integrity import file_checksums, find_damage
+from pptk.data.megatron import token_dtype as megatron_dtype
+from pptk.data.megatron import write_index
 from pptk.data.workers import backend_tokenizer, encode, encode_in_workers
 from pptk.errors import PptkError
 from pptk.logs import get_logger
@@ -42,6 +48,8 @@ from pptk.logs import get_logger
 FORMAT = 1
 TOKENS_FILE = "tokens.bin"
 INDEX_FILE = "documents.idx"
+MEGATRON_INDEX_FILE = "tokens.idx"  # beside tokens.bin: Megatron opens the pair by the prefix OUT/tokens
+LAYOUTS = ("pptk", "megatron")
 MANIFEST_FILE = "manifest.json"
 BATCH_CHARS = 1 << 20  # text handed to a worker at once
 
@@ -111,10 +119,16 @@ def prepare_files(
     text_field: str = "text",
     lines_are_documents: bool = False,
     progress: bool = False,
+    layout: str = "pptk",
 ) -> Prepared:
-    """Tokenize input files into the prepared set ``out`` (or reuse it when its source is unchanged)."""
+    """Tokenize input files into the prepared set ``out`` (or reuse it when its source is unchanged).
+
+    layout: "pptk" (tokens.bin + documents.idx) or "megatron" (tokens.bin + tokens.idx, Megatron-LM's format).
+    """
     if workers < 1:
         raise PptkError(f"--workers must be at least 1, got {workers}")
+    if layout not in LAYOUTS:
+        raise PptkError(f"--format must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     paths = [Path(p).resolve() for p in inputs]
     check_inputs(paths)
     tokenizer = load_tokenizer(tokenizer)
@@ -125,6 +139,8 @@ def prepare_files(
         "options": {"text_field": text_field, "lines_are_documents": lines_are_documents},
         "inputs": [{"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths],
     }
+    if layout != "pptk":  # only then: the sets prepared before layouts existed stay up to date
+        source["layout"] = layout
 
     def pieces() -> Iterator[Piece]:
         for path in paths:
@@ -164,6 +180,7 @@ def read_manifest(path: Path) -> dict | None:
 def _prepare(
     out: Path, source: dict, info: dict, tokenizer: Any, pieces: Iterable[Piece], *, workers: int, progress_total
 ) -> Prepared:
+    layout = source.get("layout", "pptk")
     remove_leftovers(out)
     existing = read_manifest(out) if out.exists() else None
     if out.exists() and existing is None:
@@ -181,12 +198,18 @@ def _prepare(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        counts = _write_tokens(partial, pieces, tokenizer, info, workers=workers, progress_total=progress_total)
+        dtype = megatron_dtype(info["vocab_size"]) if layout == "megatron" else token_dtype(info["vocab_size"])
+        counts = _write_tokens(
+            partial, pieces, tokenizer, info, dtype=dtype, workers=workers, progress_total=progress_total
+        )
+        if layout == "megatron":
+            _to_megatron_index(partial, counts, dtype)
         manifest = {
             "format": FORMAT,
+            "layout": layout,
             "tokens_file": TOKENS_FILE,
-            "index_file": INDEX_FILE,
-            "dtype": token_dtype(info["vocab_size"]),
+            "index_file": MEGATRON_INDEX_FILE if layout == "megatron" else INDEX_FILE,
+            "dtype": dtype,
             **counts,
             "tokenizer": info,
             "source": source,
@@ -197,6 +220,18 @@ def _prepare(
         return Prepared(_publish(partial, out, manifest), manifest, reused=False)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _to_megatron_index(directory: Path, counts: dict, dtype: str) -> None:
+    """Replace documents.idx (int64 offsets, written as the tokens streamed by) with Megatron's tokens.idx."""
+    offsets_file = directory / INDEX_FILE
+    offsets = np.memmap(offsets_file, dtype=np.int64, mode="r", shape=(counts["num_documents"] + 1,))
+    digest = write_index(directory / MEGATRON_INDEX_FILE, offsets, dtype)
+    del offsets
+    offsets_file.unlink()
+    checksums = counts["checksums"]
+    del checksums[INDEX_FILE]
+    checksums[MEGATRON_INDEX_FILE] = file_checksums(directory / MEGATRON_INDEX_FILE, digest)
 
 
 def _publish(partial: Path, out: Path, manifest: dict) -> Path:
@@ -283,11 +318,10 @@ def _sync(f: Any) -> None:
 
 
 def _write_tokens(
-    directory: Path, pieces: Iterable[Piece], tokenizer: Any, info: dict, *, workers: int, progress_total
+    directory: Path, pieces: Iterable[Piece], tokenizer: Any, info: dict, *, dtype: str, workers: int, progress_total
 ) -> dict:
     from tqdm import tqdm
 
-    dtype = np.dtype(token_dtype(info["vocab_size"]))
     eos = info["eos_id"]
     tokenizer_json = tokenizer.backend_tokenizer.to_str()
     num_tokens, num_documents, max_id, document_length = 0, 0, eos, 0
@@ -318,7 +352,7 @@ def _write_tokens(
             flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
             if flat.size:
                 max_id = max(max_id, int(flat.max()))
-            put(flat.astype(dtype).tobytes(), tokens_out, TOKENS_FILE)
+            put(flat.astype(np.dtype(dtype)).tobytes(), tokens_out, TOKENS_FILE)
             put(np.asarray(ends, dtype=np.int64).tobytes(), index_out, INDEX_FILE)
             num_documents += len(ends)
             bar.update(sum(len(p.text) for p in batch))

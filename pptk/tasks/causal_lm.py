@@ -12,10 +12,10 @@ from pptk.data.blocks import open_prepared
 from pptk.data.corpus import (
     Corpus,
     build_corpus,
+    check_entries_exist,
     collect_sets,
     document_labels,
     document_positions,
-    parse_entry,
     sample_ranges,
 )
 from pptk.data.demo import demo_corpus, demo_documents, train_demo_tokenizer
@@ -88,9 +88,7 @@ def _model_and_sets(run: RunConfig) -> tuple[ModelSource, Any, list]:
         return ModelSource(config, None, f"demo {config.model_type}"), tokenizer, [(open_prepared(prepared.path), None)]
     if run.model.model is None or not data.files:
         raise PptkError("give --model and --data (or --demo for the embedded default)")
-    missing = [str(p) for p in data.files if not parse_entry(p).path.exists()]
-    if missing:
-        raise PptkError(f"--data path(s) not found: {', '.join(missing)}; check the paths")
+    check_entries_exist(data.files)  # before the model and tokenizer load
     source = resolve_model(run.model.model)
     tokenizer_dir = run.model.tokenizer or source.pretrained_dir or Path(run.model.model).parent
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -1,5 +1,6 @@
-# Training from prepared, memory-mapped sets on real gloo ranks: a blend with document masking in fp32 and bf16,
-# an exact resume on another layout (pp=2 -> pp=1 x dp=2, same global batch); bert_mlm on a prepared set.
+# Training from prepared, memory-mapped sets on real gloo ranks: a blend of two pptk sets and a Megatron set written
+# by megatron-core's own builder, with document masking in fp32 and bf16, an exact resume on another layout (pp=2 ->
+# pp=1 x dp=2, same global batch); bert_mlm on a prepared set.
 import json
 import shutil
 from pathlib import Path
@@ -24,16 +25,35 @@ def sets(tmp_path_factory):
         [FIXTURE / "data.txt"], tokenizer=work / "model", out=work / "lines", lines_are_documents=True
     )
     whole = prepare_files([FIXTURE / "data.txt"], tokenizer=work / "model", out=work / "whole")
-    model = [
-        "--model",
-        str(work / "model"),
-        "--tokenizer",
-        str(work / "model"),
-        "--data",
-        f"{lines.path}:0.7",
-        f"{whole.path}:0.3",
-    ]
-    return work, model
+    megatron = write_megatron_set(work / "model", work / "web_text_document")
+    model = ["--model", str(work / "model"), "--tokenizer", str(work / "model"), "--data", f"{lines.path}:0.5"]
+    return work, [*model, f"{whole.path}:0.3", f"{megatron}:0.2"]
+
+
+def write_megatron_set(tokenizer_dir: Path, prefix: Path) -> Path:
+    """The fixture's paragraphs as Megatron-LM's preprocess_data.py --split-sentences --append-eod writes them: a
+    sequence per line, the eod after each paragraph, through megatron-core's IndexedDatasetBuilder."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():  # it notes that Transformer Engine and Apex are absent; the builder needs neither
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for paragraph in (FIXTURE / "data.txt").read_text().split("\n\n"):
+        lines = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in paragraph.splitlines() if line]
+        if lines:
+            lines[-1].append(tokenizer.eos_token_id)
+            for ids in lines:
+                builder.add_item(torch.tensor(ids))
+            builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    return prefix
 
 
 def losses(out_dir: Path) -> dict[int, float]:
@@ -55,7 +75,7 @@ def test_a_blend_trains_with_document_masking_and_evaluates_on_held_out_document
     assert sorted(curve) == list(range(1, 7)) and curve[6] < curve[1]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 6]
-    assert "memory-mapped tokens (lines:0.7, whole:0.3), document masking" in stdout
+    assert "memory-mapped tokens (lines:0.5, whole:0.3, web_text_document:0.2), document masking" in stdout
     assert not (out_dir / "data").exists()  # prepared sets are read in place, nothing copied into the run
 
 
