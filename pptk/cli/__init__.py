@@ -8,6 +8,7 @@ May import: every other room.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -17,6 +18,7 @@ quiet_deepspeed_startup()  # before the imports below bring DeepSpeed in
 
 from pptk.cli import checkpoint, env, plot, timeline  # noqa: E402
 from pptk.cli.data import add_data_parser  # noqa: E402
+from pptk.cli.lora_flags import add_lora_arguments, lora_settings  # noqa: E402
 from pptk.errors import PptkError  # noqa: E402
 from pptk.parallel.partition import METHODS  # noqa: E402
 from pptk.parallel.schedules import SCHEDULES  # noqa: E402
@@ -48,6 +50,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         allow_missing=args.allow_missing,
         tolerance=args.tolerance,
         seed=args.seed,
+        lora=lora_settings(args),
     )
     print(result.to_json() if args.json else result.describe())
     return 0 if result.passed else 1
@@ -64,6 +67,8 @@ def _default_micro_batches(args: argparse.Namespace) -> int:
 # the textbook 2 + 2 + 12, and the allocator's share shows too. fp16 cannot run on these CPUs: modelled as fp32's
 # split with 2-byte weights and gradients.
 TRAIN_BYTES = {"fp32": (14.0, 18.0), "bf16": (13.0, 12.0), "fp16": (8.0, 18.0)}
+# A weight LoRA freezes costs its bytes alone: no gradient, no optimizer state (DeepSpeed casts it to the precision).
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
 
 
 def bytes_per_param(precision: str, *, dp: int, zero_stage: int) -> float:
@@ -73,6 +78,8 @@ def bytes_per_param(precision: str, *, dp: int, zero_stage: int) -> float:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from pptk.parallel.lora import lora_layout_problems
+    from pptk.parallel.lora_plan import lora_parameters_per_layer
     from pptk.parallel.pipeline import plan_pipeline
     from pptk.training.config import check_settings
 
@@ -86,6 +93,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len,
     )
+    lora = lora_settings(args)
+    if lora is not None and (problems := lora_layout_problems(tp=args.tp)):
+        raise PptkError("; ".join(problems))
     plan = plan_pipeline(
         args.model,
         num_stages=args.pp,
@@ -98,9 +108,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     per_param = bytes_per_param(args.precision, dp=args.dp, zero_stage=args.zero_stage)
     rows = plan.stages.summary()
+    lora_counts = lora_parameters_per_layer(plan.layers, lora, task=plan.task) if lora is not None else None
     for row in rows:
         row["params_per_rank"] = _tp_share(plan, row, args.tp)
         row["train_state_gib"] = row["params_per_rank"] * per_param / 2**30
+        if lora_counts is not None:  # frozen weights at their bytes alone, adapters and modules_to_save in full
+            held = [lora_counts[c.index] for c in plan.stages.stage_layers(row["stage"])]
+            adapters, full = sum(c.adapters for c in held), sum(c.trained_in_full for c in held)
+            row["lora_trained_params"] = adapters + full
+            frozen_bytes = (row["params_per_rank"] - full) * WEIGHT_BYTES[args.precision]
+            row["train_state_gib"] = (frozen_bytes + (adapters + full) * per_param) / 2**30
     if args.json:
         print(
             json.dumps(
@@ -112,6 +129,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "method": args.partition_method,
                     "schedule": args.schedule,
                     "precision": args.precision,
+                    "lora": None if lora is None else dataclasses.asdict(lora),
                     "stages": rows,
                 },
                 indent=2,
@@ -130,6 +148,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         + (f", blocks split over tp={args.tp}, embeddings and head replicated" if args.tp > 1 else "")
         + "), activations not included:"
     )
+    if lora is not None:
+        trained = sum(row["lora_trained_params"] for row in rows)
+        print(
+            f"  LoRA r={lora.r}: {trained:,} parameters train (adapters and modules_to_save, at the full cost above); "
+            f"the frozen weights cost {WEIGHT_BYTES[args.precision]:g} bytes each"
+        )
     for rank in range(args.pp):
         gib = sum(row["train_state_gib"] for row in rows if row["rank"] == rank)
         label = "rank" if args.schedule == "dualpipev" else "stage"
@@ -238,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="PASS although the checkpoint lacks tensors (or has extra ones) that both sides initialise alike, "
         "e.g. a task head a base model does not have",
     )
+    add_lora_arguments(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("plan", help="the layers each stage holds and the memory each rank needs")
@@ -247,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for the compute cost model")
     p.add_argument("--micro-batch-size", type=int, default=1, help="profile: sequences per timed micro-batch")
+    add_lora_arguments(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="Hugging Face dir <-> pipeline checkpoint, a layer at a time")

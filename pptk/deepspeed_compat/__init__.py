@@ -26,6 +26,7 @@ May import: errors, logs. Every other room that needs a DeepSpeed internal asks 
 from pptk.deepspeed_compat.checkpoint_writes import checkpoint_writes_through
 from pptk.deepspeed_compat.engine import (
     after_initialize,
+    allow_frozen_tied_weights,
     build_each_layer_with,
     fix_dualpipev_eval,
     fix_pipeline_clipping,
@@ -69,6 +70,7 @@ __all__ = [
     "ADAM_STATES",
     "DEEPSPEED_VERSION",
     "after_initialize",
+    "allow_frozen_tied_weights",
     "base_optimizer",
     "build_each_layer_with",
     "build_op",

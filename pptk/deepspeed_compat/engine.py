@@ -93,11 +93,28 @@ def swap_loss_fn(engine, fn: Callable) -> Callable | None:
 
 def after_initialize(engine) -> None:
     """What every pptk engine needs right after ``deepspeed.initialize``: refuse an optimizer wrapper pptk cannot
-    checkpoint, and correct the fp32 ZeRO-0 pipeline clipping norm (see ``fix_pipeline_clipping``). Written
-    against DeepSpeed 0.19.8, as the two functions it calls."""
+    checkpoint, correct the fp32 ZeRO-0 pipeline clipping norm (see ``fix_pipeline_clipping``), let DualPipeV
+    evaluate any count of micro-batches and the bf16 engine run frozen tied weights. Written against DeepSpeed
+    0.19.8, as the functions it calls."""
     check_per_layer_states_supported(engine.optimizer)
     fix_pipeline_clipping(engine)
     fix_dualpipev_eval(engine)
+    allow_frozen_tied_weights(engine)
+
+
+def allow_frozen_tied_weights(engine) -> None:
+    """Let the bf16 pipeline engine reduce tied gradients when a tied weight is frozen (LoRA's word embeddings).
+
+    Written against DeepSpeed 0.19.8: with ``BF16_Optimizer`` (bf16 + fp32 gradient accumulation),
+    ``PipelineEngine._exec_reduce_tied_grads`` reads ``weight._hp_grad`` of every weight in
+    ``module.get_tied_weights_and_groups()`` and skips it when None; the optimizer sets that attribute only on the
+    parameters it holds, so a frozen tied weight raised AttributeError at the first step. A frozen one gets None.
+    """
+    if not hasattr(engine.module, "get_tied_weights_and_groups"):
+        return
+    for weight, _ in engine.module.get_tied_weights_and_groups():
+        if not weight.requires_grad and not hasattr(weight, "_hp_grad"):
+            weight._hp_grad = None
 
 
 def fix_dualpipev_eval(engine) -> None:

@@ -7,7 +7,7 @@
 - ``apply_lora``: freezes the stage, injects peft's own LoRA layers (``peft.inject_adapter_in_model``) into each
   local layer, keeps the first layer's output differentiable and gives a stage with nothing to train a placeholder,
   so DeepSpeed's pipeline engine and optimizers run it;
-- ``check_lora_layout``: what LoRA cannot run with yet (tp > 1).
+- ``check_lora_layout`` / ``lora_layout_problems``: what LoRA cannot run with yet (tp > 1).
 
 Names follow peft on the Hugging Face model: a module of pipeline layer ``i`` is ``layers[i].hf_prefix + local
 name``, so ``target_modules`` and ``modules_to_save`` mean on the pipeline what they mean in
@@ -107,13 +107,21 @@ def _name_problems(field: str, value: object, *, allow_regex: bool) -> list[str]
     return []
 
 
+def lora_layout_problems(*, tp: int) -> list[str]:
+    """What LoRA cannot train on yet, for the callers that gather every problem into one error (RunConfig)."""
+    if tp > 1:
+        return [
+            f"LoRA with tp({tp}) > 1 is not supported yet: tensor-parallel linears are sharded pptk modules "
+            "that peft cannot wrap (sharded adapters come later). Use tp=1 and spread the ranks over pp and dp"
+        ]
+    return []
+
+
 def check_lora_layout(layout: Layout) -> None:
     """Refuse layouts LoRA cannot train on yet, before any rank starts."""
-    if layout.tp > 1:
-        raise PptkError(
-            f"LoRA with tp({layout.tp}) > 1 is not supported yet: tensor-parallel linears are sharded pptk modules "
-            "that peft cannot wrap (sharded adapters come later). Use tp=1 and spread the ranks over pp and dp"
-        )
+    problems = lora_layout_problems(tp=layout.tp)
+    if problems:
+        raise PptkError("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------------------

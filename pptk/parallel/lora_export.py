@@ -35,7 +35,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 _LORA_PARAM = re.compile(rf"(?P<module>.+)\.(?P<part>lora_[AB])\.{ADAPTER_NAME}\.weight")
 
 
-def _stage_parameters(module: nn.Module, layers: list[PipeLayer]):
+def adapter_parameters(module: nn.Module, layers: list[PipeLayer]):
     """(peft key, parameter) for every adapter and trained-in-full parameter this stage holds."""
     from pptk.parallel.pipeline import local_layers
 
@@ -55,7 +55,7 @@ def adapter_state_dict(module: nn.Module, plan) -> dict[str, torch.Tensor]:
 
     A stage without adapters (an embedding-only stage) gives an empty dict.
     """
-    return {key: param.detach() for key, param in _stage_parameters(module, plan.layers)}
+    return {key: param.detach() for key, param in adapter_parameters(module, plan.layers)}
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def load_adapter_state_dict(module: nn.Module, plan, state: dict[str, torch.Tens
 
     Every adapter parameter of the stage must be in ``state`` with its shape; keys of other stages are ignored.
     """
-    params = dict(_stage_parameters(module, plan.layers))
+    params = dict(adapter_parameters(module, plan.layers))
     missing = sorted(key for key in params if key not in state)
     mismatched = [
         f"{key}: file {list(state[key].shape)} vs stage {list(params[key].shape)}"

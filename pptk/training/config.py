@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pptk.data.corpus import parse_entry
 from pptk.errors import PptkError
 from pptk.parallel.layout import LAYOUT_RANGES, Range, layout_problems
+
+if TYPE_CHECKING:  # pptk.parallel.lora brings torch and DeepSpeed in: imported when a run asks for LoRA
+    from pptk.parallel.lora import LoraSettings
 
 # The accepted range of every number a run, `pptk plan` or `pptk verify` takes, by its field name; the flag names it in
 # the error. check_settings is the one place they are checked (a blend weight's range is pptk.data.corpus's).
@@ -42,6 +45,10 @@ NUMBERS: dict[str, Range] = {
     "num_labels": Range("--num-labels", 1),
     "samples": Range("--samples", 0),  # SFT: held-out prompts the export answers (0: none)
     "tolerance": Range("--tolerance", 0, integer=False, low_excluded=True),
+    # LoRA (pptk.parallel.lora.LoraSettings checks them again, for callers that skip the flags; dropout < 1 there)
+    "lora_r": Range("--lora-r", 1),
+    "lora_alpha": Range("--lora-alpha", 0, integer=False, low_excluded=True),
+    "lora_dropout": Range("--lora-dropout", 0, 1, integer=False),
     # NumPy takes seeds below 2**32, and every rank seeds with seed + its rank: leave the upper half free
     "seed": Range("--seed", 0, 2**31 - 1),
 }
@@ -151,6 +158,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 1234
     preset: str | None = None  # a named preset the flags started from (e.g. "demo")
+    lora: LoraSettings | None = None  # train LoRA adapters on frozen weights (pptk.parallel.lora); None: in full
 
     def __post_init__(self) -> None:
         # The task's data section holds numbers too (seq_len, max_seq_len, num_labels); its fractions, whose ranges
@@ -162,6 +170,13 @@ class RunConfig:
         problems = settings_problems(schedule=self.parallel.schedule, seed=self.seed, **numbers)
         if self.optim.max_steps is None and self.optim.epochs is None:
             problems.append("give --max-steps or --epochs")
+        if self.lora is not None:  # its own numbers are checked by LoraSettings itself
+            from pptk.parallel.lora import LoraSettings, lora_layout_problems
+
+            if not isinstance(self.lora, LoraSettings):
+                problems.append(f"lora must be a LoraSettings or None, got {type(self.lora).__name__}")
+            else:
+                problems += lora_layout_problems(tp=self.parallel.tp)
         for spec in getattr(self.data, "files", ()):  # the --data entries of a pretraining task: DIR:WEIGHT
             try:
                 parse_entry(spec)

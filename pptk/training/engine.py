@@ -14,6 +14,7 @@ import torch
 from pptk import deepspeed_compat
 from pptk.errors import PptkError
 from pptk.parallel.layout import Layout
+from pptk.parallel.lora import LoraSettings, apply_lora
 from pptk.parallel.pipeline import PipelinePlan, build_pipeline_module
 from pptk.training.config import RunConfig
 from pptk.training.ds_config import default_ds_config, fill_ds_config, load_ds_config, validate_ds_config
@@ -91,8 +92,13 @@ def build_engine(
     loss_fn: Callable,
     activation_checkpoint_interval: int = 0,
     dynamic_shape: bool = False,
+    lora: LoraSettings | None = None,
 ):
-    """This rank's stage on DeepSpeed's pp x tp x dp grid, wrapped in its pipeline engine."""
+    """This rank's stage on DeepSpeed's pp x tp x dp grid, wrapped in its pipeline engine.
+
+    ``lora``: the stage's weights frozen and LoRA adapters added (``pptk.parallel.lora.apply_lora``) once its weights
+    are loaded, so the optimizer sees only what trains.
+    """
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
@@ -116,6 +122,8 @@ def build_engine(
         activation_checkpoint_interval=activation_checkpoint_interval,
         loss_fn=loss_fn,
     )
+    if lora is not None:
+        apply_lora(module, plan, lora, seed=seed)
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
     deepspeed_compat.after_initialize(engine)

@@ -119,6 +119,11 @@ class Trainer:
 
     def _fit(self) -> Summary | None:
         run = self.run
+        if run.lora is not None:  # the engine takes adapters, but a checkpoint would save them as full weights
+            raise PptkError(
+                "LoRA training is not wired to checkpoints and export yet; `pptk verify MODEL --pp N --lora-r R` "
+                "checks LoRA parity, and full fine-tuning trains through the recipes"
+            )
         task = self.prepare(run)
         raw_ds_config = load_run_ds_config(run)
         layout = resolve_layout(run, raw_ds_config)

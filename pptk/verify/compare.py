@@ -25,11 +25,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from pptk.errors import PptkError
 from pptk.models.heads import synthetic_labels
 from pptk.parallel.hf_weights import HFCheckpoint
+from pptk.parallel.lora import LoraSettings
 from pptk.parallel.pipeline import pipeline_inputs
+from pptk.verify.lora import ADAPTER_FILE, adapter_numel, add_reference_adapters, rename_reference
 
 LEARNING_RATE = 1.0
 FP32_TOLERANCE = 1e-5
@@ -64,6 +67,11 @@ class VerifyResult:
     schedule: str = "1f1b"
     tp: int = 1  # tensor-parallel shards per stage; their slices are gathered back to Hugging Face shapes
     params_per_rank: list[int] = field(default_factory=list)  # parameters each global rank holds itself
+    lora: dict | None = None  # the LoRA settings checked (pptk.verify.lora); None: full fine-tuning
+    params_trained: int = 0  # with LoRA: adapters and modules_to_save (every parameter without)
+    frozen_tensors: int = 0  # with LoRA: frozen weights compared (they must not move)
+    frozen_max_diff: float = 0.0  # their largest difference from Hugging Face's after the step
+    largest_update: float = 0.0  # the largest change the pipeline's step made to a trained parameter
 
     @property
     def passed(self) -> bool:
@@ -94,6 +102,13 @@ class VerifyResult:
             f"rel diff {self.loss_rel_diff:.2e}",
             f"  {measure}",
         ]
+        if self.lora is not None:
+            lines.append(
+                f"  LoRA r={self.lora['r']} alpha={self.lora['alpha']:g} (dropout off for the check): "
+                f"{self.params_trained:,} parameters trained (largest update {self.largest_update:.2e}); "
+                f"{self.frozen_tensors} frozen tensors, max abs diff {self.frozen_max_diff:.2e} from Hugging Face's "
+                "after the step (must be 0)"
+            )
         if self.dp > 1 or self.tp > 1:
             lines.append(f"  replicas (dp and tp ranks): max abs diff {self.replica_max_diff:.2e}")
         lines += [f"    {diff:.2e}  {name}" for name, diff in self.largest_diffs]
@@ -138,13 +153,15 @@ def reference_step(
     seq_len: int,
     seed: int,
     max_shard_size: str | None = None,
+    lora: LoraSettings | None = None,
 ) -> dict:
     """Save the model and the batch the ranks will read under ``work``, and run Hugging Face's step on them.
 
     The step: every micro-batch forward and backward, the loss scaled as DeepSpeed scales it, gradients accumulated
     in ``accum`` as DeepSpeed accumulates them, one SGD step with lr=1 on fp32 master weights. In bf16 the model is
     loaded with dtype=bfloat16, as Hugging Face users do, and the same step in fp32 on its rounded weights measures
-    each tensor's rounding noise.
+    each tensor's rounding noise. With ``lora``, the step is peft's on the same model, with the non-zero adapters
+    saved for the ranks (pptk.verify.lora).
     """
     work.mkdir(parents=True, exist_ok=True)
     hf_class = plan.hf_class
@@ -167,6 +184,11 @@ def reference_step(
         model = hf_class(plan.config)
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(work / "hf", **shards)  # the ranks load their stages from here, tensor by tensor
+    reference = {"num_parameters": model.num_parameters(), **loading}
+    if lora is not None:
+        model, adapters = add_reference_adapters(model, plan, lora, seed=seed)
+        save_file(adapters, work / ADAPTER_FILE, metadata={"format": "pt"})
+        reference["num_parameters"] += adapter_numel(adapters)
     inputs, labels = synthetic_batch(
         plan, batch_size=micro_batch_size * micro_batch_count * dp, seq_len=seq_len, seed=seed
     )
@@ -174,9 +196,10 @@ def reference_step(
     step = dict(
         plan=plan, inputs=inputs, labels=labels, micro_batch_size=micro_batch_size, total=micro_batch_count * dp
     )
-    reference = {"num_parameters": model.num_parameters(), **loading}
     if precision == "bf16":
         low = hf_class.from_pretrained(work / "hf", config=plan.config, dtype=torch.bfloat16)
+        if lora is not None:
+            low = add_reference_adapters(low, plan, lora, state=adapters)[0]
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.bfloat16().float())  # the exact step at the weights both bf16 runs use
@@ -188,7 +211,7 @@ def reference_step(
     if precision == "bf16":
         reference["noise"] = {n: (grads[n] - exact_grads[n]).norm().item() for n in grads}
         reference["loss_noise"] = abs(loss - exact_loss)
-    return reference
+    return reference if lora is None else rename_reference(reference, model)
 
 
 def _hf_step(
@@ -237,6 +260,7 @@ def compare(
     top: int,
     allow_missing: bool = False,
     tp: int = 1,
+    lora: dict | None = None,
 ) -> VerifyResult:
     problems = []
     # Both sides initialise a tensor the checkpoint lacks the same way and would agree: a parity check that passed
@@ -250,7 +274,10 @@ def compare(
                 + " (pass --allow-missing when that is expected, e.g. a task head a base model lacks)"
             )
     ref_params = reference["params"]
+    frozen = reference.get("frozen", set())  # LoRA: weights the step must leave exactly as they are
     diffs: dict[str, float] = {}
+    frozen_diffs: dict[str, float] = {}
+    updates: dict[str, float] = {}  # how far the pipeline's step moved each trained parameter
     replica_diff = 0.0
     by_name: dict[str, list[torch.Tensor]] = {}
     for result in results:
@@ -260,7 +287,11 @@ def compare(
         if name not in ref_params:
             problems.append(f"pipeline parameter {name} has no Hugging Face counterpart")
             continue
-        diffs[name] = max(_difference(name, c, reference, precision) for c in copies)
+        if name in frozen:
+            frozen_diffs[name] = max((c - reference["start"][name]).abs().max().item() for c in copies)
+        else:
+            diffs[name] = max(_difference(name, c, reference, precision) for c in copies)
+            updates[name] = max((c - reference["start"][name]).abs().max().item() for c in copies)
         replica_diff = max([replica_diff] + [(c - copies[0]).abs().max().item() for c in copies[1:]])
     missing = sorted(set(ref_params) - set(by_name))
     if missing:
@@ -295,6 +326,19 @@ def compare(
             if precision == "fp32"
             else f"the gradient of {worst} differs by {max_diff:.1f} x Hugging Face's own bf16 error (> {tolerance:g})"
         )
+    frozen_max = max(frozen_diffs.values(), default=0.0)
+    still = sorted(name for name, update in updates.items() if update == 0.0)
+    if lora is not None and still:  # B = 0 (peft's start) would leave every lora_A here and prove little
+        problems.append(
+            f"{len(still)} trained tensor(s) did not change in the step ({', '.join(still[:3])}): the adapters "
+            "must be non-zero for the check to test them"
+        )
+    if frozen_max > 0.0:
+        moved = max(frozen_diffs, key=lambda name: frozen_diffs[name])
+        problems.append(
+            f"frozen weight {moved} differs from Hugging Face's by {frozen_max:.2e} after the step; with LoRA "
+            "only the adapters and modules_to_save may change"
+        )
     if replica_diff > 0.0 and (dp > 1 or tp > 1):
         # tp ranks hold the same replicated tensors (norms, embeddings) and, gathered, the same full sharded ones
         problems.append(f"replicas (dp or tp ranks) disagree by {replica_diff:.2e}")
@@ -323,4 +367,9 @@ def compare(
         problems=problems,
         precision=precision,
         loss_noise_units=loss_units,
+        lora=lora,
+        params_trained=sum(ref_params[name].numel() for name in ref_params if name not in frozen),
+        frozen_tensors=len(frozen_diffs),
+        frozen_max_diff=frozen_max,
+        largest_update=max(updates.values(), default=0.0),
     )

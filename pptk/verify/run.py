@@ -13,6 +13,10 @@ master weights; bf16 gradient accumulation with ZeRO-0) against the Hugging Face
 weights cast to bf16), whose gradients are accumulated the same way. The ranks report their fp32 master weights,
 so the step's update is the gradient itself; pptk.verify.compare says how gradients are compared in bf16.
 
+With ``lora`` (LoraSettings), both sides train LoRA adapters on frozen weights: peft's on the Hugging Face model,
+pptk's ``apply_lora`` on the stages, the same non-zero adapters on both (pptk.verify.lora). The trained tensors are
+compared as above; every frozen weight must come out of the step exactly as Hugging Face holds it. tp=1 only.
+
 ``verify_many`` = ``prepare_jobs`` (the parent's half: plans, saved models and batches, reference steps) +
 ``launch_jobs`` (one launch of the ranks, then the comparison).
 """
@@ -20,7 +24,7 @@ so the step's update is the gradient itself; pptk.verify.compare says how gradie
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +32,7 @@ import torch
 from pptk.errors import PptkError
 from pptk.launch.ranks import run_ranks
 from pptk.models import first_tied_index
+from pptk.parallel.lora import LoraSettings, lora_layout_problems, resolve_lora_targets
 from pptk.parallel.pipeline import PipelinePlan, max_positions, pipeline_inputs, plan_pipeline, resolve_model
 from pptk.training.config import check_settings
 from pptk.verify.compare import (
@@ -39,6 +44,7 @@ from pptk.verify.compare import (
     micro_batches,
     reference_step,
 )
+from pptk.verify.lora import add_stage_adapters, settings_for_check, stage_names
 
 VERIFY_PRECISIONS = ("fp32", "bf16")
 __all__ = ["PreparedJob", "VerifyJob", "VerifyResult", "launch_jobs", "prepare_jobs", "verify", "verify_many"]
@@ -61,6 +67,7 @@ class VerifyJob:
     precision: str = "fp32"  # or "bf16"; jobs of both precisions can share a launch
     schedule: str = "1f1b"  # or "dualpipev" (needs micro_batches >= 2 * pp); jobs of both can share a launch
     allow_missing: bool = False  # PASS although the checkpoint lacks (or has extra) tensors both sides initialise
+    lora: LoraSettings | None = None  # LoRA against peft on the same adapters (pptk.verify.lora); tp=1 only
 
 
 @dataclass(frozen=True)
@@ -119,12 +126,13 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from pptk.deepspeed_compat import get_param_state, tensor_parallel_group
+    from pptk.deepspeed_compat import allow_frozen_tied_weights, get_param_state, tensor_parallel_group
     from pptk.parallel.hf_weights import hf_names
     from pptk.parallel.pipeline import build_pipeline_module
     from pptk.parallel.tensor_parallel import gather_full, shard_spec
 
     tp = layout["tp"]
+    lora = LoraSettings(**job["lora"]) if job["lora"] else None
 
     plan = plan_pipeline(
         resolve_model(work / "hf"),
@@ -140,7 +148,9 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     )
     topology = PipeModelDataParallelTopology(layout["pp"], tp, layout["dp"]) if tp > 1 else None
     module = build_pipeline_module(plan, topology=topology)
-    optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
+    if lora is not None:
+        add_stage_adapters(module, plan, lora, work=work, seed=job["seed"])
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=LEARNING_RATE)
     engine, *_ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
@@ -153,14 +163,21 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
             tp=tp,
         ),
     )
+    allow_frozen_tied_weights(engine)
     batch = torch.load(work / "batch.pt")
     micro = list(micro_batches(batch["inputs"], batch["labels"], pipeline_inputs(plan), job["micro_batch_size"]))
     dp_rank = engine.grid.get_data_parallel_rank()
     per_replica = job["micro_batches"]
     loss = engine.train_batch(iter(micro[dp_rank * per_replica : (dp_rank + 1) * per_replica]))
-    names = hf_names(engine.module, plan.layers)
+    names: dict[str, str | None] = (
+        dict(hf_names(engine.module, plan.layers)) if lora is None else stage_names(engine.module, plan)
+    )
     # The fp32 master weights: in bf16 the module's own weights are only their rounded copies.
-    params = {names[k]: get_param_state(engine.optimizer, p, "fp32") for k, p in engine.module.named_parameters()}
+    params = {
+        name: get_param_state(engine.optimizer, p, "fp32")
+        for k, p in engine.module.named_parameters()
+        if (name := names[k]) is not None
+    }
     if tp > 1:  # each tp rank holds slices: gather them back into Hugging Face's shapes before comparing
         group = tensor_parallel_group(engine.module)[0]
         specs = {names[k]: shard_spec(p) for k, p in engine.module.named_parameters()}
@@ -179,7 +196,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     )
 
 
-def _owned_names(module, plan, names: dict[str, str]) -> list[str]:
+def _owned_names(module, plan, names: dict[str, str | None]) -> list[str]:
     """HF names this stage counts as its own: a tied module counts on the first stage that holds it."""
     first_stage = {key: plan.stages.rank_of(index) for key, index in first_tied_index(plan.layers).items()}
     owned = []
@@ -188,7 +205,8 @@ def _owned_names(module, plan, names: dict[str, str]) -> list[str]:
             tied_key = key.split(".")[1]
             if first_stage[tied_key] != module.stage_id:
                 continue
-        owned.append(names[key])
+        if (name := names[key]) is not None:
+            owned.append(name)
     return owned
 
 
@@ -212,6 +230,7 @@ def verify(
     workdir: str | Path | None = None,
     top: int = 5,
     allow_missing: bool = False,
+    lora: LoraSettings | None = None,
 ) -> VerifyResult:
     job = VerifyJob(
         model,
@@ -225,6 +244,7 @@ def verify(
         precision=precision,
         schedule=schedule,
         allow_missing=allow_missing,
+        lora=lora,
     )
     return verify_many(
         [job], pp=pp, dp=dp, tp=tp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top
@@ -273,6 +293,9 @@ def prepare_jobs(
             seq_len=job.seq_len,
             seed=job.seed,
         )
+        if job.lora is not None and (problems := lora_layout_problems(tp=tp)):
+            raise PptkError("; ".join(problems))
+    jobs = [job if job.lora is None else replace(job, lora=settings_for_check(job.lora)) for job in jobs]
     plans = [_plan_job(job, pp=pp, tp=tp) for job in jobs]
     work = Path(work)
     prepared: list[PreparedJob] = []
@@ -288,6 +311,7 @@ def prepare_jobs(
             seq_len=job.seq_len,
             seed=job.seed,
             max_shard_size=job.max_shard_size,
+            lora=job.lora,
         )
         prepared.append(PreparedJob(job, plan, reference, work / f"job{i}"))
     return prepared
@@ -332,6 +356,7 @@ def launch_jobs(
             tolerance=defaults[p.job.precision] if tolerance is None else tolerance,
             top=top,
             allow_missing=p.job.allow_missing,
+            lora=None if p.job.lora is None else asdict(p.job.lora),
         )
         for p, result in zip(prepared, results)
     ]
@@ -364,4 +389,6 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
             f"--seq-len {job.seq_len} is longer than the model's {positions} positions; "
             f"use --seq-len {positions} or less"
         )
+    if job.lora is not None:  # a target that matches nothing is refused here, before any model is saved
+        resolve_lora_targets(plan.layers, job.lora, task=plan.task)
     return plan

@@ -156,7 +156,49 @@ def pp2_jobs(untied_gpt2_config: Path) -> dict:
             ("wrong-mask", "bert", "masked-lm"),
         )
     }
+    jobs |= lora_jobs()
     return jobs
+
+
+# LoRA against peft on the same non-zero adapters, fp32 and bf16, each target form: "all-linear" (GPT-2's Conv1D,
+# LLaMA's grouped-query k/v), LLaMA with norms trained in full (modules_to_save), a regular expression (Qwen3), and
+# BERT's token-classification head trained in full beside names. Two are broken on purpose (tests/distributed/
+# test_lora_verify.py).
+LORA_CASES = {
+    "gpt2": ("gpt2", None, dict(r=8)),
+    "llama": ("llama", None, dict(r=8, modules_to_save=("post_attention_layernorm",))),
+    "qwen3": ("qwen3", None, dict(r=4, alpha=32.0, target_modules=r".*\.(q_proj|v_proj|down_proj)")),
+    "bert": ("bert", "token-classification", dict(r=8, target_modules=("query", "value"))),
+}
+
+
+def lora_jobs() -> dict:
+    from pptk.parallel.lora import LoraSettings
+    from pptk.verify.run import VerifyJob
+
+    jobs = {
+        (f"lora-{precision}", name): VerifyJob(
+            model, task=task, precision=precision, seq_len=24, lora=LoraSettings(**settings)
+        )
+        for precision in ("fp32", "bf16")
+        for name, (model, task, settings) in LORA_CASES.items()
+    }
+    for broken in ("wrong-adapter", "wrong-base-weight"):
+        jobs[("lora-fp32", broken)] = VerifyJob("llama", seq_len=24, lora=LoraSettings(r=8))
+    return jobs
+
+
+def break_adapter(work: Path) -> None:
+    """The ranks load layer 0's gate and up projection adapters swapped: a LoRA mapping bug."""
+    from safetensors.torch import load_file, save_file
+
+    from pptk.verify.lora import ADAPTER_FILE
+
+    tensors = load_file(work / ADAPTER_FILE)
+    gate = next(name for name in tensors if "layers.0.mlp.gate_proj.lora_A" in name)
+    up = gate.replace("gate_proj", "up_proj")
+    tensors[gate], tensors[up] = tensors[up], tensors[gate]
+    save_file(tensors, work / ADAPTER_FILE, metadata={"format": "pt"})
 
 
 def break_weight_mapping(work: Path) -> None:
@@ -208,6 +250,8 @@ def verified_pp2(tmp_path_factory, untied_gpt2_config):
     prepared = dict(zip(jobs, prepare_jobs(list(jobs.values()), pp=2, work=work)))
     break_weight_mapping(prepared[("bf16", "wrong-weight-mapping")].work)
     break_mask(prepared[("bf16", "wrong-mask")].work)
+    break_adapter(prepared[("lora-fp32", "wrong-adapter")].work)
+    break_weight_mapping(prepared[("lora-fp32", "wrong-base-weight")].work)
     return dict(zip(prepared, launch_jobs(list(prepared.values()), pp=2, work=work)))
 
 

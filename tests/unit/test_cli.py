@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pptk.cli import bytes_per_param, main
+from pptk.cli import build_parser, bytes_per_param, main
+from pptk.cli.lora_flags import lora_settings
+from pptk.parallel.lora import LoraSettings
 
 
 def test_plan_json_lists_every_layer_once(capsys):
@@ -28,6 +30,60 @@ def test_plan_table_and_memory(capsys):
     assert bytes_per_param("fp32", dp=1, zero_stage=1) == 32
     assert bytes_per_param("bf16", dp=4, zero_stage=1) == 13 + 12 / 4
     assert bytes_per_param("bf16", dp=4, zero_stage=0) == 25
+
+
+@pytest.mark.parametrize(("precision", "weight_bytes"), [("bf16", 2), ("fp32", 4)])
+def test_plan_with_lora_counts_frozen_weights_at_their_bytes_and_what_trains_in_full(precision, weight_bytes, capsys):
+    per_param = bytes_per_param(precision, dp=1, zero_stage=1)
+    assert main(["plan", "llama", "--pp", "2", "--precision", precision, "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["stages"]
+    assert main(["plan", "llama", "--pp", "2", "--precision", precision, "--lora-r", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["lora"]["r"] == 8 and plan["lora"]["target_modules"] == "all-linear"
+    # r=8 on every block linear of the small LLaMA (hidden 64, k/v 32, MLP 112), two blocks a stage
+    assert [row["lora_trained_params"] for row in plan["stages"]] == [2 * 8 * 976] * 2
+    for row, without in zip(plan["stages"], full):
+        assert row["params"] == without["params"]
+        expected = row["params"] * weight_bytes + row["lora_trained_params"] * per_param
+        assert row["train_state_gib"] * 2**30 == pytest.approx(expected)
+        assert row["train_state_gib"] < without["train_state_gib"] / 3  # a tiny model: adapters are 37% of it
+
+    # BERT's token-classification head trains in full (peft's TOKEN_CLS): its weights leave the frozen count
+    argv = ["plan", "bert", "--task", "token-classification", "--pp", "2", "--precision", precision, "--json"]
+    assert main([*argv, "--lora-r", "8", "--lora-target-modules", "query", "value"]) == 0
+    last = json.loads(capsys.readouterr().out)["stages"][-1]
+    classifier = 64 * 3 + 3
+    assert last["lora_trained_params"] == 2 * 2 * 8 * (64 + 64) + classifier
+    expected = (last["params"] - classifier) * weight_bytes + last["lora_trained_params"] * per_param
+    assert last["train_state_gib"] * 2**30 == pytest.approx(expected)
+
+
+def test_plan_text_names_what_lora_trains(capsys):
+    assert main(["plan", "gpt2", "--pp", "2", "--lora-r", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=4: 16,384 parameters train" in out and "the frozen weights cost 2 bytes each" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "targets"),
+    [
+        ([], "all-linear"),
+        (["--lora-target-modules", "all-linear"], "all-linear"),
+        (["--lora-target-modules", "q_proj", "v_proj"], ("q_proj", "v_proj")),
+        (["--lora-target-modules", "attn.c_attn"], ("attn.c_attn",)),  # a dotted name is a name
+        (["--lora-target-modules", r".*\.(q|v)_proj"], r".*\.(q|v)_proj"),  # one value with regex syntax: peft's str
+    ],
+)
+def test_lora_flags_become_the_settings(flags, targets):
+    args = build_parser().parse_args(["verify", "llama", "--pp", "2", "--lora-r", "4", *flags])
+    assert lora_settings(args) == LoraSettings(r=4, target_modules=targets)
+
+
+def test_lora_shaping_flags_and_lora_off():
+    argv = ["plan", "bert", "--pp", "2", "--lora-r", "16", "--lora-alpha", "8", "--lora-dropout", "0.1"]
+    args = build_parser().parse_args([*argv, "--lora-modules-to-save", "pooler"])
+    assert lora_settings(args) == LoraSettings(r=16, alpha=8.0, dropout=0.1, modules_to_save=("pooler",))
+    assert lora_settings(build_parser().parse_args(["plan", "bert", "--pp", "2"])) is None
 
 
 def test_models_lists_gpt2(capsys):
@@ -61,6 +117,33 @@ def test_models_lists_gpt2(capsys):
             "--precision 'fp16': verify runs fp32 or bf16; fp16 needs a GPU",
         ),
         (["plan", "gpt2", "--pp", "2", "--partition-method", "flops"], "unknown partition method 'flops'"),
+        # LoRA: what it cannot run with yet, and settings that select nothing
+        (["verify", "gpt2", "--pp", "2", "--tp", "2", "--lora-r", "8"], "LoRA with tp(2) > 1 is not supported yet"),
+        (["plan", "gpt2", "--pp", "2", "--tp", "2", "--lora-r", "8"], "LoRA with tp(2) > 1 is not supported yet"),
+        (
+            ["verify", "gpt2", "--pp", "2", "--lora-alpha", "32", "--lora-target-modules", "c_attn"],
+            "--lora-alpha, --lora-target-modules without --lora-r: LoRA is off unless --lora-r",
+        ),
+        (
+            ["verify", "gpt2", "--pp", "2", "--lora-r", "8", "--lora-target-modules", "q_proj"],
+            "LoRA target_modules 'q_proj' matches no module of this model; its linear layers are: "
+            "transformer.h.N.attn.c_attn",
+        ),
+        (
+            [
+                "plan",
+                "bert",
+                "--task",
+                "token-classification",
+                "--pp",
+                "2",
+                "--lora-r",
+                "4",
+                "--lora-modules-to-save",
+                "pooler",
+            ],
+            "LoRA modules_to_save 'pooler' matches no module of this model",
+        ),
     ],
 )
 def test_bad_input_exits_2_before_any_rank_starts(argv, message, capsys):
@@ -83,6 +166,9 @@ BAD_NUMBERS = [
     (["--seq-len", "0"], "--seq-len must be an integer >= 1, got 0"),
     (["--zero-stage", "2"], "--zero-stage 2 with --pp 2: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1"),
     (["--tp", "2", "--schedule", "dualpipev"], "--schedule dualpipev with --tp 2 is not supported yet"),
+    (["--lora-r", "0"], "--lora-r must be an integer >= 1, got 0"),
+    (["--lora-r", "8", "--lora-alpha", "0"], "--lora-alpha must be a finite number > 0, got 0.0"),
+    (["--lora-r", "8", "--lora-dropout", "nan"], "--lora-dropout must be a finite number >= 0 and <= 1, got nan"),
 ]
 VERIFY_BAD_NUMBERS = [
     (["--micro-batches", "0"], "--micro-batches must be an integer >= 1, got 0"),  # used to mean the default

@@ -396,3 +396,110 @@ def test_applying_twice_and_writing_a_mismatched_adapter_are_refused(tmp_path):
         write_adapter_dir(state, LoraSettings(r=8), plan.config, tmp_path / "a", task=plan.task)
     with pytest.raises(PptkError, match="state dict is empty"):
         write_adapter_dir({}, settings, plan.config, tmp_path / "a", task=plan.task)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert"])  # Conv1D adapters; a head trained in full
+def test_the_plan_counts_per_layer_what_apply_lora_adds_and_trains(model_type, tmp_path):
+    from pptk.parallel.lora_plan import lora_parameters_per_layer
+    from pptk.parallel.pipeline import local_layers
+
+    plan, pipe, _ = _models(model_type, tmp_path)
+    settings = CASES[model_type][1]
+    counts = lora_parameters_per_layer(plan.layers, settings, task=plan.task)
+    apply_lora(pipe, plan, settings)
+    measured = {}
+    for index, layer in local_layers(pipe, plan.layers):
+        params = dict(layer.named_parameters())
+        adapters = sum(p.numel() for name, p in params.items() if ".lora_" in name)
+        measured[index] = (adapters, sum(p.numel() for p in params.values() if p.requires_grad) - adapters)
+    assert {index: (c.adapters, c.trained_in_full) for index, c in enumerate(counts) if index in measured} == measured
+    assert sum(c.adapters for c in counts) > 0
+    assert sum(c.trained_in_full for c in counts) == (64 * 3 + 3 if model_type == "bert" else 0)
+
+
+def test_a_run_config_with_lora_refuses_tensor_parallelism_in_its_one_error(tmp_path):
+    from pptk.tasks.causal_lm import CausalLMData
+    from pptk.training.config import ModelConfig, OptimConfig, OutputConfig, ParallelConfig, RunConfig
+
+    def run(**fields):
+        output = OutputConfig(output_dir=tmp_path)
+        return RunConfig(model=ModelConfig(model="gpt2"), data=CausalLMData(), output=output, **fields)
+
+    assert run(lora=LoraSettings(r=4)).to_dict()["lora"] == {
+        "r": 4,
+        "alpha": 16.0,
+        "dropout": 0.0,
+        "target_modules": "all-linear",
+        "modules_to_save": [],
+    }
+    with pytest.raises(PptkError, match=r"--lr must be .*; LoRA with tp\(2\) > 1 is not supported yet"):
+        run(lora=LoraSettings(r=4), parallel=ParallelConfig(tp=2), optim=OptimConfig(lr=0.0))
+    with pytest.raises(PptkError, match="lora must be a LoraSettings or None, got dict"):
+        run(lora={"r": 4})
+
+
+def test_verify_fails_a_lora_step_that_moves_a_frozen_weight_or_no_adapter(tmp_path):
+    """pptk verify's comparison on the real peft reference step, reported back as a perfect pipeline would report
+    it, then with a frozen weight nudged, then as a step that moved nothing (what B = 0 adapters would give)."""
+    from pptk.verify.compare import compare, reference_step
+
+    plan = plan_pipeline(get_family("gpt2").small_config(), num_stages=1, dropout=False)
+    reference = reference_step(
+        plan,
+        work=tmp_path,
+        dp=1,
+        precision="fp32",
+        accum=torch.float32,
+        micro_batch_size=2,
+        micro_batch_count=1,
+        seq_len=8,
+        seed=0,
+        lora=LoraSettings(r=4),
+    )
+
+    def check(params, ref=reference):
+        result = {"loss": ref["loss"], "stage": 0, "dp_rank": 0, "params": params, "owned": list(params)}
+        lora = {"r": 4, "alpha": 16.0}
+        return compare(
+            plan,
+            ref,
+            [result],
+            model="gpt2",
+            pp=1,
+            dp=1,
+            zero_stage=1,
+            precision="fp32",
+            tolerance=1e-5,
+            top=3,
+            lora=lora,
+        )
+
+    perfect = check(dict(reference["params"]))
+    assert perfect.passed, perfect.describe()
+    assert perfect.params_pipeline == perfect.params_reference and perfect.largest_update > 0
+    assert "transformer.h.0.mlp.c_fc.weight" in reference["frozen"]  # the base weight, under its plain name
+    assert f"{PEFT_PREFIX}transformer.h.0.mlp.c_fc.lora_A.weight" in reference["params"]
+
+    nudged = dict(reference["params"])
+    nudged["transformer.h.0.mlp.c_fc.weight"] = nudged["transformer.h.0.mlp.c_fc.weight"] + 1e-3
+    assert check(nudged).problems == [
+        "frozen weight transformer.h.0.mlp.c_fc.weight differs from Hugging Face's by 1.00e-03 after the step; with "
+        "LoRA only the adapters and modules_to_save may change"
+    ]
+    still = check(dict(reference["start"]), reference | {"params": dict(reference["start"])})
+    assert len(still.problems) == 1 and "32 trained tensor(s) did not change in the step" in still.problems[0]
+
+
+def test_the_trainer_refuses_a_lora_run_until_checkpoints_save_adapters(tmp_path):
+    """RunConfig.lora reaches the engine (pptk verify uses it), but a trained run would checkpoint and export the
+    adapters as full weights: one clear refusal rather than a checkpoint no converter reads."""
+    from pptk.errors import PptkError
+    from pptk.parallel.lora import LoraSettings
+    from pptk.training.config import ModelConfig, OutputConfig, RunConfig
+    from pptk.training.trainer import Trainer
+
+    run = RunConfig(
+        model=ModelConfig(model="gpt2"), data=None, output=OutputConfig(output_dir=tmp_path), lora=LoraSettings(r=8)
+    )
+    with pytest.raises(PptkError, match="LoRA training is not wired to checkpoints"):
+        Trainer(run, prepare=lambda run: None)._fit()
