@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pptk.launch import env_report as pptk_env
 from pptk.cli import env as env_cli
 from pptk.cli.env import env_main
+from pptk.launch import env_report as pptk_env
 from pptk.launch.env_report import (
     CORE_PACKAGES,
     EXIT_MISMATCH,
