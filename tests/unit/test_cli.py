@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pptk.cli import build_parser, bytes_per_param, main
+from pptk.cli import build_parser, main
 from pptk.cli.lora_flags import lora_settings
+from pptk.cli.plan import bytes_per_param
 from pptk.parallel.lora import LoraSettings
 
 

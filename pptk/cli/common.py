@@ -1,0 +1,23 @@
+# What several subcommands share: the model argument and the layout flags.
+from __future__ import annotations
+
+import argparse
+
+from pptk.parallel.partition import METHODS
+from pptk.parallel.schedules import SCHEDULES
+
+MODEL_HELP = "a local Hugging Face dir, a config.json, or a model type (e.g. gpt2) meaning a small random config"
+TASK_HELP = (
+    "causal-lm | masked-lm | sequence-classification | token-classification; default: the task "
+    "config.architectures names (e.g. BertForMaskedLM: masked-lm), or the family's only task"
+)
+
+
+def common_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--pp", type=int, required=True, help="pipeline stages")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per stage (world = pp * tp * dp)")
+    parser.add_argument("--task", default=None, help=TASK_HELP)
+    parser.add_argument("--partition-method", default="compute", help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES), help="pipeline schedule")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
