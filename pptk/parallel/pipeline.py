@@ -18,9 +18,8 @@ from pptk.deepspeed_compat import build_each_layer_with, partition_by_boundaries
 from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index, get_family, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
-from pptk.models.decoder_families import MOE_FAMILIES
 from pptk.models.heads import get_task, hf_model_class, infer_task
-from pptk.parallel.hf_weights import HFCheckpoint, load_stage_weights
+from pptk.parallel.hf_weights import HFCheckpoint, check_checkpoint_readable, load_stage_weights
 from pptk.parallel.partition import StagePlan, layer_costs, plan_stages
 from pptk.parallel.schedules import check_schedule, stages_for
 from pptk.parallel.tensor_parallel import (
@@ -155,13 +154,8 @@ def plan_pipeline(
     task = infer_task(config, task, source=source.label)
     layers = layers_for(config, task)
     check_tensor_parallel(config, tp)
-    if config.model_type in MOE_FAMILIES and source.pretrained_dir is not None:
-        # transformers 5.23 saves one tensor per expert and fuses them on load (its conversion mapping); pptk reads
-        # tensors by name one to one, so it would report them missing rather than train from random experts.
-        raise PptkError(
-            f"{source.label}: reading a mixture-of-experts checkpoint (one tensor per expert on disk) is not done yet; "
-            f"{config.model_type} trains from a config or model type (random init) for now"
-        )
+    if source.pretrained_dir is not None:
+        check_checkpoint_readable(config, label=source.label)
     positions = max_positions(config) or 2048
     length = min(seq_len or positions, positions)
     costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=length)

@@ -179,6 +179,8 @@ class Trainer:
             micro_batch_size=layout.micro_batch_size,
             grad_accum_steps=layout.grad_accum_steps,
         )
+        if hasattr(task, "engine_ready"):  # e.g. a pass over the data before the first step (every rank)
+            task.engine_ready(engine, shard)
         if rank == 0:
             log.info(
                 f"{task.source.label}: {layout.describe()}; {task.describe()}; {steps.max_steps} steps"
