@@ -35,3 +35,29 @@ def pytest_collection_finish(session):
         code = "from pptk.deepspeed_compat import build_op; build_op('FusedAdamBuilder')"
         build = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         session.config.pptk_fused_adam_build = build  # type: ignore[attr-defined]
+
+
+# Session-wide launches several modules read (tests/distributed/conftest.py). `make test` runs pytest-xdist with
+# --dist loadgroup: a module's tests stay on one worker (its module-scoped launches start once), and modules that
+# read the same session launch share a worker too, so no launch runs twice.
+SHARED_LAUNCHES = ("demo_run", "verified_pp2", "verified_pp3")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    parent: dict[str, str] = {}  # union-find over module paths and shared launches
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        for launch in SHARED_LAUNCHES:
+            if launch in item.fixturenames:
+                parent[root(launch)] = root(module)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(root(item.nodeid.split("::")[0])))
