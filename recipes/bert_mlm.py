@@ -22,6 +22,7 @@ One node, 8 GPUs as 4 pipeline stages x 2 data-parallel replicas:
         --truncate --max-seq-len 128 --output-dir runs/mlm
 Several nodes: add --hostfile hostfile --num_nodes N --master_addr node1 (see recipes/gpt_pretrain.py).
 --resume-from <output-dir>/checkpoints continues a run (any pp/dp, same global batch) inside its epoch.
+LoRA adapters on the frozen encoder: add --lora-r 8 --lora-target-modules query value (docs/lora.md).
 
 Lengths: micro-batches are padded to their own longest line (dynamic_shape=True). A line longer than --max-seq-len
 (default: the model's positions) is an error naming file:line unless --truncate is given.

@@ -19,7 +19,8 @@ CPU, no GPU (gloo, fp32; what `make demo` runs):
 gpt2 (a small random config). --demo needs no files at all: a small GPT-2 and a byte-level BPE tokenizer trained
 on the Python standard library's docstrings; `--demo --model llama` (or any supported decoder type) trains that
 family's small config on the same data instead. Batch sizes, learning rate and ZeRO stage fill the DeepSpeed JSON's
-"auto" values; a value set in both places must agree.
+"auto" values; a value set in both places must agree. Continued pretraining with LoRA adapters on the frozen model:
+add --lora-r 16 (and --export-adapter DIR); see docs/lora.md.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Several nodes: add --hostfile hostfile --num_nodes N --master_addr node1 (see re
 
 CPU (2 ranks = 2 stages, gloo): DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 recipes/sft.py ...
 The export (--export-hf) carries the chat template; at the end it answers a few held-out prompts in the summary.
+
+LoRA (docs/lora.md): add --lora-r 16 [--lora-alpha 32 --lora-target-modules q_proj v_proj] to train adapters on the
+frozen model; --export-adapter DIR writes the PEFT adapter directory, --export-hf DIR the merged model.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@
                                       (optim_layer_00-model_01.pt at tp > 1; see pptk.checkpoints.layer_files)
         rng_rank0.pt ...              pptk: each rank's RNG states, for an exact resume on the same layout
 
+A LoRA run saves only what trains (``lora_layer_03.pt`` + ``optim_layer_03.pt`` per layer with adapters or
+modules_to_save, no DeepSpeed engine or ZeRO files) and rebuilds the frozen base from its model directory when it
+resumes, on any layout: pptk.checkpoints.lora_checkpoint.
+
 A save writes into ``step200.partial`` and is renamed to ``step200`` by rank 0 only after a collective that every
 rank reaches once all its files are written; ``latest`` is updated after that. A rank killed mid-save therefore
 leaves the previous checkpoint and ``latest`` untouched; a write that fails (a full disk) removes the partial tag
@@ -48,11 +52,13 @@ from pptk.checkpoints.layer_files import (
     saved_tp,
     tensor_parallel_entry,
 )
+from pptk.checkpoints.lora_checkpoint import load_lora_state, lora_manifest_entries, save_lora_layers
 from pptk.checkpoints.safe_writes import from_every_rank, publish, stop_if_a_write_failed
 from pptk.deepspeed_compat import ADAM_STATES
 from pptk.errors import PptkError, StoppedByPeer
 from pptk.failpoints import failpoint, failpoint_armed
 from pptk.parallel.layout import Layout
+from pptk.parallel.lora import LoraSettings
 from pptk.parallel.pipeline import PipelinePlan, local_layers
 
 FORMAT = 1  # "files" (sizes and checksums, pptk.checkpoints.integrity) is optional: older checkpoints lack it
@@ -208,9 +214,17 @@ def _refuse_non_finite(module: torch.nn.Module, *, checkpoints_dir: Path, step: 
 
 
 def save_checkpoint(
-    engine, plan: PipelinePlan, *, layout: Layout, checkpoints_dir: Path, step: int, extra: dict | None = None
+    engine,
+    plan: PipelinePlan,
+    *,
+    layout: Layout,
+    checkpoints_dir: Path,
+    step: int,
+    extra: dict | None = None,
+    lora: LoraSettings | None = None,
 ) -> Path:
-    """Save collectively (every rank calls this); returns the final tag directory.
+    """Save collectively (every rank calls this); returns the final tag directory. ``lora``: the run trains LoRA
+    adapters, and only they (and their optimizer state) are saved, with the settings and the base in the manifest.
 
     Every file is written through a FileLedger (DeepSpeed's too), which records its size and sha256 for the
     manifest, or the write that failed: a full disk, a quota or a file size limit, which torch.save reports as a
@@ -231,12 +245,15 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier save that was killed
         files.write(partial, lambda: partial.mkdir(parents=True))
     stop_if_a_write_failed(files, tag=tag, checkpoints_dir=checkpoints_dir, params=params)
-    if layout.tp > 1:  # no DeepSpeed engine files: resume goes through the per-layer files, on any layout
-        _save_layer_slices(engine, plan, files)
+    if lora is not None:  # the trained tensors alone; the frozen base stays where the run read it
+        save_lora_layers(engine, _local_layer_modules(engine, plan), files)
     else:
-        with compat.checkpoint_writes_through(engine, files.write):
-            engine.save_checkpoint(str(checkpoints_dir), tag=partial.name, save_latest=False)
-    _save_layer_optimizer_states(engine, plan, files)
+        if layout.tp > 1:  # no DeepSpeed engine files: resume goes through the per-layer files, on any layout
+            _save_layer_slices(engine, plan, files)
+        else:
+            with compat.checkpoint_writes_through(engine, files.write):
+                engine.save_checkpoint(str(checkpoints_dir), tag=partial.name, save_latest=False)
+        _save_layer_optimizer_states(engine, plan, files)
     files.save(rng_states(), partial / f"rng_rank{rank}.pt")
     failpoint("save", step=step)
     written = stop_if_a_write_failed(files, tag=tag, checkpoints_dir=checkpoints_dir, params=params)
@@ -255,6 +272,7 @@ def save_checkpoint(
                 "global_samples": compat.training_progress(engine)[1],
                 "loss_scale": compat.loss_scale_state(engine.optimizer),
                 "optimizer_wrapper": compat.optimizer_wrapper(engine.optimizer),
+                **(lora_manifest_entries(lora, plan) if lora is not None else {}),
                 **(extra or {}),
                 "files": dict(sorted(written.items())),
             },
@@ -317,41 +335,29 @@ def resume(engine, plan: PipelinePlan, *, layout: Layout, path: str | Path) -> d
     tag_dir = find_checkpoint(path)
     manifest = read_manifest(tag_dir)
     same = same_layout(manifest, plan, layout)
-    # tp > 1 saves per-layer files only (DeepSpeed's loader would merge them by Megatron's names, not Hugging Face's)
-    if same and layout.tp == 1 and compat.deepspeed_loader_restores_optimizer(engine):
+    # tp > 1 saves per-layer files only (DeepSpeed's loader would merge them by Megatron's names, not Hugging Face's);
+    # LoRA saves no DeepSpeed files at all
+    lora = manifest.get("lora") is not None
+    if same and not lora and layout.tp == 1 and compat.deepspeed_loader_restores_optimizer(engine):
         loaded, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if loaded is None:
             raise PptkError(f"DeepSpeed could not load {tag_dir}; the checkpoint is incomplete")
     else:
-        _load_per_layer(engine, plan, tag_dir, manifest)
+        _load_per_layer(engine, plan, tag_dir, manifest, lora=lora)
     rng = tag_dir / f"rng_rank{dist.get_rank()}.pt"
     if same and rng.is_file():
         set_rng_states(torch.load(rng, weights_only=False))
     return manifest
 
 
-def _load_per_layer(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict) -> None:
-    """Any layout: weights from the layer files, fp32 masters and Adam moments from the per-layer optimizer files."""
-    _, tp_rank, tp = compat.tensor_parallel_group(engine.module)
-    if tp == 1 and saved_tp(manifest) == 1:
-        compat.load_layer_files(engine, tag_dir)  # any pp: one file per layer; tied copies re-synced
-    else:  # each rank its own slice files at the same tp; merged and re-cut at another
-        for index, layer_module in local_layers(engine.module, plan.layers):
-            load_rank_layer(layer_module, tag_dir, manifest, index, tp_rank=tp_rank, tp=tp)
-    compat.refresh_master_weights(engine.optimizer)  # fp32 masters from the loaded weights (exact for fp32 checkpoints)
-    first_optim = optim_file(tag_dir, 0, 0 if saved_tp(manifest) > 1 else None)
-    optimizer_states = manifest.get("layout") is not None and first_optim.is_file()
-    if optimizer_states:
-        compat.materialise_optimizer_states(engine.optimizer)
-    for index, layer_module in local_layers(engine.module, plan.layers):
-        if not optimizer_states:
-            continue
-        states = rank_optimizer_states(layer_module, tag_dir, manifest, index, tp_rank=tp_rank, tp=tp)
-        params = dict(layer_module.named_parameters())
-        for name, per_key in states.items():
-            for key, value in per_key.items():
-                # "fp32" restores the exact master weight where the layer file holds only its bf16/fp16 copy
-                compat.set_param_state(engine.optimizer, params[name], key, value)
+def _load_per_layer(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict, *, lora: bool = False) -> None:
+    """Any layout: weights from the layer files, fp32 masters and Adam moments from the per-layer optimizer files.
+    ``lora``: the trained tensors and their states from the LoRA files (the base came from its model directory)."""
+    if lora:
+        load_lora_state(engine, plan, tag_dir)
+        optimizer_states = True
+    else:
+        optimizer_states = _load_full_layers(engine, plan, tag_dir, manifest)
     if optimizer_states:
         compat.set_optimizer_step_count(engine.optimizer, manifest.get("optimizer_steps", 0))
         compat.set_loss_scale_state(engine.optimizer, manifest.get("loss_scale"))
@@ -361,3 +367,26 @@ def _load_per_layer(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict) -
     for group, lr in zip(compat.base_optimizer(engine.optimizer).param_groups, manifest.get("param_group_lrs", [])):
         group["lr"] = lr
     compat.set_global_steps(engine, manifest["step"], manifest.get("global_samples", 0))
+
+
+def _load_full_layers(engine, plan: PipelinePlan, tag_dir: Path, manifest: dict) -> bool:
+    """Every weight from the layer files, then the optimizer states if saved; returns whether they were."""
+    _, tp_rank, tp = compat.tensor_parallel_group(engine.module)
+    if tp == 1 and saved_tp(manifest) == 1:
+        compat.load_layer_files(engine, tag_dir)  # any pp: one file per layer; tied copies re-synced
+    else:  # each rank its own slice files at the same tp; merged and re-cut at another
+        for index, layer_module in local_layers(engine.module, plan.layers):
+            load_rank_layer(layer_module, tag_dir, manifest, index, tp_rank=tp_rank, tp=tp)
+    compat.refresh_master_weights(engine.optimizer)  # fp32 masters from the loaded weights (exact for fp32 checkpoints)
+    first_optim = optim_file(tag_dir, 0, 0 if saved_tp(manifest) > 1 else None)
+    if manifest.get("layout") is None or not first_optim.is_file():
+        return False
+    compat.materialise_optimizer_states(engine.optimizer)
+    for index, layer_module in local_layers(engine.module, plan.layers):
+        states = rank_optimizer_states(layer_module, tag_dir, manifest, index, tp_rank=tp_rank, tp=tp)
+        params = dict(layer_module.named_parameters())
+        for name, per_key in states.items():
+            for key, value in per_key.items():
+                # "fp32" restores the exact master weight where the layer file holds only its bf16/fp16 copy
+                compat.set_param_state(engine.optimizer, params[name], key, value)
+    return True

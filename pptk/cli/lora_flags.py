@@ -1,4 +1,4 @@
-# The LoRA flags of `pptk verify` and `pptk plan`: --lora-r turns LoRA on, the others shape it.
+# The LoRA flags of `pptk verify`, `pptk plan` and every recipe: --lora-r turns LoRA on, the others shape it.
 from __future__ import annotations
 
 import argparse
@@ -38,12 +38,12 @@ def lora_settings(args: argparse.Namespace) -> LoraSettings | None:
     """The LoraSettings the flags ask for; None when --lora-r is absent (and no other LoRA flag is given)."""
     from pptk.training.config import check_settings
 
+    check_settings(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     if args.lora_r is None:
         given = [f"--{name.replace('_', '-')}" for name in SHAPING_FLAGS if getattr(args, name) is not None]
         if given:
             raise PptkError(f"{', '.join(given)} without --lora-r: LoRA is off unless --lora-r (the rank) is given")
         return None
-    check_settings(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     shaping = {"alpha": args.lora_alpha, "dropout": args.lora_dropout}  # None: LoraSettings' own default
     return LoraSettings(
         r=args.lora_r,

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pptk.cli.lora_flags import add_lora_arguments, lora_settings
 from pptk.training.config import ModelConfig, OptimConfig, OutputConfig, ParallelConfig, RunConfig
 
 
@@ -65,7 +66,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         "--export-hf",
         type=Path,
         default=None,
-        help="after training, export the last checkpoint to this Hugging Face directory",
+        help="after training, export the last checkpoint to this Hugging Face directory (LoRA: the merged model)",
+    )
+    g.add_argument(
+        "--export-adapter",
+        type=Path,
+        default=None,
+        help="LoRA: after training, write the PEFT adapter directory (PeftModel.from_pretrained loads it) here; "
+        "it must be new or empty",
     )
     g.add_argument(
         "--overwrite",
@@ -85,6 +93,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="default: online when a W&B key is configured, else offline",
     )
     g.add_argument("--log-all-ranks", action="store_true", help="every rank logs, each line prefixed by its rank")
+    add_lora_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
 
@@ -144,6 +153,7 @@ def run_config(
             output_dir=args.output_dir,
             resume_from=args.resume_from,
             export_hf=args.export_hf,
+            export_adapter=args.export_adapter,
             log_every=args.log_every,
             eval_every=args.eval_every,
             eval_batches=args.eval_batches,
@@ -157,4 +167,5 @@ def run_config(
         ),
         seed=args.seed,
         preset=preset,
+        lora=lora_settings(args),
     )

@@ -20,13 +20,13 @@ from pptk.errors import PptkError
 from pptk.models import PipeLayer
 from pptk.parallel.lora import (
     ADAPTER_NAME,
-    PLACEHOLDER,
     TRAINED_IN_FULL_ATTR,
     LoraSettings,
     hf_module_name,
     is_lora_layer,
     peft_config,
 )
+from pptk.parallel.lora_stage import PLACEHOLDER
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -42,12 +42,17 @@ def adapter_parameters(module: nn.Module, layers: list[PipeLayer]):
     for index, layer_module in local_layers(module, layers):
         layer = layers[index]
         for name, param in layer_module.named_parameters():
-            found = _LORA_PARAM.fullmatch(name)
-            if found:
-                module_name = hf_module_name(layer, found["module"])
-                yield f"{PEFT_PREFIX}{module_name}.{found['part']}.weight", param
-            elif getattr(param, TRAINED_IN_FULL_ATTR, False):
-                yield PEFT_PREFIX + layer.hf_prefix + name, param
+            if _LORA_PARAM.fullmatch(name) or getattr(param, TRAINED_IN_FULL_ATTR, False):
+                yield peft_key(layer.hf_prefix, name), param
+
+
+def peft_key(hf_prefix: str, local: str) -> str:
+    """peft's file key of a trained parameter ``local`` (its name inside a pipeline layer whose Hugging Face prefix is
+    ``hf_prefix``): an adapter weight without peft's adapter name, a module trained in full under its own name."""
+    found = _LORA_PARAM.fullmatch(local)
+    if found:
+        return f"{PEFT_PREFIX}{hf_prefix}{found['module']}.{found['part']}.weight"
+    return PEFT_PREFIX + hf_prefix + local
 
 
 def adapter_state_dict(module: nn.Module, plan) -> dict[str, torch.Tensor]:

@@ -47,13 +47,13 @@ NORM_JUMP = 100.0
 
 
 def weight_norm(module: torch.nn.Module) -> float:
-    """The global L2 norm of the weights over every rank: one all-reduce, so every rank must call it.
+    """The global L2 norm of the trained weights over every rank: one all-reduce, so every rank must call it.
 
     A parameter held by several ranks (data-parallel replicas, tied copies, tensor-parallel duplicates) counts once
     per holder: a constant factor, which the ratio of two norms cancels. In float64, as blown-up weights (1e29)
     overflow a float32 sum of squares.
     """
-    params = [p.detach() for p in module.parameters()]
+    params = [p.detach() for p in module.parameters() if p.requires_grad]  # LoRA: the adapters, not the frozen base
     total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
     for p in params:
         total += torch.linalg.vector_norm(p, dtype=torch.float64) ** 2
@@ -128,6 +128,7 @@ class Saver:
             checkpoints_dir=self.run.checkpoints_dir,
             step=step,
             extra={"run_config": self.run.to_dict(), "recent_losses": list(self.guard.recent)},
+            lora=self.run.lora,
         )
         self.reference_norm, self.refused = norm, None
         return data

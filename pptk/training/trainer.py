@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from pptk import deepspeed_compat as compat
 from pptk.checkpoints.convert import check_export_destination
+from pptk.checkpoints.lora_checkpoint import check_lora_resume, check_lora_run
 from pptk.checkpoints.training import check_layer_files, find_checkpoint, read_manifest, same_layout
 from pptk.data.sampler import Shard, micro_batches_per_epoch, sample_positions, train_indices
 from pptk.errors import PptkError
@@ -119,11 +120,6 @@ class Trainer:
 
     def _fit(self) -> Summary | None:
         run = self.run
-        if run.lora is not None:  # the engine takes adapters, but a checkpoint would save them as full weights
-            raise PptkError(
-                "LoRA training is not wired to checkpoints and export yet; `pptk verify MODEL --pp N --lora-r R` "
-                "checks LoRA parity, and full fine-tuning trains through the recipes"
-            )
         task = self.prepare(run)
         raw_ds_config = load_run_ds_config(run)
         layout = resolve_layout(run, raw_ds_config)
@@ -145,10 +141,12 @@ class Trainer:
             check_eval_micro_batches(
                 layout.schedule, pp=layout.pp, count=run.output.eval_batches, what="--eval-batches"
             )
+        lora_note = "" if run.lora is None else check_lora_run(run.lora, plan, export_adapter=run.output.export_adapter)
         start_step = self._check_resume(plan, layout, steps)
         if run.output.export_hf is not None:  # found out now, not after the training
             check_export_destination(run.output.export_hf, overwrite=True)
-        check_free_space(run.output.output_dir / "checkpoints", params=sum(c.unique_params for c in plan.stages.costs))
+        if run.lora is None:  # a LoRA checkpoint holds the adapters alone: small
+            check_free_space(run.checkpoints_dir, params=sum(c.unique_params for c in plan.stages.costs))
 
         init_distributed()
         plan = agree_on_profile(plan)
@@ -161,6 +159,7 @@ class Trainer:
             loss_fn=task.loss_fn(plan),
             activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
             dynamic_shape=task.dynamic_shape,
+            lora=run.lora,
         )
         scaling = compat.loss_scale_state(engine.optimizer) or {}  # fp16's dynamic scaler skips updates by design
         guard = DivergenceGuard(
@@ -186,6 +185,7 @@ class Trainer:
                 f"{task.source.label}: {layout.describe()}; {task.describe()}; {steps.max_steps} steps"
                 + (f", {steps.steps_per_epoch} per epoch" if steps.steps_per_epoch else "")
                 + f"\n{plan.stages.describe()}"
+                + lora_note
             )
             hf_config = run.output.output_dir / "hf_config"  # what a later export needs
             hf_config.mkdir(parents=True, exist_ok=True)
@@ -238,6 +238,7 @@ class Trainer:
         tag_dir = find_checkpoint(self.run.output.resume_from)
         manifest = read_manifest(tag_dir)
         same_layout(manifest, plan, layout)  # raises when the model, task or global batch differ
+        check_lora_resume(manifest, self.run.lora, plan, seed=self.run.seed)
         check_layer_files(tag_dir)
         step = manifest["step"]
         if step >= steps.max_steps:
@@ -247,15 +248,28 @@ class Trainer:
             )
         return step
 
+    def _export(self, task: PreparedTask, summary: Summary) -> None:
+        """Rank 0, from the last checkpoint: the Hugging Face directory (LoRA: merged), the PEFT adapter directory."""
+        from pptk.checkpoints.convert import ds_to_hf
+        from pptk.checkpoints.lora_convert import export_adapter, export_merged
+
+        out = self.run.output
+        if out.export_adapter is not None:
+            export_adapter(self.run.checkpoints_dir, out.export_adapter)
+            summary.extra["export_adapter"] = str(out.export_adapter)
+        if out.export_hf is not None:
+            if self.run.lora is not None:  # the base with the adapters merged in (fp32)
+                export_merged(self.run.checkpoints_dir, out.export_hf, overwrite=True)
+            else:
+                ds_to_hf(self.run.checkpoints_dir, out.export_hf, overwrite=True)
+            summary.export_hf = str(out.export_hf)
+            summary.extra.update(task.after_export(out.export_hf))
+
     def _finish(self, task: PreparedTask, summary: Summary, rank: int) -> Summary | None:
         run = self.run
-        if run.output.export_hf is not None:
-            if rank == 0:
-                from pptk.checkpoints.convert import ds_to_hf
-
-                ds_to_hf(run.checkpoints_dir, run.output.export_hf, overwrite=True)
-                summary.export_hf = str(run.output.export_hf)
-                summary.extra.update(task.after_export(run.output.export_hf))
+        if rank == 0:
+            self._export(task, summary)
+        if run.output.export_hf is not None or run.output.export_adapter is not None:
             dist.barrier()
         if rank != 0:
             return None

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from pptk.parallel.hf_weights import hf_names
-from pptk.parallel.lora import PLACEHOLDER, LoraSettings, apply_lora, peft_config, resolve_lora_targets
+from pptk.parallel.lora import LoraSettings, apply_lora, peft_config, resolve_lora_targets
 from pptk.parallel.lora_export import PEFT_PREFIX, adapter_parameters, load_adapter_state_dict
+from pptk.parallel.lora_stage import PLACEHOLDER
 
 ADAPTER_FILE = "adapter.safetensors"  # next to hf/ and batch.pt in a job's folder: what the ranks load
 

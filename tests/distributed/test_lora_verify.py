@@ -1,7 +1,7 @@
 # `pptk verify --lora-r`: LoRA on a pp=2 pipeline through DeepSpeed's engine against peft on Hugging Face, with the
 # same non-zero adapters: the loss, the adapters after one step, and the frozen weights untouched, in fp32 and bf16.
 # Every job rides on the session's shared pp=2 launch (conftest.lora_jobs); two are broken on purpose and must fail.
-# And the training engine (build_engine) with LoRA under the shipped bf16 config, in a launch of its own.
+# Training with LoRA through the recipes (bf16's frozen tied embeddings included): test_lora_training.py.
 import pytest
 from conftest import LORA_CASES
 
@@ -71,69 +71,3 @@ def test_a_wrong_base_weight_fails_as_a_frozen_weight_that_differs(verified_pp2)
         problem.startswith("frozen weight model.layers.0.mlp.") and "only the adapters and modules_to_save" in problem
         for problem in result.problems
     ), result.problems
-
-
-def _train_with_lora(rank: int, out: str) -> None:
-    """Four steps of the recipes' engine (build_engine, the shipped bf16 config: BF16_Optimizer and Adam) with LoRA.
-    The warm-up gives the first two steps lr 0; B (peft's zeros) moves at the third, A at the fourth."""
-    import torch
-
-    from pptk.deepspeed_compat import get_param_state
-    from pptk.parallel.layout import Layout
-    from pptk.parallel.lora import LoraSettings
-    from pptk.parallel.pipeline import plan_pipeline
-    from pptk.training.ds_config import fill_ds_config, load_ds_config, shipped_config
-    from pptk.training.engine import build_engine, init_distributed
-
-    init_distributed()
-    layout = Layout(pp=2, dp=1, micro_batch_size=2, grad_accum_steps=2)
-    config = fill_ds_config(
-        load_ds_config(shipped_config("bf16")),
-        layout=layout,
-        lr=1e-2,
-        weight_decay=0.0,
-        warmup_steps=1,
-        total_steps=10,
-        grad_clip=1.0,
-    )
-    plan = plan_pipeline("gpt2", num_stages=2, dropout=False, seq_len=16)  # the tied embedding on both stages
-    engine = build_engine(plan, layout=layout, ds_config=config, seed=0, loss_fn=plan.loss_fn(), lora=LoraSettings(r=4))
-
-    def weights() -> dict:  # the fp32 master copies of what trains (a small bf16 update may not show in bf16)
-        return {
-            key: get_param_state(engine.optimizer, p, "fp32") if p.requires_grad else p.detach().clone()
-            for key, p in engine.module.named_parameters()
-        }
-
-    before = weights()
-    ids = torch.randint(3, plan.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    losses = [float(engine.train_batch(iter([((ids, torch.ones_like(ids)), ids)] * 2))) for _ in range(4)]
-    params, after = dict(engine.module.named_parameters()), weights()
-    torch.save(
-        {
-            "losses": losses,
-            "moved": sorted(k for k, value in after.items() if not torch.equal(value, before[k])),
-            "trainable": sorted(k for k, p in params.items() if p.requires_grad),
-            "frozen": sorted(k for k, p in params.items() if not p.requires_grad),
-            "optimizer_numel": sum(p.numel() for group in engine.optimizer.param_groups for p in group["params"]),
-            "trainable_numel": sum(p.numel() for p in params.values() if p.requires_grad),
-        },
-        f"{out}/rank{rank}.pt",
-    )
-
-
-def test_the_training_engine_trains_only_the_adapters_in_bf16(tmp_path):
-    """build_engine(lora=...) as the recipes will call it: frozen tied embeddings on both stages under BF16_Optimizer
-    (DeepSpeed 0.19.8 read their missing _hp_grad, pptk.deepspeed_compat.allow_frozen_tied_weights)."""
-    import torch
-
-    from pptk.launch.ranks import run_ranks
-
-    run_ranks(_train_with_lora, world_size=2, args=(str(tmp_path),), log_dir=tmp_path / "logs")
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert result["trainable"] and all(".lora_" in key for key in result["trainable"]), result["trainable"]
-        assert any(key.startswith("tied_modules.") for key in result["frozen"])  # the word embeddings, frozen
-        assert result["optimizer_numel"] == result["trainable_numel"]  # the optimizer holds the adapters only
-        assert set(result["moved"]) == set(result["trainable"])  # every adapter moved, nothing frozen did
-    assert result["losses"][-1] < result["losses"][0], result["losses"]

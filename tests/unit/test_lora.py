@@ -490,16 +490,97 @@ def test_verify_fails_a_lora_step_that_moves_a_frozen_weight_or_no_adapter(tmp_p
     assert len(still.problems) == 1 and "32 trained tensor(s) did not change in the step" in still.problems[0]
 
 
-def test_the_trainer_refuses_a_lora_run_until_checkpoints_save_adapters(tmp_path):
-    """RunConfig.lora reaches the engine (pptk verify uses it), but a trained run would checkpoint and export the
-    adapters as full weights: one clear refusal rather than a checkpoint no converter reads."""
-    from pptk.errors import PptkError
-    from pptk.parallel.lora import LoraSettings
-    from pptk.training.config import ModelConfig, OutputConfig, RunConfig
+def _lora_run(tmp_path, *flags: str):
+    """A recipe's RunConfig from its shared flags (pptk.cli.run_flags), as gpt_pretrain.py builds it."""
+    import argparse
+
+    from pptk.cli.run_flags import add_run_flags, run_config
+    from pptk.tasks.causal_lm import CausalLMData
+
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    args = parser.parse_args(["--output-dir", str(tmp_path / "run"), "--pp", "1", *flags])
+    return run_config(args, data=CausalLMData(), task="causal-lm")
+
+
+def _fit_until_ranks(run):
+    """The trainer's start-up up to the process group, on a small LLaMA: a run whose checks pass reaches
+    init_distributed, which has no launcher here and fails otherwise (so a PptkError below came first)."""
+    from types import SimpleNamespace
+
+    from pptk.parallel.pipeline import resolve_model
     from pptk.training.trainer import Trainer
 
-    run = RunConfig(
-        model=ModelConfig(model="gpt2"), data=None, output=OutputConfig(output_dir=tmp_path), lora=LoraSettings(r=8)
+    task = SimpleNamespace(
+        task="causal-lm", source=resolve_model(get_family("llama").small_config()), seq_len=16, num_train_examples=64
     )
-    with pytest.raises(PptkError, match="LoRA training is not wired to checkpoints"):
-        Trainer(run, prepare=lambda run: None)._fit()
+    return Trainer(run, prepare=lambda run: task)._fit()
+
+
+def test_recipe_flags_become_the_runs_lora_settings(tmp_path):
+    run = _lora_run(tmp_path, "--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj", "v_proj")
+    assert run.lora == LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+    assert _lora_run(tmp_path).lora is None
+    regex = _lora_run(tmp_path, "--lora-r", "2", "--lora-target-modules", r".*\.(q|v)_proj", "--lora-dropout", "0.1")
+    assert regex.lora.target_modules == r".*\.(q|v)_proj" and regex.lora.dropout == 0.1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora-r", "0"], "--lora-r must be an integer >= 1, got 0"),
+        (["--lora-alpha", "8"], "--lora-alpha without --lora-r"),
+        (["--export-adapter", "x"], "--export-adapter writes LoRA adapters: give --lora-r too"),
+        (["--lora-r", "4", "--tp", "2"], r"LoRA with tp\(2\) > 1 is not supported yet"),
+    ],
+)
+def test_bad_lora_flags_fail_when_the_run_is_built(tmp_path, flags, message):
+    with pytest.raises(PptkError, match=message):
+        _lora_run(tmp_path, *flags)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora-target-modules", "q_porj"], r"'q_porj' matches no module of this model; its linear layers are"),
+        (["--lora-target-modules", "input_layernorm"], "pptk puts adapters on linear layers only"),
+        (["--lora-target-modules", r"model\.embed_tokens"], "model.embed_tokens .*the word embeddings that a tied LM"),
+        (["--lora-modules-to-save", "pooler"], "modules_to_save 'pooler' matches no module"),
+    ],
+)
+def test_lora_a_model_cannot_take_fails_before_any_rank_starts(tmp_path, flags, message):
+    with pytest.raises(PptkError, match=message):
+        _fit_until_ranks(_lora_run(tmp_path, "--lora-r", "4", *flags))
+
+
+def test_an_adapter_export_over_a_non_empty_directory_fails_before_any_rank_starts(tmp_path):
+    from pptk.checkpoints.lora_convert import check_adapter_destination
+
+    taken = tmp_path / "adapter"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(PptkError, match=r"adapter is not empty \(notes.txt\); the adapter export writes into a new"):
+        _fit_until_ranks(_lora_run(tmp_path, "--lora-r", "4", "--export-adapter", str(taken)))
+    check_adapter_destination(tmp_path / "new")  # new or empty: fine
+    check_adapter_destination(tmp_path / "run")
+
+
+def test_a_resume_must_keep_the_lora_settings_the_base_and_the_kind_of_checkpoint(tmp_path):
+    from pptk.checkpoints.lora_checkpoint import check_lora_resume, lora_manifest_entries
+
+    plan = _llama_plan()
+    settings = LoraSettings(r=4)
+    manifest = {**lora_manifest_entries(settings, plan), "run_config": {"seed": 7}}
+    check_lora_resume(manifest, settings, plan, seed=7)
+    check_lora_resume({}, None, plan, seed=7)  # a full checkpoint, resumed in full
+    with pytest.raises(PptkError, match="trained with --lora-r 4 .*this run asks for --lora-r 8"):
+        check_lora_resume(manifest, LoraSettings(r=8), plan, seed=7)
+    with pytest.raises(PptkError, match="holds full weights, not LoRA adapters.*pptk convert ds-to-hf"):
+        check_lora_resume({}, settings, plan, seed=7)
+    with pytest.raises(PptkError, match="holds LoRA adapters .* resume it with those flags"):
+        check_lora_resume(manifest, None, plan, seed=7)
+    with pytest.raises(PptkError, match="initialised from --seed 7 .*resume with --seed 7"):
+        check_lora_resume(manifest, settings, plan, seed=8)
+    elsewhere = {**manifest, "base_model": "/models/other"}
+    with pytest.raises(PptkError, match="trained on the base model /models/other; .*Resume with --model /models/other"):
+        check_lora_resume(elsewhere, settings, plan, seed=7)
