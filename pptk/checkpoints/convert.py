@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AutoConfig
 
@@ -18,7 +20,14 @@ from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index
 from pptk.models.common import init_layer_like_hf
 from pptk.models.heads import hf_model_class
-from pptk.parallel.hf_weights import HFCheckpoint, TensorSource, load_stage_weights, write_safetensors
+from pptk.parallel.hf_weights import (
+    HFCheckpoint,
+    TensorSource,
+    hf_conversions,
+    load_stage_weights,
+    to_checkpoint_names,
+    write_safetensors,
+)
 from pptk.parallel.pipeline import ModelSource, plan_pipeline, resolve_model
 from pptk.parallel.tensor_parallel import check_tensor_parallel
 
@@ -72,7 +81,7 @@ def hf_to_ds(
         raise PptkError(f"{src} has no weights (model.safetensors or an index); hf-to-ds needs a model directory")
     plan = plan_pipeline(source, num_stages=pp, task=task, partition_method=partition_method)
     check_tensor_parallel(plan.config, tp)
-    checkpoint = HFCheckpoint(source.pretrained_dir)
+    checkpoint = HFCheckpoint(source.pretrained_dir, conversions=hf_conversions(plan.hf_class, plan.config))
     dst = Path(dst)
     tag_dir = dst / "step0"
     partial = dst / "step0.partial"
@@ -174,9 +183,11 @@ def ds_to_hf(
     check_export_destination(final, overwrite=overwrite)
     tag_dir = find_checkpoint(src)
     manifest = read_manifest(tag_dir)
+    refuse_lora_checkpoint(tag_dir, manifest)
     check_files(tag_dir, manifest, only=is_layer_file)  # the files an export reads, before anything is written
     config = config_from_manifest(manifest)
     hf_class = hf_model_class(config, manifest["task"])
+    conversions = hf_conversions(hf_class, config)
     dst = final.parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
@@ -189,12 +200,15 @@ def ds_to_hf(
             if layer["tied_key"] in seen_ties:
                 continue
             seen_ties.add(layer["tied_key"])
-        for local, source in layer_sources(tag_dir, manifest, layer["index"]).items():
+        sources = {
+            layer["hf_prefix"] + local: s for local, s in layer_sources(tag_dir, manifest, layer["index"]).items()
+        }
+        for name, source in _as_saved(sources, conversions, config).items():
             size = source.numel * source.dtype.itemsize
             if shards[-1] and shard_bytes + size > limit:
                 shards.append({})
                 shard_bytes = 0
-            shards[-1][layer["hf_prefix"] + local] = source
+            shards[-1][name] = source
             shard_bytes += size
     names = (
         ["model.safetensors"]
@@ -229,12 +243,34 @@ def ds_to_hf(
     return final
 
 
+def _as_saved(sources: dict[str, TensorSource], conversions: list, config) -> dict[str, TensorSource]:
+    """One layer's tensors under the names and in the shapes ``save_pretrained`` writes (mixture-of-experts: one
+    tensor per expert, split from the fused ones by transformers' own reversal). Names and shapes come from meta
+    tensors; the data from one reversal of the whole layer, kept while its tensors are written one after another."""
+    if not conversions:
+        return sources
+    meta = {name: torch.empty(s.shape, dtype=s.dtype, device="meta") for name, s in sources.items()}
+    saved = to_checkpoint_names(meta, conversions, config)
+    if set(saved) == set(sources):
+        return sources
+    reverted: dict[str, torch.Tensor] = {}
+
+    def load(name: str) -> torch.Tensor:
+        if name not in reverted:  # the first tensor of this layer asked for: revert the layer once
+            reverted.clear()
+            reverted.update(to_checkpoint_names({n: s.load() for n, s in sources.items()}, conversions, config))
+        return reverted.pop(name)
+
+    return {name: TensorSource(tuple(t.shape), t.dtype, partial(load, name)) for name, t in saved.items()}
+
+
 def load_sequential_from_checkpoint(src: str | Path):
     """The whole model in one process from a pipeline checkpoint (tests, small exports): (plan, SequentialPipe)."""
     from pptk.parallel.pipeline import SequentialPipe
 
     tag_dir = find_checkpoint(src)
     manifest = read_manifest(tag_dir)
+    refuse_lora_checkpoint(tag_dir, manifest)
     check_files(tag_dir, manifest, only=is_layer_file)
     config = config_from_manifest(manifest)
     plan = plan_pipeline(ModelSource(config, None, str(tag_dir)), num_stages=1, task=manifest["task"])
@@ -246,3 +282,12 @@ def load_sequential_from_checkpoint(src: str | Path):
         if name.isdigit():
             child.load_state_dict(read_layer(tag_dir, manifest, int(name)))
     return plan, module
+
+
+def refuse_lora_checkpoint(tag_dir: Path, manifest: dict) -> None:
+    """A LoRA run's layer files hold its adapters, not full weights: reading them as a model would be garbage."""
+    if manifest.get("lora"):
+        raise PptkError(
+            f"{tag_dir} holds LoRA adapters, not full weights: `pptk convert ds-to-hf` merges them into the base "
+            "(pptk.checkpoints.lora_convert.export_merged); `pptk convert ds-to-adapter` writes the adapter"
+        )

@@ -100,6 +100,31 @@ def after_initialize(engine) -> None:
     fix_pipeline_clipping(engine)
     fix_dualpipev_eval(engine)
     allow_frozen_tied_weights(engine)
+    separate_receive_buffers(engine)
+
+
+def separate_receive_buffers(engine) -> None:
+    """Give each received tensor a buffer of its own dtype (a MoE router loss across a middle stage needs it).
+
+    Written against DeepSpeed 0.19.8: ``PipelineEngine._allocate_or_extend_buffers(idx, shape, dtype)`` hands out
+    the activation and the gradient receive buffers from one list (``_grad_layer_buf``) by position, reusing any
+    buffer large enough whatever its dtype. A middle stage that receives (hidden, attention mask, router sums) and
+    sends back the gradients of the floating ones got the router probabilities' fp32 gradient in the int64 mask
+    buffer: garbage, and every step skipped as an overflow. A buffer of another dtype is replaced; the tensors
+    already handed out keep theirs (the engine holds them), so only the first step allocates.
+    """
+    if not hasattr(engine, "_allocate_or_extend_buffers"):
+        return
+    allocate = engine._allocate_or_extend_buffers
+
+    def allocate_by_dtype(idx, shape, dtype):
+        buffers = engine._grad_layer_buf
+        if idx < len(buffers) and buffers[idx].dtype != dtype:
+            buffers[idx] = engine._allocate_buffer(shape, dtype=dtype, num_buffers=1)[0]
+            return buffers[idx]
+        return allocate(idx, shape, dtype)
+
+    engine._allocate_or_extend_buffers = allocate_by_dtype
 
 
 def allow_frozen_tied_weights(engine) -> None:

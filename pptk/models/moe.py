@@ -108,6 +108,16 @@ def router_loss_of(config, *, moe: str | None) -> RouterLoss | None:
     return RouterLoss(num_experts=int(num_experts), top_k=int(config.num_experts_per_tok), coef=float(coef))
 
 
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # the families' names for it
+
+
+def experts_of(config) -> tuple[int, int] | None:
+    """(top_k, routed experts) of a mixture-of-experts config, whatever the family calls them; None when dense."""
+    num_experts = next((getattr(config, f, None) for f in EXPERT_COUNT_FIELDS if getattr(config, f, None)), None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    return (int(top_k), int(num_experts)) if num_experts and top_k else None
+
+
 class RouterCapture:
     """Reads the router logits of one block call: the routers are the modules of the class Hugging Face records
     (``_can_record_outputs["router_logits"]``), their logits output ``index``."""

@@ -1,18 +1,21 @@
 # Hugging Face weights into pipeline stages: each rank reads only its own tensors from (sharded) safetensors.
 from __future__ import annotations
 
+import copy
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
 
 from pptk.errors import PptkError
 from pptk.models import PipeLayer
-from pptk.models.decoder_families import MOE_FAMILIES
 from pptk.parallel.tensor_parallel import ShardSpec, shard_spec
 
 SINGLE_FILE = "model.safetensors"
@@ -161,9 +164,14 @@ class TensorSource:
 
 
 class HFCheckpoint:
-    """A local Hugging Face checkpoint: the index is read up front, tensors only when asked for, shard by shard."""
+    """A local Hugging Face checkpoint: the index is read up front, tensors only when asked for, shard by shard.
 
-    def __init__(self, directory: str | Path):
+    conversions: transformers' conversion mapping for the model (``hf_conversions``). Tensors are then also found
+    under the names the model holds them by, as ``from_pretrained`` converts them: Mixtral's or Qwen-MoE's experts,
+    one tensor per expert on disk, read and fused into the 3-D ``experts.gate_up_proj`` / ``experts.down_proj``.
+    """
+
+    def __init__(self, directory: str | Path, *, conversions: Sequence = ()):
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
@@ -185,6 +193,8 @@ class HFCheckpoint:
             )
             raise PptkError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory} (found: {found[:8]}); {hint}")
 
+        self._converted = _converted_names(list(self._shard_of), conversions)
+
     def _file(self, shard: str) -> SafetensorsFile:
         if shard not in self._files:
             path = self.directory / shard
@@ -197,7 +207,7 @@ class HFCheckpoint:
         return list(self._shard_of)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._shard_of
+        return name in self._shard_of or name in self._converted
 
     def _entry(self, name: str) -> SafetensorsFile:
         file = self._file(self._shard_of[name])
@@ -208,18 +218,93 @@ class HFCheckpoint:
         return file
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape(name)
+        if name in self._shard_of:
+            return self._entry(name).shape(name)
+        meta = {
+            key: torch.empty(self._entry(key).shape(key), device="meta") for _, key in self._converted[name].sources
+        }
+        return tuple(self._converted[name].apply(name, meta.__getitem__).shape)
 
     def read_into(self, name: str, target: torch.Tensor) -> None:
-        self._entry(name).read_into(name, target)
+        if name in self._shard_of:
+            self._entry(name).read_into(name, target)
+        else:
+            target.copy_(self.get(name))
 
     def get(self, name: str) -> torch.Tensor:
-        return self._entry(name).get(name)
+        if name in self._shard_of:
+            return self._entry(name).get(name)
+        return self._converted[name].apply(name, lambda key: self._entry(key).get(key))
 
     def read_slice_into(self, name: str, target: torch.Tensor, spec: ShardSpec) -> None:
         """Fill ``target`` with this tensor-parallel rank's slice only; the checkpoint's shape was checked against
         ``spec.full_shape`` beforehand."""
+        if name not in self._shard_of:  # tp > 1 is refused for mixture-of-experts models (check_tensor_parallel)
+            raise PptkError(f"{name} is fused from several tensors of {self.directory}; it cannot be read in slices")
         self._entry(name).read_slice_into(name, target, spec)
+
+
+def hf_conversions(hf_class: type, config) -> list:
+    """The renames and fusions transformers applies to this model's checkpoint when it loads it (its conversion
+    mapping, looked up as ``get_model_conversion_mapping`` does for a root model: class name, then model type).
+    Empty for most dense families; the expert fusions of the mixture-of-experts ones."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    found = get_checkpoint_conversion_mapping(hf_class.__name__) or get_checkpoint_conversion_mapping(config.model_type)
+    return list(found or [])
+
+
+def to_checkpoint_names(state: dict[str, torch.Tensor], conversions: Sequence, config) -> dict[str, torch.Tensor]:
+    """Tensors under their model names -> what ``save_pretrained`` writes for them (transformers' own reversal of
+    its conversion mapping: fused experts split back into one tensor per expert). Works on meta tensors too, to
+    learn the names and shapes without data. ``state`` holds whole layers: a fusion's parts must all be there."""
+    if not conversions:
+        return state
+    from transformers.core_model_loading import revert_weight_conversion
+
+    # revert_weight_conversion reads the conversions a model was loaded with, and its config, from the model
+    holder = SimpleNamespace(_weight_conversions=list(conversions), config=config)
+    return revert_weight_conversion(holder, state)
+
+
+@dataclass(frozen=True)
+class ConvertedTensor:
+    """One tensor as the model holds it, made by transformers' ``converter`` from checkpoint tensors ``sources``
+    ((source pattern, name on disk), in the order from_pretrained collects them); converter None: a rename."""
+
+    converter: Any
+    sources: tuple[tuple[str, str], ...]
+
+    def apply(self, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        if self.converter is None:
+            return read(self.sources[0][1])
+        converter = copy.deepcopy(self.converter)  # it collects tensors: one fresh copy per target, as HF does
+        for pattern, key in self.sources:
+            converter.add_tensor(name, key, pattern, partial(read, key))
+        produced = converter.convert(name)
+        if name not in produced:
+            raise PptkError(f"transformers' conversion for {name} produced {sorted(produced)}, not {name}")
+        return produced[name]
+
+
+def _converted_names(keys: list[str], conversions: Sequence) -> dict[str, ConvertedTensor]:
+    """Model name -> how to read it, for every checkpoint name the conversions rename or fuse."""
+    if not conversions:
+        return {}
+    from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+
+    renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    sources: dict[str, list[tuple[str, str]]] = {}
+    kind: dict[str, Any] = {}
+    for key in sorted(keys, key=dot_natural_key):  # experts 0, 1, ..., 10 in order, as from_pretrained reads them
+        renamed, pattern = rename_source_key(key, renamings, converters)
+        if renamed == key:
+            continue
+        sources.setdefault(renamed, []).append((pattern or key, key))
+        kind[renamed] = by_pattern[pattern] if pattern is not None else None
+    return {name: ConvertedTensor(kind[name], tuple(found)) for name, found in sources.items()}
 
 
 def hf_names(module: nn.Module, layers: list[PipeLayer]) -> dict[str, str]:
@@ -307,14 +392,3 @@ def load_stage_weights(
         else:
             checkpoint.read_into(name, target)  # straight into the parameter's storage
     return allowed
-
-
-def check_checkpoint_readable(config, *, label: str) -> None:
-    """Refuse, before ranks start, a checkpoint whose tensors pptk cannot read by name."""
-    if config.model_type in MOE_FAMILIES:
-        # transformers 5.23 saves one tensor per expert and fuses them on load (its conversion mapping); pptk reads
-        # tensors by name one to one, so it would report them missing rather than train from random experts.
-        raise PptkError(
-            f"{label}: reading a mixture-of-experts checkpoint (one tensor per expert on disk) is not done yet; "
-            f"{config.model_type} trains from a config or model type (random init) for now"
-        )

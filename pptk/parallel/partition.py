@@ -34,26 +34,52 @@ class LayerCost:
     params: int  # parameters this layer holds on its stage (a tied copy counts where it is held)
     unique_params: int  # parameters counted once over the whole model (a tied copy counts only the first time)
     flops_per_token: float
+    idle_params: int = 0  # mixture of experts: routed-expert parameters a token does not use (all but its top-k)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token computes with (all of them in a dense layer): what the FLOPs follow."""
+        return self.params - self.idle_params
 
 
-def layer_costs(layers: list[PipeLayer], *, hidden_size: int, seq_len: int) -> list[LayerCost]:
-    """Measure each layer on the meta device: nothing is allocated, nothing is initialised."""
+def layer_costs(
+    layers: list[PipeLayer], *, hidden_size: int, seq_len: int, experts: tuple[int, int] | None = None
+) -> list[LayerCost]:
+    """Measure each layer on the meta device: nothing is allocated, nothing is initialised.
+
+    experts: (top_k, num_experts) of a mixture-of-experts model (pptk.models.moe.experts_of). A block's FLOPs then
+    follow its active parameters (top-k of the routed experts, every shared expert and router), its memory all."""
     costs, seen_tied = [], set()
     for index, layer in enumerate(layers):
         with torch.device("meta"):
             module = layer.spec.build()
         params = sum(p.numel() for p in module.parameters())
+        idle = _idle_expert_params(module, experts) if experts and layer.role == "block" else 0
         unique = 0 if layer.tied_key in seen_tied else params
         if layer.tied_key:
             seen_tied.add(layer.tied_key)
         if layer.role == "embed":
             flops = 0.0  # a lookup
         elif layer.role == "block":
-            flops = 2.0 * params + 2.0 * seq_len * hidden_size  # matmuls + causal attention scores and mixing
+            flops = 2.0 * (params - idle) + 2.0 * seq_len * hidden_size  # matmuls + attention scores and mixing
         else:
             flops = 2.0 * params
-        costs.append(LayerCost(index, layer.class_name, layer.role, params, unique, flops))
+        costs.append(LayerCost(index, layer.class_name, layer.role, params, unique, flops, idle))
     return costs
+
+
+def _idle_expert_params(block: torch.nn.Module, experts: tuple[int, int]) -> int:
+    """The routed experts' parameters a token leaves unused: Hugging Face keeps each MoE layer's routed experts in
+    one ``experts`` module of [num_experts, ...] tensors (shared experts live in other modules, always active)."""
+    top_k, num_experts = experts
+    routed = sum(
+        p.numel()
+        for name, module in block.named_modules()
+        if name.rsplit(".", 1)[-1] == "experts"
+        for p in module.parameters(recurse=False)
+        if p.dim() >= 2 and p.shape[0] == num_experts
+    )
+    return routed - routed * top_k // num_experts
 
 
 @dataclass(frozen=True)
@@ -103,6 +129,7 @@ class StagePlan:
                     "layers": [f"{c.index}:{c.name}" for c in held],
                     "blocks": sum(c.role == "block" for c in held),
                     "params": sum(c.params for c in held),
+                    "active_params": sum(c.active_params for c in held),
                     "gflops_per_token": sum(c.flops_per_token for c in held) / 1e9,
                     **(
                         {"measured_ms": sum(self.measured_ms[c.index] for c in held)}

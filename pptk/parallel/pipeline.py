@@ -19,7 +19,8 @@ from pptk.errors import PptkError
 from pptk.models import PipeLayer, first_tied_index, get_family, layers_for, supported_model_types
 from pptk.models.common import init_layer_like_hf
 from pptk.models.heads import get_task, hf_model_class, infer_task
-from pptk.parallel.hf_weights import HFCheckpoint, check_checkpoint_readable, load_stage_weights
+from pptk.models.moe import experts_of
+from pptk.parallel.hf_weights import HFCheckpoint, hf_conversions, load_stage_weights
 from pptk.parallel.partition import StagePlan, layer_costs, plan_stages
 from pptk.parallel.schedules import check_schedule, stages_for
 from pptk.parallel.tensor_parallel import (
@@ -154,11 +155,9 @@ def plan_pipeline(
     task = infer_task(config, task, source=source.label)
     layers = layers_for(config, task)
     check_tensor_parallel(config, tp)
-    if source.pretrained_dir is not None:
-        check_checkpoint_readable(config, label=source.label)
     positions = max_positions(config) or 2048
     length = min(seq_len or positions, positions)
-    costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=length)
+    costs = layer_costs(layers, hidden_size=config.hidden_size, seq_len=length, experts=experts_of(config))
     if partition_method == "profile" and measured_ms is None:
         from pptk.parallel.profile import profile_layers
 
@@ -259,7 +258,7 @@ def load_pretrained(module: nn.Module, plan: PipelinePlan) -> None:
         load_stage_weights(
             module,
             plan.layers,
-            HFCheckpoint(plan.source.pretrained_dir),
+            HFCheckpoint(plan.source.pretrained_dir, conversions=hf_conversions(plan.hf_class, plan.config)),
             base_model_prefix=plan.hf_class.base_model_prefix,
             allow_missing=optional,
         )

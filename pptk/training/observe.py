@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 CATEGORIES = {
     "LoadMicroBatch": "forward",
     "ForwardPass": "forward",
@@ -237,3 +239,79 @@ def precision_of(ds_config: dict) -> str:
         if ds_config.get(name, {}).get("enabled") in (True, "true"):
             return name
     return "fp32"
+
+
+class ExpertLoad:
+    """Mixture of experts: the router loss and how evenly each stage's experts are loaded, per logged step.
+
+    Read from what the stage protocol already carries (pptk.models.moe): a stage's own top-k counts are the router
+    sums it sends on minus those it received, so nothing is added to the blocks. The hook sits on the stage module
+    (DeepSpeed calls it once per micro-batch; a recomputation under activation checkpointing runs the layers, not
+    the module, so nothing is counted twice); evaluation (``module.training`` False) is left out. Only a model
+    with a router loss carries the sums (``output_router_logits``); others get no meter (pptk.models.moe).
+    """
+
+    def __init__(self, engine, *, num_experts: int):
+        import torch.distributed as dist
+
+        self.num_experts = num_experts
+        grid = engine.grid
+        self.identity = {"rank": dist.get_rank(), "stage": engine.stage_id, "dp_rank": grid.get_data_parallel_rank()}
+        self._reset()
+        engine.module.register_forward_hook(self._record)
+
+    def _reset(self) -> None:
+        self.per_layer = torch.zeros(self.num_experts, dtype=torch.float64)  # tokens per expert, per MoE layer
+        self.micro_batches = 0
+        self.aux: list[float] = []
+
+    @torch.no_grad()
+    def _record(self, module, args, output) -> None:
+        from pptk.models.moe import RouterSums, load_balancing_loss
+
+        if not module.training or not isinstance(output, tuple) or len(output) not in (4, 6):
+            return
+        inputs = args[0]
+        sent = RouterSums.check(*output[-3:])
+        received = RouterSums.check(*inputs[3:]) if isinstance(inputs, tuple) and len(inputs) == 6 else None
+        counts, layer_tokens = sent.counts, sent.tokens
+        if received is not None:
+            counts, layer_tokens = counts - received.counts, layer_tokens - received.tokens
+        real_tokens = int(inputs[1].sum())  # the attention mask, second on every stage's input
+        layers = int(layer_tokens) // max(real_tokens, 1)  # this stage's MoE layers
+        if layers:
+            self.per_layer += counts.double().cpu() / layers
+            self.micro_batches += 1
+        if len(output) == 4:  # the last stage: the whole model's sums, the loss's aux term (before its coefficient)
+            self.aux.append(float(load_balancing_loss(sent, num_experts=self.num_experts)))
+
+    def metrics(self) -> dict[str, float]:
+        """Collective (every rank calls it): rank 0 gets the numbers since the last call, other ranks {}.
+
+        ``router_aux_loss``: Hugging Face's ``aux_loss`` (mean over micro-batches); per stage holding MoE layers,
+        ``expert_tokens_max/stageS`` and ``expert_tokens_mean/stageS`` (tokens routed to an expert per MoE layer
+        and micro-batch, over the data-parallel replicas) and their ratio ``expert_load_max_over_mean/stageS``
+        (1.0: balanced; num_experts / top_k: one expert takes every token)."""
+        import torch.distributed as dist
+
+        mine = {**self.identity, "per_layer": self.per_layer.tolist(), "micro_batches": self.micro_batches}
+        mine["aux"] = self.aux
+        self._reset()
+        gathered: list[Any] | None = [None] * dist.get_world_size() if self.identity["rank"] == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if gathered is None:
+            return {}
+        metrics: dict[str, float] = {}
+        aux = [value for r in gathered for value in r["aux"]]
+        if aux:
+            metrics["router_aux_loss"] = sum(aux) / len(aux)
+        for stage in sorted({r["stage"] for r in gathered}):
+            held = [r for r in gathered if r["stage"] == stage and r["micro_batches"]]
+            if not held:
+                continue  # no MoE layer on this stage
+            load = torch.tensor([r["per_layer"] for r in held]).sum(0) / sum(r["micro_batches"] for r in held)
+            mean = float(load.mean())
+            metrics[f"expert_tokens_max/stage{stage}"] = float(load.max())
+            metrics[f"expert_tokens_mean/stage{stage}"] = mean
+            metrics[f"expert_load_max_over_mean/stage{stage}"] = float(load.max()) / mean if mean else 0.0
+        return metrics
