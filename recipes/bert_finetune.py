@@ -1,4 +1,6 @@
 """Fine-tune a BERT encoder on DeepSpeed's pipeline engine: sentence classification or named-entity tagging.
+Decoders (GPT-2, LLaMA, Qwen, ... : every family with a transformers *ForSequenceClassification) train the sentence
+classifier too: a score head on each row's last token, as Hugging Face's (docs/preference.md).
 
 --task sequence-classification   CSV/TSV (header line) or JSONL with a text and a label column (--text-column,
                                  --label-column; --text-pair-column for sentence pairs, which get token type 1)
@@ -35,6 +37,12 @@ scored). Labels: taken from the training data (or --labels, or a fine-tuned chec
 an evaluation label outside that set, --num-labels disagreeing with it, or a checkpoint classifier of another size is
 an error before training. Heads missing from the checkpoint (a base model has no classifier) start freshly
 initialised, as in Hugging Face.
+
+A decoder, from a causal-LM or base checkpoint (its score head starts freshly):
+    deepspeed --num_gpus 8 recipes/bert_finetune.py --model models/Qwen3-1.7B --task sequence-classification \
+        --train reviews_train.csv --eval reviews_dev.csv --pp 4 --max-seq-len 512 --output-dir runs/qwen-cls
+A decoder tokenizer without a pad token pads with eos (as TRL does); an example whose last token is the pad token is
+an error (Hugging Face's classifier would score an earlier token). Sentence pairs (--text-pair-column) are BERT's.
 """
 
 from __future__ import annotations
@@ -55,7 +63,9 @@ from pptk.training.trainer import Trainer
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="local Hugging Face BERT directory (config.json + weights)")
+    parser.add_argument(
+        "--model", required=True, help="local Hugging Face BERT (or decoder, for sequence-classification) directory"
+    )
     parser.add_argument(
         "--task",
         default=None,

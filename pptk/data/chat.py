@@ -62,7 +62,7 @@ def read_conversations(path: str | Path, *, format: str | None = None) -> list[C
     if not path.is_file():
         raise PptkError(f"chat data file {str(path)!r} does not exist; check the path")
     conversations = []
-    for where, record in _records(path):
+    for where, record in read_records(path):
         format = format or detect_format(record, where)
         conversations.append(to_conversation(record, format, where))
     if not conversations:
@@ -134,7 +134,7 @@ def split_eval(
 
 def _text(value: Any, field: str, where: str) -> str:
     if not isinstance(value, str):
-        raise PptkError(f"{where}: {field!r} must be a string, got {type(value).__name__} {_short(value)}")
+        raise PptkError(f"{where}: {field!r} must be a string, got {type(value).__name__} {shorten(value)}")
     return value
 
 
@@ -148,13 +148,13 @@ def _turns(value: Any, field: str, role: str, where: str) -> tuple[Message, ...]
 def _messages(value: Any, field: str, where: str) -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
         raise PptkError(
-            f"{where}: {field!r} must be a non-empty list of {{'role', 'content'}} objects, got {_short(value)}"
+            f"{where}: {field!r} must be a non-empty list of {{'role', 'content'}} objects, got {shorten(value)}"
         )
     messages = []
     for number, item in enumerate(value, 1):
         if not isinstance(item, dict) or "role" not in item or "content" not in item:
             raise PptkError(
-                f"{where}: {field} item {number} must be an object with 'role' and 'content', got {_short(item)}"
+                f"{where}: {field} item {number} must be an object with 'role' and 'content', got {shorten(item)}"
             )
         role = item["role"]
         if role not in ROLES:
@@ -181,7 +181,7 @@ def _check_turns(messages: tuple[Message, ...], where: str) -> None:
         )
 
 
-def _short(value: Any) -> str:
+def shorten(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -189,7 +189,7 @@ def _short(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------------- records
 
 
-def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     name = path.name.lower()
     if name.endswith(".parquet"):
         yield from _parquet_records(path)

@@ -139,7 +139,7 @@ def tokenize_conversation(
     method = method or mask_method(tokenizer, template)
     where = conversation.where
     if train_on_prompt:
-        (ids,) = _encode(tokenizer, [_render(conversation.as_dicts(), tokenizer, template, where)])
+        (ids,) = encode_texts(tokenizer, [render_chat(conversation.as_dicts(), tokenizer, template, where)])
         return TokenizedConversation(_ids(ids), np.ones(len(ids), dtype=bool), where)
     if method == "generation":
         ids, supervised = _generation_mask(conversation, tokenizer, template)
@@ -181,11 +181,11 @@ def _generation_mask(
 def _prefix_mask(conversation: Conversation, tokenizer: Any, template: ChatTemplate) -> tuple[list[int], np.ndarray]:
     where = conversation.where
     answers = [turn for turn, m in enumerate(conversation.messages) if m.role == "assistant"]
-    texts = [_render(conversation.as_dicts(), tokenizer, template, where)]
+    texts = [render_chat(conversation.as_dicts(), tokenizer, template, where)]
     for turn in answers:
-        texts.append(_render(conversation.as_dicts(turn), tokenizer, template, where, prompt=True))
-        texts.append(_render(conversation.as_dicts(turn + 1), tokenizer, template, where))
-    full, *parts = _encode(tokenizer, texts)  # one call: batches are encoded much faster than strings one by one
+        texts.append(render_chat(conversation.as_dicts(turn), tokenizer, template, where, prompt=True))
+        texts.append(render_chat(conversation.as_dicts(turn + 1), tokenizer, template, where))
+    full, *parts = encode_texts(tokenizer, texts)  # one call: batches are encoded much faster than strings one by one
     supervised = np.zeros(len(full), dtype=bool)
     for turn, prompt, answered in zip(answers, parts[0::2], parts[1::2]):
         for name, part in (("the prompt before", prompt), ("the conversation up to", answered)):
@@ -201,7 +201,7 @@ def _prefix_mask(conversation: Conversation, tokenizer: Any, template: ChatTempl
     return full, supervised
 
 
-def _render(
+def render_chat(
     messages: list[dict[str, str]], tokenizer: Any, template: ChatTemplate, where: str, *, prompt: bool = False
 ) -> str:
     import jinja2
@@ -214,7 +214,7 @@ def _render(
         raise _template_error(err, where, template) from None
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     # As apply_chat_template tokenizes: the template writes bos/eos itself. verbose=False: a conversation may be
     # longer than model_max_length, truncation is the packer's decision.
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]

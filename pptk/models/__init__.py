@@ -56,6 +56,8 @@ class ModelFamily:
     # config fields that a pipeline cannot honour yet: name -> predicate(value) that is True when unsupported
     unsupported: dict[str, Callable[[object], bool]] = field(default_factory=dict)
     num_blocks: Callable[[Any], int] = lambda config: config.num_hidden_layers
+    # the task of a config that names none (no config.architectures): decoders are language models first
+    default_task: str | None = None
 
 
 def first_tied_index(layers: list[PipeLayer]) -> dict[str, int]:

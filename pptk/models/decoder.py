@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -53,7 +54,8 @@ from pptk.models.common import (
     tied_lm_logits,
 )
 from pptk.models.decoder_families import FAMILIES, MOE_FAMILIES, SMALL_COMMON, Family, family_of
-from pptk.models.decoder_parts import check_supported, decoder_parts, layer_mask_kinds
+from pptk.models.decoder_parts import DecoderParts, check_supported, decoder_parts, layer_mask_kinds
+from pptk.models.heads import ScoreHeadPipe, reward_layers
 from pptk.models.moe import RouterCapture, layer_sums, router_capture, router_loss_of
 from pptk.models.protocol import StageMasks, StageTensors
 
@@ -248,18 +250,19 @@ def materialise_norm(meta_norm: nn.Module, *, config: PretrainedConfig, hf_class
     return norm
 
 
-def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
+def _body_layers(
+    config: PretrainedConfig, parts: DecoderParts, *, router: RouterCapture | None, tied: bool
+) -> tuple[list[PipeLayer], tuple, dict]:
+    """Embedding, decoder layers and final norm; also the embedding's arguments, for a tied LM head.
+
+    tied: the embedding is a TiedLayerSpec (an LM head shares its matrix), else a plain layer (a classifier)."""
     family = table_entry(config.model_type)
-    parts = decoder_parts(config)
     check_supported(config, parts, moe=family.moe)
-    router_loss = router_loss_of(config, moe=family.moe)
-    router = router_capture(parts.causal_lm_class, top_k=router_loss.top_k) if router_loss else None
     mask_kinds = layer_mask_kinds(config)
     layer_types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
-    hf_class = parts.causal_lm_class
 
     embed_args = (config.vocab_size, config.hidden_size)
-    embed_kwargs = dict(
+    embed_kwargs: dict[str, Any] = dict(
         padding_idx=parts.padding_idx,
         max_positions=getattr(config, "max_position_embeddings", None),
         positions_in_inputs=True,
@@ -270,7 +273,11 @@ def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
         embed_kwargs.update(scale=float(getattr(config, family.embedding_multiplier)))
     if family.embedding_dropout:
         embed_kwargs.update(dropout=float(getattr(config, family.embedding_dropout) or 0.0))
-    embed = TiedLayerSpec(WORD_EMBEDDINGS, DecoderEmbeddingPipe, *embed_args, **embed_kwargs, tied_weight_attr="weight")
+    embed = (
+        TiedLayerSpec(WORD_EMBEDDINGS, DecoderEmbeddingPipe, *embed_args, **embed_kwargs, tied_weight_attr="weight")
+        if tied
+        else LayerSpec(DecoderEmbeddingPipe, *embed_args, **embed_kwargs)
+    )
     layers = [PipeLayer(embed, "embed", PREFIX + "embed_tokens.")]
 
     rotary = RotaryTables(parts.rotary_class, config, per_layer_type=parts.rotary_per_layer_type)
@@ -293,9 +300,18 @@ def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
         )
         for i in range(config.num_hidden_layers)
     ]
-
+    hf_class = parts.causal_lm_class
     final_norm = LayerSpec(FinalNormPipe, materialise_norm, parts.norm, config=config, hf_class=hf_class, attr="norm")
     layers.append(PipeLayer(final_norm, "head", PREFIX))
+    return layers, embed_args, embed_kwargs
+
+
+def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
+    family = table_entry(config.model_type)
+    router_loss = router_loss_of(config, moe=family.moe)
+    parts = decoder_parts(config)
+    router = router_capture(parts.causal_lm_class, top_k=router_loss.top_k) if router_loss else None
+    layers, embed_args, embed_kwargs = _body_layers(config, parts, router=router, tied=True)
     if config.tie_word_embeddings:
         head = TiedLayerSpec(
             WORD_EMBEDDINGS,
@@ -315,6 +331,22 @@ def causal_lm_layers(config: PretrainedConfig) -> list[PipeLayer]:
     return layers
 
 
+def sequence_classification_layers(config: PretrainedConfig) -> list[PipeLayer]:
+    """``<Family>ForSequenceClassification`` (transformers' GenericForSequenceClassification): the base model, then
+    ``score`` on each row's last token. No router loss (only ``*ForCausalLM`` adds it) and no logit scaling (only
+    the LM head's). The head is optional: a base or causal-LM checkpoint has none, and it starts freshly."""
+    layers, _, _ = _body_layers(config, decoder_parts(config), router=None, tied=False)
+    score = LayerSpec(ScoreHeadPipe, config.hidden_size, config.num_labels)
+    return [*layers, PipeLayer(score, "head", "score.", optional=True)]
+
+
+def has_sequence_classifier(model_type: str) -> bool:
+    """transformers has a ``*ForSequenceClassification`` for this family."""
+    from transformers import CONFIG_MAPPING, AutoModelForSequenceClassification
+
+    return CONFIG_MAPPING[model_type] in AutoModelForSequenceClassification._model_mapping
+
+
 def table_entry(model_type: str) -> Family:
     family = family_of(model_type)
     assert family is not None, model_type  # only registered families reach here
@@ -328,12 +360,21 @@ def small_config_of(model_type: str) -> Callable[[], PretrainedConfig]:
     return small_config
 
 
+def tasks_of(model_type: str) -> dict[str, Callable[[PretrainedConfig], list[PipeLayer]]]:
+    tasks: dict[str, Callable[[PretrainedConfig], list[PipeLayer]]] = {"causal-lm": causal_lm_layers}
+    if has_sequence_classifier(model_type):  # a reward model is a one-output sequence classifier
+        tasks["sequence-classification"] = sequence_classification_layers
+        tasks["reward"] = partial(reward_layers, sequence_classification_layers)
+    return tasks
+
+
 for _model_type, _family in {**FAMILIES, **MOE_FAMILIES}.items():
     register(
         ModelFamily(
             model_type=_model_type,
-            tasks={"causal-lm": causal_lm_layers},
+            tasks=tasks_of(_model_type),
             small_config=small_config_of(_model_type),
+            default_task="causal-lm",
             unsupported=_family.unsupported,
         )
     )

@@ -1,6 +1,8 @@
 # GPT-2 as pipeline layers: token embedding (tied to the LM head), position embedding, blocks, final norm, head.
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
@@ -9,6 +11,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from pptk.models import ModelFamily, PipeLayer, register
 from pptk.models.common import WORD_EMBEDDINGS, FinalNormPipe, LMHeadPipe, TokenEmbeddingPipe, tied_lm_logits
+from pptk.models.heads import ScoreHeadPipe, reward_layers
 from pptk.models.protocol import StageMasks, StageTensors
 
 PREFIX = "transformer."  # GPT2LMHeadModel.base_model_prefix
@@ -43,15 +46,14 @@ class GPT2BlockPipe(GPT2Block):
         return stage.with_hidden(hidden).as_tuple()
 
 
-def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
-    embed = TiedLayerSpec(
-        WORD_EMBEDDINGS,
-        TokenEmbeddingPipe,
-        config.vocab_size,
-        config.hidden_size,
-        max_positions=config.max_position_embeddings,
-        positions_in_inputs=True,
-        tied_weight_attr="weight",
+def _body_layers(config: GPT2Config, *, tied: bool) -> list[PipeLayer]:
+    """Token and position embeddings, blocks, final norm; the token embedding is tied when an LM head shares it."""
+    embed_args = (TokenEmbeddingPipe, config.vocab_size, config.hidden_size)
+    embed_kwargs = dict(max_positions=config.max_position_embeddings, positions_in_inputs=True)
+    embed = (
+        TiedLayerSpec(WORD_EMBEDDINGS, *embed_args, **embed_kwargs, tied_weight_attr="weight")
+        if tied
+        else LayerSpec(*embed_args, **embed_kwargs)
     )
     layers = [
         PipeLayer(embed, "embed", PREFIX + "wte."),
@@ -64,6 +66,11 @@ def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
     ]
     final_norm = LayerSpec(FinalNormPipe, nn.LayerNorm, config.hidden_size, eps=config.layer_norm_epsilon, attr="ln_f")
     layers.append(PipeLayer(final_norm, "head", PREFIX))
+    return layers
+
+
+def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
+    layers = _body_layers(config, tied=True)
     if config.tie_word_embeddings:
         head = TiedLayerSpec(
             WORD_EMBEDDINGS,
@@ -81,6 +88,13 @@ def causal_lm_layers(config: GPT2Config) -> list[PipeLayer]:
     return layers
 
 
+def sequence_classification_layers(config: GPT2Config) -> list[PipeLayer]:
+    """GPT2ForSequenceClassification: the base model, then ``score`` (no bias) on each row's last token, as the
+    generic decoder classifier (pptk.models.heads.ScoreHeadPipe); optional, as a causal-LM checkpoint has none."""
+    score = LayerSpec(ScoreHeadPipe, config.hidden_size, config.num_labels)
+    return [*_body_layers(config, tied=False), PipeLayer(score, "head", "score.", optional=True)]
+
+
 def small_config() -> GPT2Config:
     return GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0)
 
@@ -88,8 +102,13 @@ def small_config() -> GPT2Config:
 register(
     ModelFamily(
         model_type="gpt2",
-        tasks={"causal-lm": causal_lm_layers},
+        tasks={
+            "causal-lm": causal_lm_layers,
+            "sequence-classification": sequence_classification_layers,
+            "reward": partial(reward_layers, sequence_classification_layers),
+        },
         small_config=small_config,
+        default_task="causal-lm",
         unsupported={"add_cross_attention": bool},  # encoder-decoder use of GPT-2 has no pipeline form here
     )
 )

@@ -1,17 +1,21 @@
-# Training tasks: which Hugging Face Auto class a task exports to, and its loss (Hugging Face's own functions).
+# Training tasks: which Hugging Face Auto class a task exports to, its loss, and the decoders' classification head.
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers.loss import loss_utils
 
 from pptk.errors import PptkError
 from pptk.models.decoder_families import family_of
 from pptk.models.moe import RouterLoss, RouterSums, load_balancing_loss, router_loss_of
+from pptk.models.protocol import StageTensors
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,90 @@ def _sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, *,
     return loss_utils.ForSequenceClassificationLoss(labels, logits, config)
 
 
+CHOSEN, REJECTED = 1, 0  # reward labels: rows alternate chosen, rejected (filler rows of an evaluation: -100)
+
+
+def bradley_terry_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRL's RewardTrainer loss, -logsigmoid(r_chosen - r_rejected) averaged over the micro-batch's pairs.
+
+    ``logits`` [rows, 1] are the rewards; ``labels`` mark each row chosen or rejected, a pair's two rows in order.
+    Computed in fp32 (TRL keeps the model's dtype; the difference is one rounding of the rewards in bf16).
+    """
+    rewards = logits.float().reshape(len(labels), -1)[:, 0]
+    chosen, rejected = rewards[labels == CHOSEN], rewards[labels == REJECTED]
+    if len(chosen) != len(rejected):
+        raise PptkError(
+            f"a reward micro-batch holds {len(chosen)} chosen and {len(rejected)} rejected rows; each pair must "
+            "travel whole (chosen, rejected) in one micro-batch"
+        )
+    if not len(chosen):  # only filler rows: no pair to score
+        return rewards.sum() * 0.0
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+class ScoreHeadPipe(nn.Linear):
+    """The ``score`` head of a decoder's ``*ForSequenceClassification`` (no bias), pooled as Hugging Face pools it.
+
+    Hugging Face scores every position, then keeps each row's rightmost token that is not ``config.pad_token_id``.
+    The last stage has no input ids, so the rightmost position with ``attention_mask`` 1 stands for it: the same
+    token whenever padding holds the pad id and no example ends with it, which the classification and reward tasks
+    check before training (pptk.tasks.classification, pptk.tasks.reward) and verify's batch guarantees.
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__(hidden_size, num_labels, bias=False)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:  # type: ignore[override]
+        stage = StageTensors.from_tuple(inputs)
+        logits = super().forward(stage.hidden_states)
+        mask = stage.attention_mask.to(torch.int32)
+        last = (torch.arange(mask.shape[-1], device=mask.device, dtype=torch.int32) * mask).argmax(-1)
+        return logits[torch.arange(len(logits), device=logits.device), last]
+
+
+SCORED_LAST_TOKEN = ("sequence-classification", "reward")  # tasks whose decoder head pools the last token
+
+
+def config_for_task(config, task: str):
+    """``config``, or a copy that a ``task`` model can run on a batch: one output for a reward model, and for a
+    decoder classifier a pad token (Hugging Face refuses batches of more than one without ``pad_token_id``): eos, as
+    TRL defaults it, else 0. The training tasks set the tokenizer's pad token instead."""
+    changes: dict[str, Any] = {}
+    if task == "reward" and config.num_labels != 1:
+        changes["num_labels"] = 1
+    decoder = not getattr(config, "is_encoder_decoder", False) and config.model_type != "bert"
+    if task in SCORED_LAST_TOKEN and decoder and getattr(config, "pad_token_id", None) is None:
+        eos = getattr(config, "eos_token_id", None)
+        changes["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    if not changes:
+        return config
+    config = copy.deepcopy(config)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
+
+
+def reward_layers(classifier_layers: Callable[[Any], list], config) -> list:
+    """A reward model's pipeline layers: the family's sequence classifier, with its single output checked."""
+    if config.num_labels != 1:
+        raise PptkError(
+            f"a reward model scores with one output, but config.num_labels is {config.num_labels}; set num_labels=1 "
+            "(pptk's reward task and `pptk verify --task reward` do) or train --task sequence-classification"
+        )
+    return classifier_layers(config)
+
+
+def last_token_problem(ids: list[int], *, pad_token_id: int | None, where: str) -> str | None:
+    """Why Hugging Face would pool another token than the last of ``ids`` (None when it pools that one)."""
+    if pad_token_id is not None and ids and ids[-1] == pad_token_id:
+        return (
+            f"{where}: the last token is the pad token (id {pad_token_id}); Hugging Face's sequence classifier scores "
+            "the last token that is not the pad token, so it would score an earlier one. Give the tokenizer a pad "
+            "token of its own (not eos), or drop the trailing pad/eos token from the text"
+        )
+    return None
+
+
 def _token_classification_loss(logits: torch.Tensor, labels: torch.Tensor, *, config) -> torch.Tensor:
     return loss_utils.ForTokenClassification(logits, labels, config)
 
@@ -80,6 +168,8 @@ TASKS: dict[str, Task] = {
         "AutoModelForTokenClassification",
         lambda config: partial(_token_classification_loss, config=config),
     ),
+    # a sequence classifier with one output, trained on pairs (pptk.tasks.reward)
+    "reward": Task("reward", "AutoModelForSequenceClassification", lambda config: bradley_terry_loss),
 }
 
 
@@ -116,8 +206,8 @@ def infer_task(config, requested: str | None = None, *, source: str = "the model
     """The task to train or convert: read from ``config.architectures``; ``requested`` (--task) overrides or
     disambiguates it.
 
-    - no --task: the one task the architectures name; else the family's only task (decoders: causal-lm); else an
-      error listing the choices.
+    - no --task: the one task the architectures name; else the family's default or only task (decoders:
+      causal-lm); else an error listing the choices.
     - --task the family supports: used, also when the checkpoint's head is another task's (a head the task needs
       and the checkpoint lacks starts freshly initialised, as in Hugging Face).
     - --task the family does not support: an error naming what the config says and what would work.
@@ -148,11 +238,45 @@ def infer_task(config, requested: str | None = None, *, source: str = "the model
     usable = [task for task in named if task in supported]
     if len(usable) == 1:
         return usable[0]
-    if not named and len(supported) == 1:
-        return supported[0]
+    default = get_family(config.model_type).default_task or (supported[0] if len(supported) == 1 else None)
+    if not named and default is not None:
+        return default
     choices = usable or supported
     raise PptkError(
         f"cannot tell the task of {source} ({config.model_type}, {said}); pass --task {' | '.join(choices)}"
+    )
+
+
+@dataclass(frozen=True)
+class HeadGaps:
+    """How a checkpoint's tensors differ from the task model's, sorted into what Hugging Face expects and the rest."""
+
+    fresh: list[str]  # the task's head, which the checkpoint's architecture lacks: initialised freshly
+    dropped: list[str]  # the head of the checkpoint's own task (an LM head when classifying): left unused
+    missing: list[str]  # anything else the checkpoint lacks: a broken or mismatched checkpoint
+    unexpected: list[str]  # anything else the checkpoint has that the model has no place for
+
+
+def head_gaps(layers: list, config, task: str, *, base_model_prefix: str, missing, unexpected) -> HeadGaps:
+    """Sort ``from_pretrained``'s missing and unexpected keys for ``task``.
+
+    A missing tensor is a fresh head when it belongs to one of the task's optional head layers (``PipeLayer.optional``:
+    a classifier, the MLM transform) and ``config.architectures`` names no model of this task, so the checkpoint
+    never had that head (a base ``BertModel``, a ``*ForCausalLM`` turned classifier). An unexpected tensor is a
+    dropped head when it lies outside the base model and the architectures name another task. The rest stays.
+    """
+    named = tasks_in_architectures(config)
+    head_task = "sequence-classification" if task == "reward" else task  # a reward model is a sequence classifier
+    head_prefixes = tuple(layer.hf_prefix for layer in layers if layer.optional and layer.hf_prefix)
+    lacks_head = head_task not in named
+    fresh = [k for k in missing if lacks_head and head_prefixes and k.startswith(head_prefixes)]
+    other_task = bool(named) and head_task not in named
+    dropped = [k for k in unexpected if other_task and not k.startswith(base_model_prefix + ".")]
+    return HeadGaps(
+        fresh=fresh,
+        dropped=dropped,
+        missing=[k for k in missing if k not in fresh],
+        unexpected=[k for k in unexpected if k not in dropped],
     )
 
 
@@ -183,4 +307,6 @@ def synthetic_labels(
     if task == "token-classification":
         labels = torch.randint(0, config.num_labels, input_ids.shape, generator=generator)
         return labels.masked_fill(pad, -100)
+    if task == "reward":  # pairs: chosen, rejected, chosen, ...
+        return torch.arange(input_ids.shape[0]).remainder(2).eq(0).long()
     raise PptkError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")

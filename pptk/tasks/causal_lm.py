@@ -23,8 +23,11 @@ from pptk.data.prepare import prepare_documents
 from pptk.data.sampler import Shard
 from pptk.errors import PptkError
 from pptk.models import get_family
+from pptk.models.decoder_families import family_of
+from pptk.models.moe import router_loss_of
 from pptk.parallel.pipeline import ModelSource, PipelinePlan, max_positions, resolve_model
 from pptk.training.config import RunConfig
+from pptk.training.observe import ExpertLoad
 from pptk.training.task_hooks import Batch, Evaluation, replica_mean
 
 TASK = "causal-lm"
@@ -135,6 +138,7 @@ class PreparedCausalLM:
     dynamic_shape: bool = False
     samples_by_position: bool = True  # the trainer hands train_batch global sample indices (pptk.data.blocks)
     _extra: dict = field(default_factory=dict)
+    _expert_load: ExpertLoad | None = None  # mixture of experts with a router loss (engine_ready)
 
     @property
     def num_train_examples(self) -> int:
@@ -148,6 +152,17 @@ class PreparedCausalLM:
 
     def loss_fn(self, plan: PipelinePlan):
         return plan.loss_fn()
+
+    def engine_ready(self, engine, shard: Shard) -> None:
+        """Mixture of experts with a router loss: meter the router term and the expert load (every rank)."""
+        family = family_of(self.source.config.model_type)
+        router = router_loss_of(self.source.config, moe=family.moe if family else None)
+        if router is not None:
+            self._expert_load = ExpertLoad(engine, num_experts=router.num_experts)
+
+    def step_metrics(self) -> dict[str, float]:
+        """The router loss and per-stage expert load (collective; {} at once for a dense model, on every rank)."""
+        return self._expert_load.metrics() if self._expert_load is not None else {}
 
     def batch(self, blocks: torch.Tensor) -> Batch:
         return lm_batch(blocks, eos_id=self.corpus.eos_id if self.document_masking else None)

@@ -1,4 +1,4 @@
-# Sequence classification (CSV/TSV/JSONL) and token classification (CoNLL) fine-tuning of an encoder.
+# Sequence classification (CSV/TSV/JSONL) of an encoder or a decoder, and token classification (CoNLL) of an encoder.
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,12 +11,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pptk.data.encode import IGNORE, encode_classification, encode_tagging, is_filler, longest, pad_batch
+from pptk.data.encode import (
+    IGNORE,
+    _check_lengths,
+    encode_classification,
+    encode_tagging,
+    is_filler,
+    longest,
+    pad_batch,
+)
 from pptk.data.labels import LabelMap, class_label_names, config_with_labels, resolve_labels, tag_label_names
 from pptk.data.readers import read_conll, read_text_classification
 from pptk.data.sampler import Shard
 from pptk.errors import PptkError
-from pptk.models.heads import infer_task
+from pptk.models import get_family
+from pptk.models.heads import hf_model_class, infer_task, last_token_problem
 from pptk.parallel.hf_weights import HFCheckpoint, resolve_name
 from pptk.parallel.pipeline import ModelSource, PipelinePlan, resolve_model
 from pptk.parallel.schedules import needs_fixed_shapes
@@ -54,7 +63,9 @@ def task_for(model: str | Path, requested: str | None) -> str:
 def prepare(run: RunConfig, task: str) -> PreparedClassification:
     """Everything that can be wrong with the input, checked before any process group exists."""
     data: ClassificationData = run.data
-    source, tokenizer, max_len = resolve_encoder(run, max_seq_len=data.max_seq_len, examples="examples")
+    source, tokenizer, max_len = resolve_encoder(run, max_seq_len=data.max_seq_len, examples="examples", task=task)
+    inputs = get_family(source.config.model_type).input_names
+    decoder = "token_type_ids" not in inputs  # its head reads the last token, not BERT's [CLS]
     train_raw: list[Any]  # TaggedSentence for tagging, TextExample for classification
     eval_raw: list[Any]
     if task == "token-classification":
@@ -69,9 +80,20 @@ def prepare(run: RunConfig, task: str) -> PreparedClassification:
         source.config, data_names, explicit=data.labels, num_labels=data.num_labels, head_rows=_classifier_rows(source)
     )
     encode = encode_tagging if task == "token-classification" else encode_classification
+    if decoder:
+        encode = encode_for_last_token  # type: ignore[assignment]
+        if data.text_pair_column:
+            raise PptkError(
+                f"--text-pair-column: {source.config.model_type} has no segment ids; join the two texts into one "
+                "column (decoder classifiers read one text)"
+            )
+        use_pad_token(tokenizer, label=source.label)
     train = encode(train_raw, tokenizer, label_map, max_len=max_len, truncate=data.truncate)  # type: ignore[arg-type]
     evaluation = encode(eval_raw, tokenizer, label_map, max_len=max_len, truncate=data.truncate)  # type: ignore[arg-type]
-    source = ModelSource(config_with_labels(source.config, label_map), source.pretrained_dir, source.label)
+    config = config_with_labels(source.config, label_map)
+    if decoder:  # Hugging Face pools the last token that is not this one (saved with the export)
+        config.pad_token_id = tokenizer.pad_token_id
+    source = ModelSource(config, source.pretrained_dir, source.label)
     pad_to = longest(train, evaluation) if needs_fixed_shapes(run.parallel.schedule) else None
     return PreparedClassification(
         task=task,
@@ -83,14 +105,50 @@ def prepare(run: RunConfig, task: str) -> PreparedClassification:
         eval=evaluation,
         dynamic_shape=pad_to is None,
         pad_to=pad_to,
+        num_inputs=len(inputs),
     )
 
 
+def use_pad_token(tokenizer, *, label: str) -> None:
+    """A decoder tokenizer without a pad token pads with eos, as TRL does (Hugging Face's decoder classifiers need a
+    pad token for batches of more than one); one without either is an error."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise PptkError(
+            f"the tokenizer of {label} has neither a pad nor an eos token, and a decoder classifier needs one to find "
+            "each row's last token; add a pad token to the tokenizer (tokenizer.add_special_tokens({'pad_token': "
+            "'<pad>'}), then save it) and pass it with --tokenizer"
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def encode_for_last_token(
+    examples: list, tokenizer, label_map: LabelMap, *, max_len: int, truncate: bool
+) -> list[dict]:
+    """Features {input_ids, token_type_ids (zeros, dropped when batched), labels} for a decoder classifier, checked so
+    that the pipeline's last real token is the one Hugging Face scores (pptk.models.heads.ScoreHeadPipe)."""
+    wheres = [e.where for e in examples]
+    ids = tokenizer([e.text for e in examples], truncation=truncate, max_length=max_len, verbose=False)["input_ids"]
+    if not truncate:
+        _check_lengths([len(row) for row in ids], wheres, max_len=max_len)
+    for row, where in zip(ids, wheres):
+        if problem := last_token_problem(row, pad_token_id=tokenizer.pad_token_id, where=where):
+            raise PptkError(problem)
+    return [
+        {"input_ids": row, "token_type_ids": [0] * len(row), "labels": label_map.id(e.label, e.where)}
+        for row, e in zip(ids, examples)
+    ]
+
+
 def _classifier_rows(source: ModelSource) -> int | None:
+    """The output size of a classifier already in the checkpoint (BERT's ``classifier``, a decoder's ``score``)."""
     if source.pretrained_dir is None:
         return None
     checkpoint = HFCheckpoint(source.pretrained_dir)
-    name = resolve_name("classifier.weight", checkpoint, base_model_prefix="bert")
+    hf_class = hf_model_class(source.config, "sequence-classification")
+    head = "classifier.weight" if source.config.model_type == "bert" else "score.weight"
+    name = resolve_name(head, checkpoint, base_model_prefix=hf_class.base_model_prefix)
     return None if name is None else int(checkpoint.shape(name)[0])
 
 
@@ -154,6 +212,7 @@ class PreparedClassification:
     lengths: set[int] = field(default_factory=set)
     recorder: PredictionRecorder | None = None
     pad_to: int | None = None  # one length for every micro-batch (DualPipeV sends shapes once)
+    num_inputs: int = 3  # the pipeline's inputs: BERT's three, a decoder's (input_ids, attention_mask)
 
     @property
     def per_token(self) -> bool:
@@ -177,7 +236,8 @@ class PreparedClassification:
         return self.recorder
 
     def _collate(self, features: list[dict]) -> Batch:
-        return pad_batch(features, pad_id=self.tokenizer.pad_token_id, length=self.pad_to)
+        inputs, labels = pad_batch(features, pad_id=self.tokenizer.pad_token_id, length=self.pad_to)
+        return inputs[: self.num_inputs], labels
 
     def train_batch(self, indices: np.ndarray, number: int, shard: Shard) -> Batch:
         batch = self._collate(select(self.train, indices))

@@ -1,4 +1,5 @@
-# What the encoder (BERT) tasks share: the model, tokenizer and length limit, checked; padded example batches.
+# What the example-batch tasks share (BERT's, and decoder classifiers): the model, tokenizer and length limit,
+# checked; padded example batches.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -11,19 +12,28 @@ import numpy as np
 from pptk.data.encode import Batch, fill_rows
 from pptk.data.sampler import Shard, eval_indices
 from pptk.errors import PptkError
+from pptk.models import get_family
 from pptk.parallel.pipeline import ModelSource, max_positions, resolve_model
 from pptk.training.config import RunConfig
 
 
-def resolve_encoder(run: RunConfig, *, max_seq_len: int | None, examples: str) -> tuple[ModelSource, Any, int]:
-    """(source, tokenizer, max_len): a BERT model, its tokenizer and the length limit, checked."""
+def resolve_encoder(
+    run: RunConfig, *, max_seq_len: int | None, examples: str, task: str | None = None
+) -> tuple[ModelSource, Any, int]:
+    """(source, tokenizer, max_len): a BERT model (or, given ``task``, any family with that task), its tokenizer and
+    the length limit, checked."""
     from transformers import AutoTokenizer
 
     if run.model.model is None:
-        raise PptkError("give --model: a local Hugging Face BERT directory")
+        raise PptkError("give --model: a local Hugging Face model directory")
     source = resolve_model(run.model.model)
-    if source.config.model_type != "bert":
+    if task is None and source.config.model_type != "bert":
         raise PptkError(f"{run.model.model} is a {source.config.model_type!r} model; this recipe trains BERT")
+    if task is not None and task not in (tasks := get_family(source.config.model_type).tasks):
+        raise PptkError(
+            f"{run.model.model} is a {source.config.model_type!r} model, which supports {', '.join(sorted(tasks))} "
+            f"in pptk, not {task}; see `pptk models`"
+        )
     positions = max_positions(source.config)
     if positions is None:
         raise PptkError(f"{run.model.model}: config.json has no max_position_embeddings; add it")
@@ -35,7 +45,7 @@ def resolve_encoder(run: RunConfig, *, max_seq_len: int | None, examples: str) -
         )
     if run.model.tokenizer is None and source.pretrained_dir is None:
         raise PptkError(
-            f"{run.model.model} has no weights and no tokenizer; point --model to a Hugging Face BERT "
+            f"{run.model.model} has no weights and no tokenizer; point --model to a Hugging Face model "
             "directory, or pass --tokenizer for a from-scratch config"
         )
     tokenizer_dir: Path = run.model.tokenizer or source.pretrained_dir  # type: ignore[assignment]

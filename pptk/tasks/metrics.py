@@ -1,7 +1,9 @@
-# Evaluation metrics of the classification tasks: accuracy and per-class F1, and entity-level F1 for tagging.
+# Evaluation metrics: accuracy and per-class F1 of classifiers, entity-level F1 for tagging, a reward model's pairs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence[str]) -> tuple[dict, str]:
@@ -45,3 +47,14 @@ def tagging_metrics(y_true: list[list[str]], y_pred: list[list[str]]) -> tuple[d
         "f1_weighted": table["weighted avg"]["f1-score"],
     }
     return {k: float(v) for k, v in metrics.items()}, text
+
+
+def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """TRL's reward accuracy (chosen scored strictly higher) and the mean margin and rewards."""
+    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    return {
+        "accuracy": float((c > r).mean()),
+        "margin": float((c - r).mean()),
+        "chosen_reward": float(c.mean()),
+        "rejected_reward": float(r.mean()),
+    }

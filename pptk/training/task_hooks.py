@@ -1,6 +1,7 @@
 # What a training task hands the trainer: its model, data, loss, evaluation and export extras.
-"""A task module (``causal_lm``, ``masked_lm``, ``classification``) has one entry point, ``prepare(run)``. It
-reads and checks every input on one process, before any process group exists, and returns a ``PreparedTask``.
+"""A task module (``causal_lm``, ``masked_lm``, ``classification``, ``reward``, ...) has one entry point,
+``prepare(run)``. It reads and checks every input on one process, before any process group exists, and returns a
+``PreparedTask``.
 The trainer owns everything else: layout, engine, sampler, loop, checkpoints, export and the summary. A task
 supplies only what differs between tasks:
 
@@ -8,6 +9,12 @@ supplies only what differs between tasks:
 - how a micro-batch is built from the example indices the sampler picks (``train_batch``);
 - the loss function the last stage computes (``loss_fn``), evaluation (``evaluate``), and what it adds to the
   summary and after the export (``summary_extra``, ``after_export``).
+
+Optional methods, called only when a task defines them:
+- ``engine_ready(engine, shard)``: on every rank, once the engine exists (and a resumed checkpoint is loaded),
+  before the first step: a pass over the data with the starting weights (DPO's reference log-probabilities) goes
+  here. It must be collective: every rank calls it, and any ``eval_batch`` it runs runs on all of them.
+- ``step_metrics()``: extra numbers for each logged step (SFT's padding fraction).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ class Evaluation:
 class PreparedTask(Protocol):
     """A task whose inputs were read and checked; everything here is the same on every rank."""
 
-    task: str  # the pptk.models.heads name: causal-lm, masked-lm, sequence-classification, token-classification
+    task: str  # a pptk.models.heads.TASKS name: causal-lm, masked-lm, sequence-classification, reward, ...
     source: ModelSource
     tokenizer: Any
     seq_len: int  # longest sequence a micro-batch can have (the cost model's length)

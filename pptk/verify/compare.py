@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from pptk.errors import PptkError
-from pptk.models.heads import synthetic_labels
+from pptk.models.heads import SCORED_LAST_TOKEN, HeadGaps, head_gaps, synthetic_labels
 from pptk.parallel.hf_weights import HFCheckpoint
 from pptk.parallel.lora import LoraSettings
 from pptk.parallel.pipeline import pipeline_inputs
@@ -72,6 +73,8 @@ class VerifyResult:
     frozen_tensors: int = 0  # with LoRA: frozen weights compared (they must not move)
     frozen_max_diff: float = 0.0  # their largest difference from Hugging Face's after the step
     largest_update: float = 0.0  # the largest change the pipeline's step made to a trained parameter
+    fresh_heads: list[str] = field(default_factory=list)  # head tensors the checkpoint lacks, freshly initialised
+    dropped_heads: list[str] = field(default_factory=list)  # the checkpoint's own task head, unused by this task
 
     @property
     def passed(self) -> bool:
@@ -109,6 +112,13 @@ class VerifyResult:
                 f"{self.frozen_tensors} frozen tensors, max abs diff {self.frozen_max_diff:.2e} from Hugging Face's "
                 "after the step (must be 0)"
             )
+        if self.fresh_heads:
+            lines.append(
+                f"  freshly initialised (the checkpoint has no {self.task} head, as Hugging Face would): "
+                + ", ".join(self.fresh_heads)
+            )
+        if self.dropped_heads:
+            lines.append(f"  unused (the checkpoint's own task head): {', '.join(self.dropped_heads)}")
         if self.dp > 1 or self.tp > 1:
             lines.append(f"  replicas (dp and tp ranks): max abs diff {self.replica_max_diff:.2e}")
         lines += [f"    {diff:.2e}  {name}" for name, diff in self.largest_diffs]
@@ -125,6 +135,8 @@ def synthetic_batch(plan, *, batch_size: int, seq_len: int, seed: int) -> tuple[
     lengths[0] = seq_len
     attention_mask = (torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
     pad_id = getattr(config, "pad_token_id", None) or 0
+    if plan.task in SCORED_LAST_TOKEN:  # no real token is the pad id: Hugging Face pools the last non-pad token
+        input_ids = input_ids.masked_fill(input_ids == pad_id, (pad_id + 1) % config.vocab_size)
     input_ids = input_ids.masked_fill(attention_mask == 0, pad_id)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "token_type_ids" in pipeline_inputs(plan):
@@ -221,13 +233,19 @@ def _hf_step(
     (Hugging Face's own loss functions: BERT's built-in loss would compute cross-entropy in bf16)."""
     model.train()
     loss_fn = plan.loss_fn()
+    # a MoE family's router term: Hugging Face's own aux_loss, added as <Family>ForCausalLM.forward adds it
+    router = getattr(loss_fn, "keywords", {}).get("router")
+    token_loss = partial(loss_fn, router=None) if router is not None else loss_fn
     params = dict(model.named_parameters())
     grads = {n: torch.zeros_like(p, dtype=accum) for n, p in params.items()}
     losses = []
     names = tuple(inputs)
     for micro_inputs, micro_labels in micro_batches(inputs, labels, names, micro_batch_size):
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(**dict(zip(names, micro_inputs))).logits, micro_labels)
+        output = model(**dict(zip(names, micro_inputs)))
+        loss = token_loss(output.logits, micro_labels)
+        if router is not None:
+            loss = loss + router.coef * output.aux_loss.float()
         (loss / total).backward()  # DeepSpeed: mean over micro-batches, then mean over replicas
         losses.append(loss.item())
         for n, p in params.items():
@@ -246,6 +264,33 @@ def _difference(name: str, copy: torch.Tensor, reference: dict, precision: str) 
     return (grad_pipeline - grad_reference).norm().item() / max(allowance, 1e-30)
 
 
+def checkpoint_gaps(plan, reference: dict) -> HeadGaps:
+    """What Hugging Face reported missing from or unexpected in the checkpoint, sorted (pptk.models.heads.head_gaps)."""
+    return head_gaps(
+        plan.layers,
+        plan.config,
+        plan.task,
+        base_model_prefix=plan.hf_class.base_model_prefix,
+        missing=reference.get("missing_keys") or [],
+        unexpected=reference.get("unexpected_keys") or [],
+    )
+
+
+def gap_problems(gaps: HeadGaps, *, allow_missing: bool) -> list[str]:
+    """Both sides initialise a tensor the checkpoint lacks the same way and would agree: a parity check that passed
+    there would prove nothing about the weights, so it fails, unless the gap is what Hugging Face expects (a head the
+    checkpoint's architecture never had, or its own task's head left unused) or --allow-missing is given."""
+    if allow_missing:
+        return []
+    return [
+        f"{len(keys)} tensor(s) {what} the checkpoint: {', '.join(keys[:8])}"
+        + (" ..." if len(keys) > 8 else "")
+        + " (pass --allow-missing when that is expected)"
+        for keys, what in ((gaps.missing, "missing from"), (gaps.unexpected, "unexpected in"))
+        if keys
+    ]
+
+
 def compare(
     plan,
     reference: dict,
@@ -262,17 +307,8 @@ def compare(
     tp: int = 1,
     lora: dict | None = None,
 ) -> VerifyResult:
-    problems = []
-    # Both sides initialise a tensor the checkpoint lacks the same way and would agree: a parity check that passed
-    # there would prove nothing about the weights, so it fails unless the gap is expected (a base model's head).
-    for kind, what in (("missing_keys", "missing from"), ("unexpected_keys", "unexpected in")):
-        keys = reference.get(kind) or []
-        if keys and not allow_missing:
-            problems.append(
-                f"{len(keys)} tensor(s) {what} the checkpoint: {', '.join(keys[:8])}"
-                + (" ..." if len(keys) > 8 else "")
-                + " (pass --allow-missing when that is expected, e.g. a task head a base model lacks)"
-            )
+    gaps = checkpoint_gaps(plan, reference)
+    problems = gap_problems(gaps, allow_missing=allow_missing)
     ref_params = reference["params"]
     frozen = reference.get("frozen", set())  # LoRA: weights the step must leave exactly as they are
     diffs: dict[str, float] = {}
@@ -372,4 +408,6 @@ def compare(
         frozen_tensors=len(frozen_diffs),
         frozen_max_diff=frozen_max,
         largest_update=max(updates.values(), default=0.0),
+        fresh_heads=gaps.fresh,
+        dropped_heads=gaps.dropped,
     )

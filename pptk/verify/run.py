@@ -32,6 +32,7 @@ import torch
 from pptk.errors import PptkError
 from pptk.launch.ranks import run_ranks
 from pptk.models import first_tied_index
+from pptk.models.heads import config_for_task, infer_task
 from pptk.parallel.lora import LoraSettings, lora_layout_problems, resolve_lora_targets
 from pptk.parallel.pipeline import PipelinePlan, max_positions, pipeline_inputs, plan_pipeline, resolve_model
 from pptk.training.config import check_settings
@@ -126,7 +127,12 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from pptk.deepspeed_compat import allow_frozen_tied_weights, get_param_state, tensor_parallel_group
+    from pptk.deepspeed_compat import (
+        allow_frozen_tied_weights,
+        get_param_state,
+        separate_receive_buffers,
+        tensor_parallel_group,
+    )
     from pptk.parallel.hf_weights import hf_names
     from pptk.parallel.pipeline import build_pipeline_module
     from pptk.parallel.tensor_parallel import gather_full, shard_spec
@@ -164,6 +170,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
         ),
     )
     allow_frozen_tied_weights(engine)
+    separate_receive_buffers(engine)
     batch = torch.load(work / "batch.pt")
     micro = list(micro_batches(batch["inputs"], batch["labels"], pipeline_inputs(plan), job["micro_batch_size"]))
     dp_rank = engine.grid.get_data_parallel_rank()
@@ -371,10 +378,16 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
             else ""
         )
         raise PptkError(f"--precision {job.precision!r}: verify runs {' or '.join(VERIFY_PRECISIONS)}{hint}")
+    source = resolve_model(job.model)
+    task = infer_task(source.config, job.task, source=source.label)
+    if task == "reward" and job.micro_batch_size % 2:
+        raise PptkError(
+            f"--micro-batch-size {job.micro_batch_size}: a reward batch holds whole pairs; use an even size"
+        )
     plan = plan_pipeline(
-        resolve_model(job.model),
+        replace(source, config=config_for_task(source.config, task)),
         num_stages=pp,
-        task=job.task,
+        task=task,
         partition_method=job.partition_method,
         attn_implementation=job.attn_implementation,
         dropout=False,

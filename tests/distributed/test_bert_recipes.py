@@ -1,5 +1,6 @@
-# The BERT recipes, run briefly with the deepspeed launcher on 2 CPU ranks from the real MiniLM weights.
-# One launch per recipe configuration; the tests read its output, summary.json, metrics.jsonl and checkpoints.
+# The BERT recipes, run briefly with the deepspeed launcher on 2 CPU ranks from the real MiniLM weights, and
+# bert_finetune.py's classification with a small decoder (LLaMA) under DualPipeV. One launch per recipe
+# configuration; the tests read its output, summary.json, metrics.jsonl, checkpoints and exports.
 from __future__ import annotations
 
 import json
@@ -130,21 +131,51 @@ def cls(minilm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cls_dualpipev(minilm, tmp_path_factory):
-    # DualPipeV sends activation shapes once: the 80 eval examples in micro-batches of 6 leave short ones (eval_indices
-    # deals 6, 6, ..., 5), which are filled with unscored rows. Two steps of 4 micro-batches (2 x pp), then the save
-    # and the evaluation of step 2.
+def small_decoder(tmp_path_factory) -> Path:
+    """A small random LLaMA saved as a causal LM (no score head: it starts freshly, as in Hugging Face) with the demo's
+    byte-level BPE, whose pad token is its eos."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pptk.data.demo import demo_corpus, train_demo_tokenizer
+
+    path = tmp_path_factory.mktemp("decoder")
+    tokenizer = AutoTokenizer.from_pretrained(
+        train_demo_tokenizer(text=demo_corpus()[:200_000], vocab_size=512, out_dir=path)
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cls_dualpipev(small_decoder, tmp_path_factory):
+    # A decoder classifier (LLaMA's score head on each row's last token) under DualPipeV, which sends activation
+    # shapes once: the 80 eval examples in micro-batches of 6 leave short ones (eval_indices deals 6, 6, ..., 5),
+    # filled with unscored rows. Two steps of 4 micro-batches (2 x pp), then the save, the evaluation and the export.
+    out = tmp_path_factory.mktemp("cls-dualpipev")
     yield from launch(
         "bert_finetune.py",
-        tmp_path_factory.mktemp("cls-dualpipev"),
+        out,
         "--model",
-        str(minilm),
+        str(small_decoder),
         "--task",
         "sequence-classification",
         "--train",
         str(DATA / "cls_train.csv"),
         "--eval",
         str(DATA / "cls_dev.csv"),
+        "--max-seq-len",
+        "64",
         "--pp",
         "2",
         "--schedule",
@@ -155,6 +186,8 @@ def cls_dualpipev(minilm, tmp_path_factory):
         "4",
         "--max-steps",
         "2",
+        "--export-hf",
+        str(out / "hf"),
     )
 
 
@@ -254,6 +287,20 @@ def test_classification_evaluates_every_epoch_and_two_replicas_score_every_examp
     assert "negative" in report and "positive" in report and "macro avg" in report
 
 
+def _decoder_dev_features(tokenizer):
+    from pptk.data.labels import LabelMap
+    from pptk.data.readers import read_text_classification
+    from pptk.tasks.classification import encode_for_last_token
+
+    return encode_for_last_token(
+        read_text_classification(DATA / "cls_dev.csv"),
+        tokenizer,
+        LabelMap(("negative", "positive")),
+        max_len=64,
+        truncate=False,
+    )
+
+
 def test_dualpipev_evaluates_short_micro_batches_as_1f1b_would_after_saving(cls_dualpipev):
     """The last eval micro-batches hold 5 of 6 examples: the run finishes, checkpoints, and scores exactly the 80 real
     examples, as the trained weights score them in plain micro-batches of those examples (what 1F1B evaluates)."""
@@ -261,9 +308,7 @@ def test_dualpipev_evaluates_short_micro_batches_as_1f1b_would_after_saving(cls_
     from transformers import AutoTokenizer
 
     from pptk.checkpoints.convert import load_sequential_from_checkpoint
-    from pptk.data.encode import encode_classification, pad_batch
-    from pptk.data.labels import LabelMap
-    from pptk.data.readers import read_text_classification
+    from pptk.data.encode import pad_batch
     from pptk.data.sampler import Shard, eval_indices
     from pptk.tasks.metrics import classification_metrics
 
@@ -274,22 +319,17 @@ def test_dualpipev_evaluates_short_micro_batches_as_1f1b_would_after_saving(cls_
     # saved before the evaluation (whose record is the last write to metrics.jsonl): a failing one keeps the weights
     assert (ckpt / "latest").stat().st_mtime_ns <= (run.output_dir / "metrics.jsonl").stat().st_mtime_ns
     plan, model = load_sequential_from_checkpoint(ckpt)
+    assert plan.task == "sequence-classification" and plan.config.model_type == "llama"
     tokenizer = AutoTokenizer.from_pretrained(run.output_dir / "hf_config")
     names = tuple(run.summary["labels"])
-    features = encode_classification(
-        read_text_classification(DATA / "cls_dev.csv"),
-        tokenizer,
-        LabelMap(names),
-        max_len=512,
-        truncate=False,
-    )
+    features = _decoder_dev_features(tokenizer)
     chunks = eval_indices([len(f["input_ids"]) for f in features], Shard(dp_rank=0, dp_size=1, micro_batch_size=6))
     assert sorted(len(chunk) for chunk in chunks)[0] == 5  # the case DualPipeV could not run
     losses, gold, predicted = [], [], []
     with torch.no_grad():
         for chunk in chunks:
-            inputs, labels = pad_batch([features[i] for i in chunk], pad_id=tokenizer.pad_token_id)
-            logits = model.eval()(inputs)
+            (ids, mask, _), labels = pad_batch([features[i] for i in chunk], pad_id=tokenizer.pad_token_id)
+            logits = model.eval()((ids, mask))
             losses.append(float(plan.loss_fn()(logits, labels)))
             gold += labels.tolist()
             predicted += logits.argmax(-1).tolist()
@@ -298,6 +338,32 @@ def test_dualpipev_evaluates_short_micro_batches_as_1f1b_would_after_saving(cls_
     assert evaluation["eval_examples"] == len(features) == 80
     assert (evaluation["eval_accuracy"], evaluation["eval_f1_macro"]) == (metrics["accuracy"], metrics["f1_macro"])
     assert evaluation["eval_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+
+
+def test_a_decoder_classifier_exports_what_auto_model_for_sequence_classification_loads(cls_dualpipev):
+    """The export of the decoder run: LlamaForSequenceClassification with the data's labels and the pad token it was
+    trained with, scoring each example (one at a time, unpadded) as the trained pipeline scored it in batches."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pptk.checkpoints.convert import load_sequential_from_checkpoint
+    from pptk.data.encode import pad_batch
+
+    export = cls_dualpipev.output_dir / "hf"
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert model.config.pad_token_id == tokenizer.pad_token_id == tokenizer.eos_token_id  # the demo BPE's one token
+    _, pipeline = load_sequential_from_checkpoint(cls_dualpipev.output_dir / "checkpoints")
+    features = _decoder_dev_features(tokenizer)[:12]
+    (ids, mask, _), _labels = pad_batch(features, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        batched = pipeline.eval()((ids, mask))
+        alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits for f in features])
+        padded = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
+    torch.testing.assert_close(padded, batched, rtol=0, atol=1e-5)
 
 
 def test_masked_lm_continued_pretraining_lowers_the_eval_loss(mlm):

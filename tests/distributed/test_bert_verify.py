@@ -40,10 +40,28 @@ def test_pipeline_step_equals_hugging_face(verified, key):
 
 
 def test_verify_fails_on_a_checkpoint_that_lacks_tensors_unless_allowed(verified_pp2):
-    """Both sides initialise a tensor the checkpoint lacks alike, so parity alone would PASS on it."""
+    """Both sides initialise a tensor the checkpoint lacks alike, so parity alone would PASS on it. MiniLM is a base
+    BertModel: its missing MLM head is expected (listed as freshly initialised, as Hugging Face warns), but its pooler,
+    which BertForMaskedLM has no place for, is a gap verify still reports unless --allow-missing."""
     strict = verified_pp2[("minilm-strict", "masked-lm")]
     assert not strict.passed
-    problem = " ".join(strict.problems)
-    assert "missing from the checkpoint: cls.predictions" in problem and "--allow-missing" in problem
-    assert "unexpected in the checkpoint" in problem  # MiniLM's pooler, which BertForMaskedLM has no place for
+    assert strict.problems == [
+        "2 tensor(s) unexpected in the checkpoint: pooler.dense.bias, pooler.dense.weight (pass --allow-missing when "
+        "that is expected)"
+    ]
+    assert strict.fresh_heads == [
+        "cls.predictions.bias",
+        "cls.predictions.decoder.bias",  # Hugging Face's name for the same tensor (tied)
+        "cls.predictions.transform.LayerNorm.bias",
+        "cls.predictions.transform.LayerNorm.weight",
+        "cls.predictions.transform.dense.bias",
+        "cls.predictions.transform.dense.weight",
+    ]
+    assert "freshly initialised (the checkpoint has no masked-lm head" in strict.describe()
     assert verified_pp2[("minilm", "masked-lm")].passed  # the same job with allow_missing=True
+
+
+def test_a_classifier_on_the_base_minilm_names_its_fresh_head(verified_pp3):
+    result = verified_pp3[("minilm", "sequence-classification")]
+    assert result.passed, result.describe()
+    assert result.fresh_heads == ["classifier.bias", "classifier.weight"] and result.dropped_heads == []

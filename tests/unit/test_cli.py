@@ -59,6 +59,60 @@ def test_plan_with_lora_counts_frozen_weights_at_their_bytes_and_what_trains_in_
     assert last["train_state_gib"] * 2**30 == pytest.approx(expected)
 
 
+def test_plan_forecasts_activations_of_the_micro_batches_in_flight_and_checkpointing_shrinks_them(capsys):
+    from pptk.parallel.activations import BACKWARD_BLOCKS, block_bytes_per_token, block_shape
+    from pptk.parallel.pipeline import plan_pipeline
+
+    argv = ["plan", "llama", "--pp", "2", "--seq-len", "32", "--micro-batch-size", "2", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--activation-checkpoint-interval", "1"]) == 0
+    checkpointed = json.loads(capsys.readouterr().out)
+    assert plain["activations"] == {
+        "seq_len": 32,
+        "micro_batch_size": 2,
+        "micro_batches": 4,
+        "activation_checkpoint_interval": 0,
+    }
+    # stage 0 of 1F1B at pp=2 holds 2 micro-batches: its 2 blocks' saved tensors and the hidden state it sent
+    config = plan_pipeline("llama", num_stages=2).config
+    block = 2 * 32 * block_bytes_per_token(block_shape(config), seq_len=32, precision="bf16")
+    hidden = 2 * 32 * 2 * config.hidden_size
+    # and, once, a block's backward: gradients next to its saved set (BACKWARD_BLOCKS)
+    backward = BACKWARD_BLOCKS * block
+    assert plain["ranks"][0]["activation_gib"] * 2**30 == pytest.approx(2 * (2 * block + hidden) + backward)
+    # checkpointed: each block's input kept instead, and one block recomputed at a time
+    assert checkpointed["ranks"][0]["activation_gib"] * 2**30 == pytest.approx(2 * 3 * hidden + block + backward)
+    for rank in plain["ranks"]:
+        assert rank["total_gib"] == pytest.approx(rank["train_state_gib"] + rank["activation_gib"])
+    assert main(["plan", "llama", "--pp", "2", "--activation-checkpoint-interval", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "activation checkpointing every 2 blocks" in out and "stage 1:" in out and "+ activations" in out
+
+
+def test_plan_shows_held_and_active_parameters_when_a_stage_has_experts(capsys):
+    from pptk.cli.plan import print_active_parameters
+
+    print_active_parameters([{"stage": 0, "params": 100}, {"stage": 1, "params": 200}])
+    assert capsys.readouterr().out == ""
+    print_active_parameters(
+        [{"stage": 0, "params": 100, "active_params": 100}, {"stage": 1, "params": 400, "active_params": 100}]
+    )
+    out = capsys.readouterr().out
+    assert "stage 0: 100 held, 100 active (100%)" in out and "stage 1: 400 held, 100 active (25%)" in out
+
+
+def test_plan_needs_pp_or_gpus(capsys):
+    assert main(["plan", "gpt2"]) == 2
+    assert "pass --pp N for one layout's plan, or --gpus N" in capsys.readouterr().err
+    assert main(["plan", "gpt2", "--gpus", "4", "--pp", "2"]) == 2
+    assert "--gpus chooses pp, tp and dp itself: drop --pp, --tp and --dp" in capsys.readouterr().err
+    assert main(["plan", "gpt2", "--gpus", "4", "--tp", "2"]) == 2
+    assert "--gpus chooses pp, tp and dp itself" in capsys.readouterr().err
+    assert main(["plan", "gpt2", "--gpus", "4", "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory 'lots': give a size such as 80GB" in capsys.readouterr().err
+
+
 def test_plan_text_names_what_lora_trains(capsys):
     assert main(["plan", "gpt2", "--pp", "2", "--lora-r", "4"]) == 0
     out = capsys.readouterr().out
@@ -90,7 +144,11 @@ def test_lora_shaping_flags_and_lora_off():
 def test_models_lists_gpt2(capsys):
     assert main(["models", "--json"]) == 0
     rows = {row["model_type"]: row for row in json.loads(capsys.readouterr().out)}
-    assert rows["gpt2"] == {"model_type": "gpt2", "tasks": ["causal-lm"], "tensor_parallel": True}
+    assert rows["gpt2"] == {
+        "model_type": "gpt2",
+        "tasks": ["causal-lm", "reward", "sequence-classification"],
+        "tensor_parallel": True,
+    }
     assert rows["phi3"]["tensor_parallel"] is False
 
 
@@ -105,7 +163,8 @@ def test_models_lists_gpt2(capsys):
             ["verify", "gpt2", "--pp", "2", "--task", "masked-lm"],
             "--task masked-lm conflicts with gpt2 (small random "
             "config): no config.architectures, and gpt2 models "
-            "support causal-lm; use --task causal-lm",
+            "support causal-lm, reward, sequence-classification; "
+            "use --task causal-lm | reward | sequence-classification",
         ),
         (
             ["verify", "bert", "--pp", "2"],
