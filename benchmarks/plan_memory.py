@@ -1,14 +1,14 @@
 """`pptk plan`'s per-rank memory forecast against the measured peak of the same layout training on CPU ranks.
 
 For each layout: `pptk plan --json` gives each rank's forecast (weights, gradients and optimizer state of the
-parameters it holds); then pp x tp x dp gloo ranks build that layout's engine with the shipped DeepSpeed config of
-the precision and train a few steps. Measured: peak RSS (VmHWM, reset just before the build) minus the RSS before
-the build, i.e. what the model, DeepSpeed's optimizer wrapper and the steps added. A small micro-batch keeps the
-activations, which the forecast leaves out, at a few percent. Target: within 10%. Writes
-benchmarks/results/plan_memory.json.
+parameters it holds, plus the activations of the micro-batches its schedule keeps in flight, with or without
+activation checkpointing); then pp x tp x dp gloo ranks build that layout's engine with the shipped DeepSpeed config
+of the precision and train a few steps with dropout on, as the recipes do. Measured: peak RSS (VmHWM, reset just
+before the build) minus the RSS before the build, i.e. what the model, DeepSpeed's optimizer wrapper and the steps
+added. Target: within 10%. Writes benchmarks/results/plan_memory.json.
 
     make install && DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_memory.py
-    ... --layouts 2x2x1:fp32 2x1x2:bf16      # pp x tp x dp : precision (default: both, at tp=2 and at dp=2)
+    ... --layouts 2x2x1:fp32 2x1x2:bf16:ckpt1   # pp x tp x dp : precision [: activation checkpoint interval]
 """
 
 from __future__ import annotations
@@ -42,7 +42,13 @@ def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -
     from pptk.training.engine import build_engine, init_distributed
 
     init_distributed()
-    grid = Layout(pp=layout["pp"], tp=layout["tp"], dp=layout["dp"], micro_batch_size=1, grad_accum_steps=2)
+    grid = Layout(
+        pp=layout["pp"],
+        tp=layout["tp"],
+        dp=layout["dp"],
+        micro_batch_size=layout["micro_batch_size"],
+        grad_accum_steps=layout["micro_batches"],
+    )
     config = fill_ds_config(
         load_ds_config(shipped_config(layout["precision"])),
         layout=grid,
@@ -52,13 +58,21 @@ def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -
         total_steps=steps + 1,
         grad_clip=1.0,
     )
-    plan = plan_pipeline(resolve_model(model_dir), num_stages=grid.pp, tp=grid.tp, dropout=False, seq_len=64)
+    seq_len = layout["seq_len"]
+    plan = plan_pipeline(resolve_model(model_dir), num_stages=grid.pp, tp=grid.tp, seq_len=seq_len)
     reset_peak_rss()
     before = rss_bytes()
-    engine = build_engine(plan, layout=grid, ds_config=config, seed=0, loss_fn=plan.loss_fn())
+    engine = build_engine(
+        plan,
+        layout=grid,
+        ds_config=config,
+        seed=0,
+        loss_fn=plan.loss_fn(),
+        activation_checkpoint_interval=layout["checkpoint_interval"],
+    )
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, plan.config.vocab_size, (1, 64), generator=gen)
-    batches = iter([((ids, torch.ones_like(ids)), ids)] * (2 * steps))
+    ids = torch.randint(3, plan.config.vocab_size, (layout["micro_batch_size"], seq_len), generator=gen)
+    batches = iter([((ids, torch.ones_like(ids)), ids)] * (grid.grad_accum_steps * steps))
     for _ in range(steps):
         engine.train_batch(batches)
     Path(out, f"rank{rank}.json").write_text(
@@ -66,7 +80,7 @@ def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -
     )
 
 
-def forecast(model_dir: Path, layout: dict) -> list[float]:
+def forecast(model_dir: Path, layout: dict) -> list[dict]:
     """Bytes per pipeline rank from `pptk plan --json` (each tp and dp rank of a stage holds the same)."""
     from pptk.cli import main as pptk
 
@@ -78,23 +92,54 @@ def forecast(model_dir: Path, layout: dict) -> list[float]:
                 str(model_dir),
                 "--json",
                 *(f"--{axis}={layout[axis]}" for axis in ("pp", "tp", "dp", "precision")),
+                f"--seq-len={layout['seq_len']}",
+                f"--micro-batch-size={layout['micro_batch_size']}",
+                f"--grad-accum-steps={layout['micro_batches']}",
+                f"--activation-checkpoint-interval={layout['checkpoint_interval']}",
             ]
         )
-    rows = json.loads(printed.getvalue())["stages"]
-    return [sum(r["train_state_gib"] for r in rows if r["rank"] == stage) * 2**30 for stage in range(layout["pp"])]
+    return [
+        {key: row[key] * 2**30 for key in ("train_state_gib", "activation_gib", "total_gib")}
+        for row in json.loads(printed.getvalue())["ranks"]
+    ]
 
 
-def parse_layout(text: str) -> dict:
-    grid, precision = text.split(":")
+def parse_layout(text: str, args: argparse.Namespace) -> dict:
+    """PPxTPxDP:precision[:ckptN[:MBSxSEQ]]; the last overrides --micro-batch-size and --seq-len (a control run
+    whose activations are small)."""
+    grid, precision, *rest = text.split(":")
     pp, tp, dp = (int(n) for n in grid.split("x"))
-    return {"pp": pp, "tp": tp, "dp": dp, "precision": precision}
+    interval = int(rest[0].removeprefix("ckpt")) if rest else 0
+    micro_batch_size, seq_len = (
+        (int(n) for n in rest[1].split("x")) if len(rest) > 1 else (args.micro_batch_size, args.seq_len)
+    )
+    return {
+        "pp": pp,
+        "tp": tp,
+        "dp": dp,
+        "precision": precision,
+        "checkpoint_interval": interval,
+        "seq_len": seq_len,
+        "micro_batch_size": micro_batch_size,
+        "micro_batches": 2 * pp,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p)
+    p.set_defaults(hidden=512)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--layouts", nargs="+", default=["2x2x1:fp32", "2x2x1:bf16", "2x1x2:fp32", "2x1x2:bf16"])
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=[
+            *("2x1x1:fp32", "2x1x1:fp32:ckpt1", "2x1x1:bf16", "2x1x1:bf16:ckpt1", "2x2x1:bf16", "2x1x2:fp32:ckpt1"),
+            *("2x1x1:fp32:ckpt0:1x64", "2x1x1:bf16:ckpt0:1x64"),  # controls: the train state alone, nearly
+        ],
+    )
     p.add_argument("--output", type=Path, default=RESULTS / "plan_memory.json")
     args = p.parse_args()
 
@@ -104,7 +149,7 @@ def main() -> None:
     gpt2_config(args).save_pretrained(work / "model")  # a config only: random init, as `pptk plan` reads it
     rows = []
     for text in args.layouts:
-        layout = parse_layout(text)
+        layout = parse_layout(text, args)
         expected = forecast(work / "model", layout)
         out = work / text.replace(":", "-")
         out.mkdir()
@@ -112,19 +157,24 @@ def main() -> None:
         run_ranks(_train_rank, world_size=world, args=(str(work / "model"), layout, args.steps, str(out)), log_dir=out)
         for rank in range(world):
             measured = json.loads((out / f"rank{rank}.json").read_text())
-            want = expected[measured["stage"]]
+            parts = expected[measured["stage"]]
+            want = parts["total_gib"]
             rows.append(
                 {
                     "layout": text,
+                    "micro_batch_x_seq_len": f"{layout['micro_batch_size']}x{layout['seq_len']}",
                     "rank": rank,
                     "stage": measured["stage"],
+                    "forecast_train_state_bytes": parts["train_state_gib"],
+                    "forecast_activation_bytes": parts["activation_gib"],
                     "forecast_bytes": want,
                     "measured_bytes": measured["measured"],
                     "measured_over_forecast": measured["measured"] / want,
                 }
             )
             print(
-                f"{text:<12} rank {rank} (stage {measured['stage']}): forecast {want / 2**20:8.1f} MiB, measured "
+                f"{text:<18} rank {rank} (stage {measured['stage']}): forecast {want / 2**20:8.1f} MiB "
+                f"(activations {parts['activation_gib'] / 2**20:7.1f}), measured "
                 f"{measured['measured'] / 2**20:8.1f} MiB, ratio {measured['measured'] / want:.3f}"
             )
     worst = max(abs(row["measured_over_forecast"] - 1) for row in rows)
@@ -133,7 +183,21 @@ def main() -> None:
         "target": f"within {TARGET:.0%}",
         "within_target": worst <= TARGET,
         "worst_deviation": worst,
-        "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "seq_len": 64, "micro_batch": 1},
+        "model": {
+            "family": "gpt2",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "seq_len": args.seq_len,
+            "micro_batch": args.micro_batch_size,
+            "micro_batches": "2 x pp",
+            "dropout": True,
+        },
+        "measured_on_cpu": "the bytes per parameter (pptk.parallel.advisor.TRAIN_BYTES, from this benchmark) and "
+        "the bytes each block saves for backward (pptk.parallel.activations, from Hugging Face's modules through "
+        "saved-tensor hooks); this file checks their sum per rank against peak RSS",
+        "modelled_for_gpu": "the same counts: CUDA kernels (flash attention, fused dropout) keep no more, FusedAdam "
+        "and the caching allocator were not measured",
         "rows": rows,
     }
     write_result(args.output, result)

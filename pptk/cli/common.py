@@ -13,9 +13,10 @@ TASK_HELP = (
 )
 
 
-def common_model_args(parser: argparse.ArgumentParser) -> None:
+def common_model_args(parser: argparse.ArgumentParser, *, pp_required: bool = True) -> None:
+    """pp_required False: `pptk plan --gpus N` chooses pp itself."""
     parser.add_argument("model", help=MODEL_HELP)
-    parser.add_argument("--pp", type=int, required=True, help="pipeline stages")
+    parser.add_argument("--pp", type=int, required=pp_required, default=None, help="pipeline stages")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per stage (world = pp * tp * dp)")
     parser.add_argument("--task", default=None, help=TASK_HELP)
     parser.add_argument("--partition-method", default="compute", help=f"one of {', '.join(METHODS)}")

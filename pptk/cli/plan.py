@@ -1,4 +1,4 @@
-# `pptk plan`: the layers each stage holds and the training memory each rank needs.
+# `pptk plan`: the layers each stage holds and the memory each rank needs; with --gpus, the layouts that fit.
 from __future__ import annotations
 
 import argparse
@@ -8,42 +8,58 @@ import json
 from pptk.cli.common import common_model_args
 from pptk.cli.lora_flags import add_lora_arguments, lora_settings
 from pptk.errors import PptkError
+from pptk.parallel.advisor import GIB, WEIGHT_BYTES, bytes_per_param
+
+__all__ = ["add_parser", "bytes_per_param", "cmd_plan"]
+
+# Dense peak TFLOP/s per GPU assumed by the advisor's step time (--gpu-tflops overrides): H100 SXM, bf16 / TF32.
+DEFAULT_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 495.0}
+# the advisor's numbers, checked with the rest by pptk.training.config.check_settings
+ADVISOR_NUMBERS = ("gpus", "global_batch_size", "gpus_per_node", "top", "mfu", "gpu_tflops")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="the layers each stage holds and the memory each rank needs")
-    common_model_args(p)
+    common_model_args(p, pp_required=False)
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for the compute cost model")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="profile: sequences per timed micro-batch")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's maximum)")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=None, help="sequences per micro-batch (default 1; --gpus: 1, 2, 4, 8)"
+    )
+    p.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per step (default 2*pp)")
+    p.add_argument("--activation-checkpoint-interval", type=int, default=0, help="blocks per checkpoint; 0 = off")
     add_lora_arguments(p)
+    g = p.add_argument_group("layout advisor (instead of --pp/--tp/--dp)")
+    g.add_argument("--gpus", type=int, default=None, help="rank every pp x tp x dp layout of N GPUs")
+    g.add_argument("--gpu-memory", default="80GB", help="memory per GPU (80GB means 80 GiB)")
+    g.add_argument("--global-batch-size", type=int, default=None, help="sequences per step (default 16 per GPU)")
+    g.add_argument("--gpu-tflops", type=float, default=None, help="dense peak per GPU (default: H100 SXM's)")
+    g.add_argument("--mfu", type=float, default=0.4, help="share of the peak the layers reach (modelled)")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="tp stays within a node")
+    g.add_argument("--top", type=int, default=10, help="layouts to list of those that fit")
     p.set_defaults(func=cmd_plan)
 
 
-# Training memory per parameter with Adam under DeepSpeed 0.19.8's ZeRO-1 wrappers, as (held whole by every replica,
-# split over dp by ZeRO-1). Measured on CPU ranks by benchmarks/plan_memory.py (weights, gradients, DeepSpeed's
-# flat gradient buffers; fp32 master copy and Adam moments), not counted from a list: the wrappers keep more than
-# the textbook 2 + 2 + 12, and the allocator's share shows too. fp16 cannot run on these CPUs: modelled as fp32's
-# split with 2-byte weights and gradients.
-TRAIN_BYTES = {"fp32": (14.0, 18.0), "bf16": (13.0, 12.0), "fp16": (8.0, 18.0)}
-# A weight LoRA freezes costs its bytes alone: no gradient, no optimizer state (DeepSpeed casts it to the precision).
-WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
-
-
-def bytes_per_param(precision: str, *, dp: int, zero_stage: int) -> float:
-    """Training memory per parameter a rank holds (activations excluded): see TRAIN_BYTES."""
-    whole, split = TRAIN_BYTES[precision]
-    return whole + split / (dp if zero_stage >= 1 else 1)
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.gpus is not None:
+        return cmd_advise(args)
+    if args.pp is None:
+        raise PptkError("pass --pp N for one layout's plan, or --gpus N for the layouts that fit N GPUs")
+    return _cmd_one_layout(args)
+
+
+def _cmd_one_layout(args: argparse.Namespace) -> int:
+    from pptk.parallel.activations import block_shape
+    from pptk.parallel.advisor import LoraCounts, Workload, rank_memory
     from pptk.parallel.lora import lora_layout_problems
     from pptk.parallel.lora_plan import lora_parameters_per_layer
-    from pptk.parallel.pipeline import plan_pipeline
+    from pptk.parallel.pipeline import max_positions, plan_pipeline
     from pptk.training.config import check_settings
 
+    micro_batch_size = 1 if args.micro_batch_size is None else args.micro_batch_size
+    micro_batches = 2 * args.pp if args.grad_accum_steps is None else args.grad_accum_steps
     # the numbers and the layout checked as verify and the recipes check them, before a model is built
     check_settings(
         schedule=args.schedule,
@@ -51,8 +67,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         tp=args.tp,
         dp=args.dp,
         zero_stage=args.zero_stage,
-        micro_batch_size=args.micro_batch_size,
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=micro_batches,
         seq_len=args.seq_len,
+        activation_checkpoint_interval=args.activation_checkpoint_interval,
     )
     lora = lora_settings(args)
     if lora is not None and (problems := lora_layout_problems(tp=args.tp)):
@@ -64,21 +82,59 @@ def cmd_plan(args: argparse.Namespace) -> int:
         partition_method=args.partition_method,
         seq_len=args.seq_len,
         schedule=args.schedule,
-        micro_batch_size=args.micro_batch_size,
+        micro_batch_size=micro_batch_size,
         tp=args.tp,
     )
+    positions = max_positions(plan.config) or 2048
+    seq_len = min(args.seq_len or positions, positions)  # as plan_pipeline's cost model
     per_param = bytes_per_param(args.precision, dp=args.dp, zero_stage=args.zero_stage)
     rows = plan.stages.summary()
     lora_counts = lora_parameters_per_layer(plan.layers, lora, task=plan.task) if lora is not None else None
+    counts = (
+        None
+        if lora_counts is None
+        else LoraCounts(tuple(c.adapters for c in lora_counts), tuple(c.trained_in_full for c in lora_counts))
+    )
     for row in rows:
-        row["params_per_rank"] = _tp_share(plan, row, args.tp)
-        row["train_state_gib"] = row["params_per_rank"] * per_param / 2**30
-        if lora_counts is not None:  # frozen weights at their bytes alone, adapters and modules_to_save in full
-            held = [lora_counts[c.index] for c in plan.stages.stage_layers(row["stage"])]
-            adapters, full = sum(c.adapters for c in held), sum(c.trained_in_full for c in held)
+        held = plan.stages.stage_layers(row["stage"])
+        blocks = sum(c.params for c in held if c.role == "block")
+        row["params_per_rank"] = row["params"] - blocks + blocks / args.tp
+        row["train_state_gib"] = row["params_per_rank"] * per_param / GIB
+        if counts is not None:  # frozen weights at their bytes alone, adapters and modules_to_save in full
+            adapters = sum(counts.adapters[c.index] for c in held)
+            full = sum(counts.trained_in_full[c.index] for c in held)
             row["lora_trained_params"] = adapters + full
             frozen_bytes = (row["params_per_rank"] - full) * WEIGHT_BYTES[args.precision]
-            row["train_state_gib"] = (frozen_bytes + (adapters + full) * per_param) / 2**30
+            row["train_state_gib"] = (frozen_bytes + (adapters + full) * per_param) / GIB
+    workload = Workload(
+        shape=block_shape(plan.config),
+        costs=plan.stages.costs,
+        seq_len=seq_len,
+        global_batch_size=micro_batches * micro_batch_size * args.dp,
+        precision=args.precision,
+        lora=counts,
+        schedule=args.schedule,
+    )
+    train, acts = rank_memory(
+        plan.stages,
+        workload,
+        tp=args.tp,
+        dp=args.dp,
+        zero_stage=args.zero_stage,
+        micro_batch_size=micro_batch_size,
+        micro_batches=micro_batches,
+        checkpoint_interval=args.activation_checkpoint_interval,
+    )
+    ranks = [
+        {"rank": r, "train_state_gib": t / GIB, "activation_gib": a / GIB, "total_gib": (t + a) / GIB}
+        for r, (t, a) in enumerate(zip(train, acts))
+    ]
+    activation_setting = {
+        "seq_len": seq_len,
+        "micro_batch_size": micro_batch_size,
+        "micro_batches": micro_batches,
+        "activation_checkpoint_interval": args.activation_checkpoint_interval,
+    }
     if args.json:
         print(
             json.dumps(
@@ -91,7 +147,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "schedule": args.schedule,
                     "precision": args.precision,
                     "lora": None if lora is None else dataclasses.asdict(lora),
+                    "activations": activation_setting,
                     "stages": rows,
+                    "ranks": ranks,
                 },
                 indent=2,
             )
@@ -103,11 +161,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"schedule {args.schedule}"
     )
     print(plan.stages.describe())
+    print_active_parameters(rows)
     print(
         f"training memory per rank: weights, grads, Adam and DeepSpeed's buffers ({args.precision}, "
         f"ZeRO-{args.zero_stage} over dp={args.dp}"
         + (f", blocks split over tp={args.tp}, embeddings and head replicated" if args.tp > 1 else "")
-        + "), activations not included:"
+        + f"), plus activations: micro-batch {micro_batch_size} x {seq_len} tokens, {micro_batches} micro-batches "
+        + f"per step, {describe_checkpointing(args.activation_checkpoint_interval)}:"
     )
     if lora is not None:
         trained = sum(row["lora_trained_params"] for row in rows)
@@ -115,15 +175,175 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"  LoRA r={lora.r}: {trained:,} parameters train (adapters and modules_to_save, at the full cost above); "
             f"the frozen weights cost {WEIGHT_BYTES[args.precision]:g} bytes each"
         )
-    for rank in range(args.pp):
-        gib = sum(row["train_state_gib"] for row in rows if row["rank"] == rank)
-        label = "rank" if args.schedule == "dualpipev" else "stage"
-        print(f"  {label} {rank}: " + (f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"))
+    label = "rank" if args.schedule == "dualpipev" else "stage"
+    for row in ranks:
+        print(
+            f"  {label} {row['rank']}: {gib_text(row['train_state_gib'])} + activations "
+            f"{gib_text(row['activation_gib'])} = {gib_text(row['total_gib'])}"
+        )
     return 0
 
 
-def _tp_share(plan, row: dict, tp: int) -> float:
-    """Parameters one tp rank of this stage holds: blocks split tp ways (their few norm weights, replicated, are
-    counted as split too), everything else replicated."""
-    blocks = sum(c.params for c in plan.stages.stage_layers(row["stage"]) if c.role == "block")
-    return row["params"] - blocks + blocks / tp
+def describe_checkpointing(interval: int) -> str:
+    if interval == 0:
+        return "no activation checkpointing"
+    return f"activation checkpointing every {interval} block{'s' if interval > 1 else ''}"
+
+
+def gib_text(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+def print_active_parameters(rows: list[dict]) -> None:
+    """Mixture-of-experts stages: what each holds and what one token's compute touches (its active experts)."""
+    if all(row.get("active_params", row["params"]) == row["params"] for row in rows):
+        return
+    print("parameters per stage, held and active per token (mixture of experts):")
+    for row in rows:
+        active = row.get("active_params", row["params"])
+        print(f"  stage {row['stage']}: {row['params']:,} held, {active:,} active ({active / row['params']:.0%})")
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    """Every pp x tp x dp layout of --gpus GPUs, forecast and ranked: pptk.parallel.advisor."""
+    from pptk.parallel.activations import block_shape
+    from pptk.parallel.advisor import Hardware, LoraCounts, Workload, advise, parse_memory
+    from pptk.parallel.lora import lora_layout_problems
+    from pptk.parallel.lora_plan import lora_parameters_per_layer
+    from pptk.parallel.pipeline import max_positions, plan_pipeline
+    from pptk.parallel.tensor_parallel import check_tensor_parallel
+    from pptk.training.config import check_settings
+
+    if args.pp is not None or args.tp != 1 or args.dp != 1:
+        raise PptkError(
+            "--gpus chooses pp, tp and dp itself: drop --pp, --tp and --dp (or drop --gpus to plan one layout)"
+        )
+    if args.schedule != "1f1b":
+        raise PptkError(f"--gpus ranks 1f1b layouts only (got --schedule {args.schedule}); drop --schedule")
+    check_settings(
+        micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len,
+        **{name: getattr(args, name) for name in ADVISOR_NUMBERS},
+    )
+    lora = lora_settings(args)
+    plan = plan_pipeline(args.model, num_stages=1, task=args.task, seq_len=args.seq_len)
+    positions = max_positions(plan.config) or 2048
+    seq_len = min(args.seq_len or positions, positions)
+    counts = None
+    if lora is not None:
+        per_layer = lora_parameters_per_layer(plan.layers, lora, task=plan.task)
+        counts = LoraCounts(tuple(c.adapters for c in per_layer), tuple(c.trained_in_full for c in per_layer))
+    workload = Workload(
+        shape=block_shape(plan.config),
+        costs=plan.stages.costs,
+        seq_len=seq_len,
+        global_batch_size=args.global_batch_size or 16 * args.gpus,
+        precision=args.precision,
+        lora=counts,
+    )
+    hardware = Hardware(
+        gpus=args.gpus,
+        memory_bytes=parse_memory(args.gpu_memory),
+        tflops=args.gpu_tflops or DEFAULT_TFLOPS[args.precision],
+        mfu=args.mfu,
+        node_size=args.gpus_per_node,
+    )
+
+    def tp_problem(tp: int) -> str | None:
+        if lora is not None and (lora_problems := lora_layout_problems(tp=tp)):
+            return lora_problems[0]
+        try:
+            check_tensor_parallel(plan.config, tp)
+        except PptkError as error:
+            return str(error)
+        return None
+
+    sizes = (args.micro_batch_size,) if args.micro_batch_size is not None else (1, 2, 4, 8)
+    results = advise(workload, hardware, micro_batch_sizes=sizes, tp_problem=tp_problem)
+    fits = [f for f in results if f.problem is None]
+    rejected = {}  # per pp x tp x dp grid with no variant that fits: the variant closest to fitting
+    fitting_grids = {(f.candidate.pp, f.candidate.tp) for f in fits}
+    for f in results:
+        grid = (f.candidate.pp, f.candidate.tp)
+        if f.problem is not None and grid not in fitting_grids and grid not in rejected:
+            rejected[grid] = f
+    usable = hardware.memory_bytes * hardware.usable
+    assumptions = {
+        "measured_on_cpu": "bytes per parameter (DeepSpeed 0.19.8 ZeRO-1, benchmarks/plan_memory.py) and the "
+        "activations each block saves (Hugging Face modules, tests/unit/test_activations.py)",
+        "modelled": f"step time: {hardware.tflops:g} TFLOP/s per GPU x MFU {hardware.mfu:g} on the FLOP cost "
+        "model, the 1F1B bubble (pp-1)/(m+pp-1); communication and the optimizer step not counted; "
+        f"{hardware.usable:.0%} of GPU memory usable",
+    }
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": plan.source.label,
+                    "gpus": hardware.gpus,
+                    "gpu_memory_gib": hardware.memory_bytes / GIB,
+                    "usable_gib": usable / GIB,
+                    "precision": args.precision,
+                    "seq_len": seq_len,
+                    "global_batch_size": workload.global_batch_size,
+                    "lora": None if lora is None else dataclasses.asdict(lora),
+                    "assumptions": assumptions,
+                    "fits": [_forecast_row(f, workload) for f in fits],
+                    "rejected": [_forecast_row(f, workload) for f in results if f.problem is not None],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    blocks = sum(c.role == "block" for c in plan.stages.costs)
+    print(
+        f"{plan.source.label}: {plan.config.model_type}, {plan.task}, {blocks} blocks; {hardware.gpus} GPUs x "
+        f"{gib_text(hardware.memory_bytes / GIB)} ({usable / GIB:.1f} GiB usable), {args.precision}, "
+        f"sequence {seq_len}, global batch {workload.global_batch_size} sequences"
+        + (f", LoRA r={lora.r}" if lora is not None else "")
+    )
+    print(f"measured (CPU): {assumptions['measured_on_cpu']}")
+    print(f"modelled (GPU): {assumptions['modelled']}")
+    if fits:
+        print(f"layouts that fit, fastest first ({min(args.top, len(fits))} of {len(fits)}):")
+        print(
+            f"  {'#':>2}  {'pp':>3}  {'tp':>3}  {'dp':>3}  {'micro-batch':>11}  {'m':>4}  {'ckpt':>4}  {'ZeRO':>4}  "
+            f"{'step s':>7}  {'bubble':>6}  {'tokens/s':>9}  memory per rank (peak)"
+        )
+        for n, f in enumerate(fits[: args.top], 1):
+            c = f.candidate
+            tokens = workload.global_batch_size * seq_len / f.step_seconds
+            print(
+                f"  {n:>2}  {c.pp:>3}  {c.tp:>3}  {c.dp:>3}  {c.micro_batch_size:>11}  {f.micro_batches:>4}  "
+                f"{'on' if c.checkpoint_interval else 'off':>4}  {c.zero_stage:>4}  {f.step_seconds:>7.2f}  "
+                f"{f.bubble:>6.1%}  {tokens:>9,.0f}  {f.peak_bytes / GIB:.1f} GiB (stage {f.peak_rank})"
+            )
+    else:
+        print("no layout fits: more GPUs, --lora-r, a shorter --seq-len, or a larger --gpu-memory")
+    if rejected:
+        print("layouts that do not fit or cannot run, closest to fitting first (the closest variant of each grid):")
+        for f in sorted(rejected.values(), key=lambda f: (not f.rank_bytes, f.peak_bytes)):
+            c = f.candidate
+            detail = (
+                f" (micro-batch {c.micro_batch_size}, checkpointing {'on' if c.checkpoint_interval else 'off'}: "
+                f"{f.peak_bytes / GIB:.1f} GiB)"
+                if f.rank_bytes
+                else ""
+            )
+            print(f"  pp={c.pp} tp={c.tp} dp={c.dp}: {f.problem}{detail}")
+    return 0
+
+
+def _forecast_row(f, workload) -> dict:
+    row = {**dataclasses.asdict(f.candidate), "micro_batches": f.micro_batches, "problem": f.problem}
+    if f.rank_bytes:
+        row |= {
+            "step_seconds": f.step_seconds,
+            "bubble": f.bubble,
+            "tokens_per_second": workload.global_batch_size * workload.seq_len / f.step_seconds,
+            "rank_gib": [b / GIB for b in f.rank_bytes],
+            "train_state_gib": [b / GIB for b in f.rank_train_state],
+            "peak_gib": f.peak_bytes / GIB,
+            "peak_stage": f.peak_rank,
+        }
+    return row

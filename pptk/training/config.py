@@ -49,6 +49,12 @@ NUMBERS: dict[str, Range] = {
     "lora_r": Range("--lora-r", 1),
     "lora_alpha": Range("--lora-alpha", 0, integer=False, low_excluded=True),
     "lora_dropout": Range("--lora-dropout", 0, 1, integer=False),
+    # pptk plan --gpus (the layout advisor)
+    "gpus": Range("--gpus", 1),
+    "gpus_per_node": Range("--gpus-per-node", 1),
+    "top": Range("--top", 1),
+    "mfu": Range("--mfu", 0, 1, integer=False, low_excluded=True),
+    "gpu_tflops": Range("--gpu-tflops", 0, integer=False, low_excluded=True),
     # NumPy takes seeds below 2**32, and every rank seeds with seed + its rank: leave the upper half free
     "seed": Range("--seed", 0, 2**31 - 1),
 }
@@ -133,7 +139,8 @@ class OutputConfig:
 
     output_dir: Path
     resume_from: Path | None = None
-    export_hf: Path | None = None
+    export_hf: Path | None = None  # with LoRA: the merged model (pptk.checkpoints.lora_convert)
+    export_adapter: Path | None = None  # LoRA runs: the PEFT adapter directory, written at the end
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 8  # micro-batches per evaluation (causal-LM; other tasks evaluate their whole eval set)
@@ -170,6 +177,8 @@ class RunConfig:
         problems = settings_problems(schedule=self.parallel.schedule, seed=self.seed, **numbers)
         if self.optim.max_steps is None and self.optim.epochs is None:
             problems.append("give --max-steps or --epochs")
+        if self.output.export_adapter is not None and self.lora is None:
+            problems.append("--export-adapter writes LoRA adapters: give --lora-r too (or drop --export-adapter)")
         if self.lora is not None:  # its own numbers are checked by LoraSettings itself
             from pptk.parallel.lora import LoraSettings, lora_layout_problems
 

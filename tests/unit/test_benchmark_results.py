@@ -37,3 +37,21 @@ def test_paths_inside_the_repository_become_relative_and_others_stay():
         }
     )
     assert result == {"out": "benchmarks/results/x.json", "runs": ["runs/a"], "elsewhere": "/tmp/data", "n": 3}
+
+
+def test_the_lora_memory_result_measures_both_precisions_at_pp2_and_lora_holds_less():
+    result = json.loads((ROOT / "benchmarks" / "results" / "lora_memory.json").read_text())
+    rows = result["rows"]
+    assert sorted((row["precision"], row["stage"]) for row in rows) == [
+        ("bf16", 0),
+        ("bf16", 1),
+        ("fp32", 0),
+        ("fp32", 1),
+    ]
+    for row in rows:
+        assert row["lora_measured_bytes"] < row["full_measured_bytes"], row
+        assert row["lora_trained_params"] < 0.05 * row["full_trained_params"], row
+        assert row["lora_over_full_measured"] == row["lora_measured_bytes"] / row["full_measured_bytes"]
+    for precision in ("fp32", "bf16"):
+        assert result["lora_over_full_measured"][precision] < 1
+        assert 0 < result["lora_over_full_forecast"][precision] < 1

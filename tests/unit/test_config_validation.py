@@ -71,6 +71,12 @@ BAD = [
     ("--eval-every", "-5", "--eval-every must be an integer >= 1, got -5"),
     ("--eval-batches", "0", "--eval-batches must be an integer >= 1, got 0"),
     ("--save-every", "0", "--save-every must be an integer >= 1, got 0"),
+    ("--lora-r", "0", "--lora-r must be an integer >= 1, got 0"),
+    ("--lora-r", "-4", "--lora-r must be an integer >= 1, got -4"),
+    ("--lora-alpha", "nan", "--lora-alpha must be a finite number > 0, got nan"),
+    ("--lora-alpha", "0", "--lora-alpha must be a finite number > 0, got 0.0"),
+    ("--lora-dropout", "1.5", "--lora-dropout must be a finite number >= 0 and <= 1, got 1.5"),
+    ("--lora-dropout", "-0.1", "--lora-dropout must be a finite number >= 0 and <= 1, got -0.1"),
 ]
 
 
