@@ -64,7 +64,9 @@ def run_recipe(
 ) -> subprocess.CompletedProcess:
     """`deepspeed [launcher args] recipes/<recipe> --output-dir DIR args...`, as a user runs it (wandb: W&B
     offline, as without an account; else disabled)."""
-    launcher = launcher if launcher is not None else ["--num_gpus", "2", "--master_port", str(free_port())]
+    launcher = launcher if launcher is not None else ["--num_gpus", "2"]
+    if "--master_port" not in launcher:  # DeepSpeed's default 29500 collides when two xdist workers launch at once
+        launcher = [*launcher, "--master_port", str(free_port())]
     if "--demo" in args and "--data-cache" not in args:  # the demo's tokenizer and set, prepared once per session
         args = [*args, "--data-cache", str(DEMO_CACHE)]
     cmd = [
