@@ -36,16 +36,9 @@ from pptk.models.heads import config_for_task, infer_task
 from pptk.parallel.lora import LoraSettings, lora_layout_problems, resolve_lora_targets
 from pptk.parallel.pipeline import PipelinePlan, max_positions, pipeline_inputs, plan_pipeline, resolve_model
 from pptk.training.config import check_settings
-from pptk.verify.compare import (
-    BF16_TOLERANCE,
-    FP32_TOLERANCE,
-    LEARNING_RATE,
-    VerifyResult,
-    compare,
-    micro_batches,
-    reference_step,
-)
+from pptk.verify.compare import BF16_TOLERANCE, FP32_TOLERANCE, VerifyResult, compare
 from pptk.verify.lora import add_stage_adapters, settings_for_check, stage_names
+from pptk.verify.reference import LEARNING_RATE, micro_batches, reference_step
 
 VERIFY_PRECISIONS = ("fp32", "bf16")
 __all__ = ["PreparedJob", "VerifyJob", "VerifyResult", "launch_jobs", "prepare_jobs", "verify", "verify_many"]

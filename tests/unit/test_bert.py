@@ -10,7 +10,7 @@ from pptk.errors import PptkError
 from pptk.models import get_family, supported_model_types
 from pptk.parallel.hf_weights import HFCheckpoint, hf_names, resolve_name
 from pptk.parallel.pipeline import build_sequential_module, count_parameters, plan_pipeline
-from pptk.verify.compare import synthetic_batch
+from pptk.verify.reference import synthetic_batch
 
 TASKS = ("masked-lm", "sequence-classification", "token-classification")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")

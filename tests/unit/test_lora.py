@@ -441,7 +441,8 @@ def test_a_run_config_with_lora_refuses_tensor_parallelism_in_its_one_error(tmp_
 def test_verify_fails_a_lora_step_that_moves_a_frozen_weight_or_no_adapter(tmp_path):
     """pptk verify's comparison on the real peft reference step, reported back as a perfect pipeline would report
     it, then with a frozen weight nudged, then as a step that moved nothing (what B = 0 adapters would give)."""
-    from pptk.verify.compare import compare, reference_step
+    from pptk.verify.compare import compare
+    from pptk.verify.reference import reference_step
 
     plan = plan_pipeline(get_family("gpt2").small_config(), num_stages=1, dropout=False)
     reference = reference_step(
