@@ -28,7 +28,7 @@ demo: install
 	$(VENV)/bin/deepspeed --num_gpus 2 recipes/gpt_pretrain.py --demo --output-dir runs/demo
 
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25 tests/unit tests/distributed
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=25 tests/unit tests/distributed
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

@@ -37,27 +37,45 @@ def pytest_collection_finish(session):
         session.config.pptk_fused_adam_build = build  # type: ignore[attr-defined]
 
 
-# Session-wide launches several modules read (tests/distributed/conftest.py). `make test` runs pytest-xdist with
-# --dist loadgroup: a module's tests stay on one worker (its module-scoped launches start once), and modules that
-# read the same session launch share a worker too, so no launch runs twice.
+# `make test` runs pytest-xdist on 2 workers. Each module runs on one worker (its module-scoped launches start once),
+# and the modules that read a session-wide launch (tests/distributed/conftest.py) share a worker, so no launch runs
+# twice. The grouping is ours (pytest_xdist_make_scheduler): xdist 3.8's --dist loadgroup marks nodes through an
+# attribute pytest 9 no longer reads, and silently spread every module over both workers.
 SHARED_LAUNCHES = ("demo_run", "verified_pp2", "verified_pp3")
+SHARED_LAUNCH_MODULES = frozenset(
+    f"tests/distributed/{name}.py"
+    for name in (
+        "test_bert_verify",
+        "test_bf16_verify",
+        "test_checkpoints",
+        "test_decoder_dist",
+        "test_gpt2_dist",
+        "test_lora_verify",
+        "test_multinode",
+        "test_pipeline_schedules",
+    )
+)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", maxsplit=1)[0]
+            return "shared-launches" if module in SHARED_LAUNCH_MODULES else module
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    parent: dict[str, str] = {}  # union-find over module paths and shared launches
-
-    def root(name: str) -> str:
-        while parent.setdefault(name, name) != name:
-            name = parent[name]
-        return name
-
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        for launch in SHARED_LAUNCHES:
-            if launch in item.fixturenames:
-                parent[root(launch)] = root(module)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(root(item.nodeid.split("::")[0])))
+    """A module that reads a session-wide launch must be listed, or both workers would start that launch."""
+    unlisted = sorted(
+        {
+            item.nodeid.split("::")[0]
+            for item in items
+            if set(SHARED_LAUNCHES) & set(item.fixturenames) and item.nodeid.split("::")[0] not in SHARED_LAUNCH_MODULES
+        }
+    )
+    if unlisted:
+        raise pytest.UsageError(f"add {unlisted} to SHARED_LAUNCH_MODULES in tests/conftest.py")

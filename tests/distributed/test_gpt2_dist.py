@@ -102,3 +102,11 @@ def test_recipe_refuses_a_layout_that_does_not_fit_the_world_size(tmp_path):
     run = run_recipe("gpt_pretrain.py", ["--demo", "--pp", "3"], output_dir=tmp_path, timeout=120)
     assert run.returncode != 0
     assert "--pp" in run.stderr + run.stdout and "WORLD_SIZE(2)" in run.stderr + run.stdout
+
+
+def test_the_demo_run_logs_no_moe_metrics(demo_run):
+    """The MoE meter (tests/distributed/test_moe_dist.py) is off the hot path of dense models: the session's GPT-2
+    demo run logs none of its keys."""
+    out, _ = demo_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and not any(k.startswith(("router_", "expert_")) for r in records for k in r)
