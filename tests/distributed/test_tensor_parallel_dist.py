@@ -22,6 +22,9 @@ JOBS = {  # name -> (model, task, precision)
     "mistral": ("mistral", None, "fp32"),
     "bert": ("bert", "token-classification", "fp32"),
     "llama-bf16": ("llama", None, "bf16"),
+    # decoder heads (docs/preference.md): the score head replicated like an untied LM head; the reward loss on pairs
+    "llama-reward": ("llama", "reward", "fp32"),
+    "qwen3-classifier-bf16": ("qwen3", "sequence-classification", "bf16"),
 }
 
 
