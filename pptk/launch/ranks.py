@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 import traceback
@@ -21,9 +22,30 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 
 
 def free_port() -> int:
+    """A free port for a launch's rendezvous (MASTER_PORT), chosen below the kernel's ephemeral range.
+
+    The kernel hands ephemeral ports to every outgoing connection and to gloo's listeners, so a port taken from that
+    range (bind to 0, then close) can be in use again by the time the launcher binds it; two launches running at
+    once made that happen. Ports below the range are only ever taken by explicit choice. Falls back to the kernel's
+    choice when none of the sampled ports is free."""
+    low = _ephemeral_low()
+    for port in random.SystemRandom().sample(range(max(1024, low - 12000), low), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS uses 49152 and up
 
 
 @contextmanager
