@@ -112,7 +112,7 @@ def test_the_router_term_is_in_the_reference_loss(moe_pp2):
 
 # A recipe run on CPU: the demo corpus on a small Mixtral (4 experts, top-2, router loss on) at pp=2.
 MOE_DEMO_ARGS = ["--demo", "--model", "mixtral", "--pp", "2", "--max-steps", "20", "--log-every", "5"]
-MOE_DEMO_ARGS += ["--eval-every", "1000", "--save-every", "1000", "--micro-batch-size", "2"]
+MOE_DEMO_ARGS += ["--eval-every", "1000", "--save-every", "10", "--micro-batch-size", "2", "--no-dropout"]
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,27 @@ def test_the_moe_metrics_reach_wandb(moe_run):
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     logged = run_file.read_bytes()
     assert b"router_aux_loss" in logged and b"expert_load_max_over_mean/stage1" in logged
+
+
+def test_a_moe_checkpoint_resumes_on_one_stage_on_the_same_curve(moe_run, tmp_path):
+    """The pp=2 run's step-10 checkpoint (fused 3-D experts in the layer files) resumes at pp=1 and logs the losses
+    of steps 15 and 20 that the uninterrupted run logged."""
+    out, steps = moe_run
+    resumed_dir = tmp_path / "resumed"
+    args = [
+        *MOE_DEMO_ARGS,
+        "--pp",
+        "1",
+        "--global-batch-size",
+        "8",
+        "--resume-from",
+        str(out / "checkpoints" / "step10"),
+    ]
+    run = run_recipe("gpt_pretrain.py", args, output_dir=resumed_dir, launcher=["--num_gpus", "1"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert sorted(resumed) == [15, 20]
+    for step in (15, 20):
+        uninterrupted = next(r["loss"] for r in steps if r["step"] == step)
+        assert resumed[step] == pytest.approx(uninterrupted, rel=1e-5), (step, resumed[step], uninterrupted)
