@@ -42,6 +42,7 @@ bench: install
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/memory.py --pp 2 --tp 2 --output benchmarks/results/memory_tp2.json
 	$(PY) benchmarks/plan_memory.py
+	$(PY) benchmarks/vocab_memory.py
 	$(PY) benchmarks/failure_exit.py
 
 # On a GPU machine: pptk's pipeline vs Hugging Face under ZeRO-1 on every GPU it finds (benchmarks/gpu_bench.py);

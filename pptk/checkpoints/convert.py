@@ -79,8 +79,8 @@ def hf_to_ds(
     source = resolve_model(src)
     if source.pretrained_dir is None:
         raise PptkError(f"{src} has no weights (model.safetensors or an index); hf-to-ds needs a model directory")
-    plan = plan_pipeline(source, num_stages=pp, task=task, partition_method=partition_method)
-    check_tensor_parallel(plan.config, tp)
+    plan = plan_pipeline(source, num_stages=pp, task=task, partition_method=partition_method, tp=tp)
+    check_tensor_parallel(plan.config, tp)  # (plan_pipeline checks it too, once it has read the config)
     checkpoint = HFCheckpoint(source.pretrained_dir, conversions=hf_conversions(plan.hf_class, plan.config))
     dst = Path(dst)
     tag_dir = dst / "step0"

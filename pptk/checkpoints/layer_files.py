@@ -22,8 +22,9 @@ from pptk.checkpoints.integrity import FileLedger
 from pptk.errors import PptkError
 from pptk.parallel.hf_weights import TensorSource
 from pptk.parallel.tensor_parallel import ShardSpec, load_sliced_state, rank_slice, shard_spec, shard_stage
+from pptk.parallel.vocab_parallel import VocabShard, is_vocab_layer, shard_vocab
 
-Splits = dict[str, dict[str, list[int]]]  # layer index -> parameter name -> [dim, fused]
+Splits = dict[str, dict[str, list[int]]]  # layer index -> parameter name -> [dim, fused] or [dim, fused, full]
 
 
 def layer_file(tag_dir: Path, index: int, tp_rank: int | None = None) -> Path:
@@ -41,9 +42,9 @@ def optim_file(tag_dir: Path, index: int, tp_rank: int | None = None) -> Path:
     return tag_dir / f"optim_layer_{index:02d}{model}.pt"
 
 
-def tensor_parallel_entry(layers, tp: int) -> dict:
+def tensor_parallel_entry(layers, tp: int, *, vocab_size: int | None = None) -> dict:
     """The manifest's record of how ``tp`` ranks split ``layers`` (pptk.models.PipeLayer), from a meta-device build
-    of each layer: no memory, no process group."""
+    of each layer: no memory, no process group. ``vocab_size``: the plan splits the vocabulary too."""
     from accelerate import init_empty_weights
 
     splits: Splits = {}
@@ -51,10 +52,16 @@ def tensor_parallel_entry(layers, tp: int) -> dict:
         with init_empty_weights(include_buffers=False):
             module = layer.spec.build()
         shard_stage(module, group=None, rank=0, size=tp)
-        sharded = {name: [spec.dim, spec.fused] for name, p in module.named_parameters() if (spec := shard_spec(p))}
+        if vocab_size is not None and is_vocab_layer(layer):
+            shard_vocab(module, VocabShard(vocab_size=vocab_size, rank=0, size=tp))
+        sharded = {name: _split_entry(spec) for name, p in module.named_parameters() if (spec := shard_spec(p))}
         if sharded:
             splits[str(index)] = sharded
     return {"size": tp, "splits": splits}
+
+
+def _split_entry(spec: ShardSpec) -> list[int]:
+    return [spec.dim, spec.fused, spec.full] if spec.full else [spec.dim, spec.fused]
 
 
 def saved_tp(manifest: dict) -> int:
@@ -75,8 +82,8 @@ def _specs(manifest: dict, index: int, rank: int = 0) -> dict[str, ShardSpec]:
     """Tp rank ``rank``'s slice of each sharded tensor of layer ``index``, as the manifest records the splits."""
     entry = manifest["tensor_parallel"]
     return {
-        name: ShardSpec(dim=dim, rank=rank, size=entry["size"], fused=fused)
-        for name, (dim, fused) in entry["splits"].get(str(index), {}).items()
+        name: ShardSpec(dim=split[0], rank=rank, size=entry["size"], fused=split[1], full=split[2] if split[2:] else 0)
+        for name, split in entry["splits"].get(str(index), {}).items()
     }
 
 
@@ -128,15 +135,20 @@ def read_layer(tag_dir: Path, manifest: dict, index: int) -> dict[str, torch.Ten
     return {name: source.load() for name, source in layer_sources(tag_dir, manifest, index).items()}
 
 
-def _same_split(manifest: dict, tp: int) -> bool:
-    return tp > 1 and saved_tp(manifest) == tp
+def _same_split(manifest: dict, tp: int, layer: nn.Module, index: int) -> bool:
+    """The checkpoint holds this layer cut exactly as this rank's ``layer`` is (same tp, same tensors split the
+    same way: a replicated vocabulary saved by one run, a split one loaded by another, are not)."""
+    if tp == 1 or saved_tp(manifest) != tp:
+        return False
+    own = {name: _split_entry(spec) for name, p in layer.named_parameters() if (spec := shard_spec(p))}
+    return own == manifest["tensor_parallel"]["splits"].get(str(index), {})
 
 
 @torch.no_grad()
 def load_rank_layer(layer: nn.Module, tag_dir: Path, manifest: dict, index: int, *, tp_rank: int, tp: int) -> None:
     """Fill this rank's ``layer``: from its own slice file when the checkpoint was saved at this tp, otherwise from
     the full tensors, cut to the rank's slices."""
-    if _same_split(manifest, tp):
+    if _same_split(manifest, tp, layer, index):
         state = open_layer_file(layer_file(tag_dir, index, tp_rank))
         own = layer.state_dict()
         if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
@@ -167,7 +179,7 @@ def rank_optimizer_states(
     layer: nn.Module, tag_dir: Path, manifest: dict, index: int, *, tp_rank: int, tp: int
 ) -> dict[str, dict[str, torch.Tensor]]:
     """This rank's fp32 masters and Adam moments for ``layer``, in the shapes of its parameters."""
-    if _same_split(manifest, tp):
+    if _same_split(manifest, tp, layer, index):
         return open_layer_file(optim_file(tag_dir, index, tp_rank))
     params = dict(layer.named_parameters())
     full = read_optimizer_states(tag_dir, manifest, index)

@@ -99,7 +99,11 @@ def manifest_for(
             "grad_accum_steps": layout.grad_accum_steps,
             "schedule": layout.schedule,
         },
-        "tensor_parallel": tensor_parallel_entry(plan.layers, tp) if tp > 1 else None,
+        "tensor_parallel": tensor_parallel_entry(
+            plan.layers, tp, vocab_size=None if plan.vocab is None else plan.vocab.vocab_size
+        )
+        if tp > 1
+        else None,
         "step": step,
         "complete": True,
         **(extra or {}),

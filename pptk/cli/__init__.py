@@ -43,6 +43,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         seed=args.seed,
         lora=lora_settings(args),
+        vocab_parallel=False if args.no_vocab_parallel else None,
     )
     print(result.to_json() if args.json else result.describe())
     return 0 if result.passed else 1

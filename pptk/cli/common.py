@@ -18,6 +18,11 @@ def common_model_args(parser: argparse.ArgumentParser, *, pp_required: bool = Tr
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--pp", type=int, required=pp_required, default=None, help="pipeline stages")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per stage (world = pp * tp * dp)")
+    parser.add_argument(
+        "--no-vocab-parallel",
+        action="store_true",
+        help="at --tp > 1, keep the embedding and LM head whole on every tp rank (default: split by vocabulary)",
+    )
     parser.add_argument("--task", default=None, help=TASK_HELP)
     parser.add_argument("--partition-method", default="compute", help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES), help="pipeline schedule")

@@ -84,7 +84,9 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         micro_batch_size=micro_batch_size,
         tp=args.tp,
+        vocab_parallel=False if args.no_vocab_parallel else None,
     )
+    vocab_layers = vocab_layer_indices(plan.layers) if plan.vocab is not None else frozenset()
     positions = max_positions(plan.config) or 2048
     seq_len = min(args.seq_len or positions, positions)  # as plan_pipeline's cost model
     per_param = bytes_per_param(args.precision, dp=args.dp, zero_stage=args.zero_stage)
@@ -97,8 +99,8 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
     )
     for row in rows:
         held = plan.stages.stage_layers(row["stage"])
-        blocks = sum(c.params for c in held if c.role == "block")
-        row["params_per_rank"] = row["params"] - blocks + blocks / args.tp
+        split = sum(c.params for c in held if c.role == "block" or c.index in vocab_layers)
+        row["params_per_rank"] = row["params"] - split + split / args.tp
         row["train_state_gib"] = row["params_per_rank"] * per_param / GIB
         if counts is not None:  # frozen weights at their bytes alone, adapters and modules_to_save in full
             adapters = sum(counts.adapters[c.index] for c in held)
@@ -114,6 +116,7 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
         precision=args.precision,
         lora=counts,
         schedule=args.schedule,
+        vocab_layers=vocab_layers,
     )
     train, acts = rank_memory(
         plan.stages,
@@ -165,7 +168,7 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
     print(
         f"training memory per rank: weights, grads, Adam and DeepSpeed's buffers ({args.precision}, "
         f"ZeRO-{args.zero_stage} over dp={args.dp}"
-        + (f", blocks split over tp={args.tp}, embeddings and head replicated" if args.tp > 1 else "")
+        + (f", blocks split over tp={args.tp}, {_vocab_text(plan)}" if args.tp > 1 else "")
         + f"), plus activations: micro-batch {micro_batch_size} x {seq_len} tokens, {micro_batches} micro-batches "
         + f"per step, {describe_checkpointing(args.activation_checkpoint_interval)}:"
     )
@@ -182,6 +185,18 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
             f"{gib_text(row['activation_gib'])} = {gib_text(row['total_gib'])}"
         )
     return 0
+
+
+def vocab_layer_indices(layers) -> frozenset[int]:
+    from pptk.parallel.vocab_parallel import is_vocab_layer
+
+    return frozenset(index for index, layer in enumerate(layers) if is_vocab_layer(layer))
+
+
+def _vocab_text(plan) -> str:
+    if plan.vocab is None:
+        return "embeddings and head replicated"
+    return f"embedding and LM head split by vocabulary ({plan.vocab.padded // plan.vocab.tp:,} rows per rank)"
 
 
 def describe_checkpointing(interval: int) -> str:
@@ -212,6 +227,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
     from pptk.parallel.lora_plan import lora_parameters_per_layer
     from pptk.parallel.pipeline import max_positions, plan_pipeline
     from pptk.parallel.tensor_parallel import check_tensor_parallel
+    from pptk.parallel.vocab_parallel import vocab_parallel_problem
     from pptk.training.config import check_settings
 
     if args.pp is not None or args.tp != 1 or args.dp != 1:
@@ -240,6 +256,10 @@ def cmd_advise(args: argparse.Namespace) -> int:
         global_batch_size=args.global_batch_size or 16 * args.gpus,
         precision=args.precision,
         lora=counts,
+        # at tp > 1 the vocabulary splits wherever the task can (checked at tp=2: the task and the head decide)
+        vocab_layers=frozenset()
+        if args.no_vocab_parallel or vocab_parallel_problem(plan.config, plan.task, plan.layers, 2)
+        else vocab_layer_indices(plan.layers),
     )
     hardware = Hardware(
         gpus=args.gpus,

@@ -15,6 +15,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pp", type=int, default=2, help="pipeline stages; data-parallel replicas = world size / pp")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per stage (world size = pp * tp * dp)")
     g.add_argument(
+        "--no-vocab-parallel",
+        action="store_true",
+        help="at --tp > 1, keep the embedding and LM head whole on every tp rank (default: split by vocabulary)",
+    )
+    g.add_argument(
         "--ds-config",
         "--deepspeed_config",
         dest="ds_config",
@@ -129,6 +134,7 @@ def run_config(
         parallel=ParallelConfig(
             pp=args.pp,
             tp=args.tp,
+            vocab_parallel=not args.no_vocab_parallel,
             micro_batch_size=args.micro_batch_size,
             grad_accum_steps=args.grad_accum_steps,
             global_batch_size=args.global_batch_size,

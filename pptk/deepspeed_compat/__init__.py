@@ -41,6 +41,7 @@ from pptk.deepspeed_compat.engine import (
     tensor_parallel_group,
     time_instructions,
     training_progress,
+    vocab_parallel_cross_entropy,
 )
 from pptk.deepspeed_compat.ops import (
     build_op,
@@ -104,4 +105,5 @@ __all__ = [
     "tensor_parallel_group",
     "time_instructions",
     "training_progress",
+    "vocab_parallel_cross_entropy",
 ]

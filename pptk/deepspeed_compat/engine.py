@@ -64,6 +64,26 @@ def tensor_parallel_functions():
     return ColumnParallel, RowParallel
 
 
+def vocab_parallel_cross_entropy(logits, labels, *, group, start: int, end: int, vocab_size: int):
+    """The summed cross-entropy of ``labels`` (-100 ignored) over logits split by vocabulary across ``group``, this
+    rank holding columns ``[start, end)`` of ``vocab_size``.
+
+    Written against DeepSpeed 0.19.8: ``deepspeed.sequence.cross_entropy.vocab_parallel_cross_entropy`` (its
+    PyTorch backend: three all-reduces, fp32). ``global_vocab_size`` is given so that it skips its shard-layout
+    check, an ``all_gather_into_tensor`` that gloo lacks; pptk's shards are equal by construction."""
+    from deepspeed.sequence.cross_entropy import vocab_parallel_cross_entropy as ds_cross_entropy
+
+    return ds_cross_entropy(
+        logits,
+        labels,
+        tp_group=group,
+        vocab_start_index=start,
+        vocab_end_index=end,
+        global_vocab_size=vocab_size,
+        reduction="sum",
+    )
+
+
 def tensor_parallel_group(module) -> tuple[object, int, int]:
     """(group, rank, size) of the tensor-parallel ("model" axis, DeepSpeed's "slice") group of a PipelineModule's
     grid in DeepSpeed 0.19.8 (``PipelineModule.mpu()`` is the ``PipelineParallelGrid``)."""

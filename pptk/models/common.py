@@ -34,18 +34,25 @@ class TokenEmbeddingPipe(nn.Embedding):
         self.max_positions = max_positions
         # decoders: a third input, when given, is position_ids (packed documents restart their positions)
         self.positions_in_inputs = positions_in_inputs
+        self.vocab_shard: Any = None
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         input_ids, attention_mask, *extra = inputs
         check_input_ids(input_ids, vocab_size=self.num_embeddings, max_positions=self.max_positions)
-        embeddings = super().forward(input_ids)
+        shard = self.vocab_shard  # at tp > 1 a causal LM's rows are split (pptk.parallel.vocab_parallel)
+        embeddings = (
+            super().forward(input_ids) if shard is None else shard.lookup(input_ids, self.weight, self.padding_idx)
+        )
         if self.positions_in_inputs and len(extra) == 1:
             return (embeddings, attention_mask.long(), extra[0].long())
         return (embeddings, attention_mask.long(), default_position_ids(attention_mask), *extra)
 
 
 def tied_lm_logits(embedding: TokenEmbeddingPipe, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """forward_fn of the LM head's TiedLayerSpec: project onto the (shared) word-embedding matrix."""
+    """forward_fn of the LM head's TiedLayerSpec: project onto the (shared) word-embedding matrix (this tp rank's
+    rows of it when the vocabulary is split)."""
+    if embedding.vocab_shard is not None:
+        return embedding.vocab_shard.logits(inputs[0], embedding.weight)
     return F.linear(inputs[0], embedding.weight)
 
 

@@ -32,11 +32,18 @@ def _causal_lm_loss(
     vocab_size: int,
     num_items_in_batch: float | None = None,
     router: RouterLoss | None = None,
+    vocab: Any = None,
 ) -> torch.Tensor:
     # Hugging Face's loss: labels shifted inside, -100 ignored, mean over the micro-batch's counted tokens, or their
     # sum over num_items_in_batch (pptk.training.token_mean).
+    # vocab (pptk.parallel.vocab_parallel.VocabSplit): the logits are this tp rank's vocabulary slice.
     outputs = logits if isinstance(logits, tuple) else (logits,)
-    loss = loss_utils.ForCausalLMLoss(outputs[0], labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch)
+    if vocab is None:
+        loss = loss_utils.ForCausalLMLoss(
+            outputs[0], labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch
+        )
+    else:
+        loss = vocab.causal_lm_loss(outputs[0], labels, num_items_in_batch=num_items_in_batch)
     if router is None:
         return loss
     if len(outputs) != 4:
@@ -49,10 +56,10 @@ def _causal_lm_loss(
     return loss + router.coef * aux.to(loss.device)
 
 
-def _causal_lm_task_loss(config) -> Callable[..., torch.Tensor]:
+def _causal_lm_task_loss(config, vocab: Any = None) -> Callable[..., torch.Tensor]:
     family = family_of(config.model_type)
     router = router_loss_of(config, moe=family.moe if family else None)
-    return partial(_causal_lm_loss, vocab_size=config.vocab_size, router=router)
+    return partial(_causal_lm_loss, vocab_size=config.vocab_size, router=router, vocab=vocab)
 
 
 def _masked_lm_loss(

@@ -72,13 +72,15 @@ def block_bytes_per_token(shape: BlockShape, *, seq_len: int, precision: str, tp
     return replicated + split / tp
 
 
-def head_bytes_per_token(shape: BlockShape, *, precision: str) -> tuple[float, float]:
+def head_bytes_per_token(shape: BlockShape, *, precision: str, tp_vocab: int = 1) -> tuple[float, float]:
     """(saved, transient) bytes per token of the final norm, LM head and cross-entropy: the loss keeps the fp32
     log-softmax [s, vocab]; while it runs, the logits, their fp32 copy and the log-softmax's output or gradient exist
-    at once."""
+    at once. ``tp_vocab``: the vocabulary is split that many ways (pptk.parallel.vocab_parallel), each rank holding
+    its slice of the logits."""
     p = PRECISION_BYTES[precision]
     norm = FP32 * (shape.hidden + 1) + p * 2 * shape.hidden
-    return norm + FP32 * shape.vocab, (2 * FP32 + p) * shape.vocab
+    vocab = shape.vocab / tp_vocab
+    return norm + FP32 * vocab, (2 * FP32 + p) * vocab
 
 
 # A block's backward holds the gradients of its saved tensors while they are still alive: the measured peaks on
@@ -103,6 +105,7 @@ def stage_activations(
     seq_len: int,
     precision: str,
     tp: int = 1,
+    vocab_split: bool = False,
     checkpoint_interval: int = 0,
     first: bool,
     last: bool,
@@ -111,7 +114,7 @@ def stage_activations(
     tokens = micro_batch_size * seq_len
     hidden_bytes = tokens * PRECISION_BYTES[precision] * shape.hidden
     block = tokens * block_bytes_per_token(shape, seq_len=seq_len, precision=precision, tp=tp)
-    head_saved, head_transient = head_bytes_per_token(shape, precision=precision)
+    head_saved, head_transient = head_bytes_per_token(shape, precision=precision, tp_vocab=tp if vocab_split else 1)
     full = {"embed": 0.0, "block": block, "head": 0.0}
     # the stage's received input and sent output stay in DeepSpeed's pipe buffers until the backward
     kept = hidden_bytes * float((not first) + (not last))

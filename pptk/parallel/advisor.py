@@ -51,12 +51,20 @@ class LoraCounts:
 
 
 def stage_train_state_bytes(
-    held: tuple[LayerCost, ...], *, tp: int, dp: int, precision: str, zero_stage: int, lora: LoraCounts | None
+    held: tuple[LayerCost, ...],
+    *,
+    tp: int,
+    dp: int,
+    precision: str,
+    zero_stage: int,
+    lora: LoraCounts | None,
+    vocab_layers: frozenset[int] = frozenset(),
 ) -> float:
     """Weights, gradients and optimizer state of one tp rank of a stage: blocks split tp ways (their few
-    replicated norm weights counted as split too), embeddings and head whole."""
+    replicated norm weights counted as split too), and so the embedding and LM head in ``vocab_layers`` (split by
+    vocabulary); any other embedding or head whole."""
     per_param = bytes_per_param(precision, dp=dp, zero_stage=zero_stage)
-    params = sum(c.params / tp if c.role == "block" else c.params for c in held)
+    params = sum(c.params / tp if c.role == "block" or c.index in vocab_layers else c.params for c in held)
     if lora is None:
         return params * per_param
     adapters = sum(lora.adapters[c.index] for c in held)
@@ -75,6 +83,8 @@ class Workload:
     precision: str = "bf16"
     lora: LoraCounts | None = None
     schedule: str = "1f1b"
+    # the layers split by vocabulary at tp > 1 (pptk.parallel.vocab_parallel); empty: replicated on every tp rank
+    vocab_layers: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,7 @@ def rank_memory(
                     precision=workload.precision,
                     zero_stage=zero_stage,
                     lora=workload.lora,
+                    vocab_layers=workload.vocab_layers,
                 )
                 for s in held
             )
@@ -153,6 +164,7 @@ def rank_memory(
                 seq_len=workload.seq_len,
                 precision=workload.precision,
                 tp=tp,
+                vocab_split=bool(workload.vocab_layers),
                 checkpoint_interval=checkpoint_interval,
                 first=s == 0,
                 last=s == stages.num_stages - 1,
@@ -171,7 +183,8 @@ def step_seconds(stages: StagePlan, workload: Workload, hardware: Hardware, cand
     tokens = candidate.micro_batch_size * workload.seq_len
     slowest = max(
         sum(
-            c.flops_per_token * (recompute / candidate.tp if c.role == "block" else 3.0) for c in stages.stage_layers(s)
+            c.flops_per_token * (recompute if c.role == "block" else 3.0) / _split(c, candidate.tp, workload)
+            for c in stages.stage_layers(s)
         )
         for s in range(stages.num_stages)
     )
@@ -265,6 +278,11 @@ def advise(
     fits = sorted((f for f in results if f.problem is None), key=lambda f: (f.step_seconds, f.peak_bytes))
     rest = sorted((f for f in results if f.problem is not None), key=lambda f: (not f.rank_bytes, f.peak_bytes))
     return fits + rest
+
+
+def _split(cost: LayerCost, tp: int, workload: Workload) -> int:
+    """How many ways tp splits this layer's work: blocks and vocabulary-split layers tp ways, the rest not."""
+    return tp if cost.role == "block" or cost.index in workload.vocab_layers else 1
 
 
 def _divisors(n: int) -> list[int]:

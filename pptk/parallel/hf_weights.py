@@ -107,6 +107,8 @@ class SafetensorsFile:
         inner = math.prod(shape[spec.dim + 1 :])
         dest = target.view(outer, target.shape[spec.dim], inner)  # target is a parameter: contiguous
         same = target.dtype == dtype and target.device.type == "cpu"
+        if spec.full:  # a padded slice (a vocabulary tp does not divide): the rows past the file's are zeros
+            target.zero_()
         column = 0
         with open(self.path, "rb") as f:
             for first, last in spec.ranges(shape[spec.dim]):

@@ -29,6 +29,7 @@ from pptk.parallel.tensor_parallel import (
     shard_stage,
     sum_partial_gradients,
 )
+from pptk.parallel.vocab_parallel import VocabSplit, is_vocab_layer, shard_vocab, vocab_parallel_problem
 
 
 @dataclass(frozen=True)
@@ -119,13 +120,15 @@ class PipelinePlan:
     task: str
     layers: list[PipeLayer]
     stages: StagePlan
+    vocab: VocabSplit | None = None  # tp > 1: the embedding and LM head split by vocabulary rows
 
     @property
     def hf_class(self) -> type[Any]:
         return hf_model_class(self.config, self.task)
 
     def loss_fn(self):
-        return get_task(self.task).loss(self.config)
+        task = get_task(self.task)
+        return task.loss(self.config) if self.vocab is None else task.loss(self.config, vocab=self.vocab)
 
 
 def plan_pipeline(
@@ -141,11 +144,14 @@ def plan_pipeline(
     micro_batch_size: int = 1,
     measured_ms: tuple[float, ...] | None = None,
     tp: int = 1,
+    vocab_parallel: bool | None = None,
 ) -> PipelinePlan:
     """task: None reads it from config.architectures (see pptk.models.heads.infer_task); a name overrides that.
 
     num_stages: pipeline ranks (pp); under ``schedule="dualpipev"`` the model is cut into 2 x pp stages.
     tp: tensor-parallel shards per stage; checked here (family, heads) so a bad value fails before ranks start.
+    vocab_parallel: at tp > 1, split the embedding, LM head and loss by vocabulary (pptk.parallel.vocab_parallel);
+    None: wherever the model and task can, True: refuse where they cannot, False: keep them replicated.
     partition_method "profile" times every layer on one micro-batch of ``micro_batch_size x seq_len`` here,
     unless ``measured_ms`` (one time per layer, e.g. another rank's) is given.
     """
@@ -175,7 +181,20 @@ def plan_pipeline(
         schedule=schedule,
         measured_ms=measured_ms if partition_method == "profile" else None,
     )
-    return PipelinePlan(source, config, task, layers, stages)
+    return PipelinePlan(
+        source, config, task, layers, stages, vocab=_vocab_split(config, task, layers, tp, vocab_parallel)
+    )
+
+
+def _vocab_split(config, task: str, layers: list[PipeLayer], tp: int, wanted: bool | None) -> VocabSplit | None:
+    if tp == 1 or wanted is False:
+        return None
+    problem = vocab_parallel_problem(config, task, layers, tp)
+    if problem is None:
+        return VocabSplit(config.vocab_size, tp)
+    if wanted:
+        raise PptkError(f"--vocab-parallel: {problem}; drop --vocab-parallel to keep the vocabulary replicated")
+    return None
 
 
 class PlannedPipelineModule(PipelineModule):
@@ -315,20 +334,27 @@ def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan,
         init(layer)
         return layer
 
-    if plan.source.pretrained_dir is not None and plan.layers[index].role == "block":
+    vocab = plan.vocab.bind(group, rank) if plan.vocab is not None and is_vocab_layer(plan.layers[index]) else None
+    if plan.source.pretrained_dir is not None and (plan.layers[index].role == "block" or vocab is not None):
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):
             layer = spec.build()
-        shard_stage(layer, group=group, rank=rank, size=size)
+        _shard_layer(layer, group=group, rank=rank, size=size, vocab=vocab)
         materialize_parameters(layer)
         init(layer)  # what sharding left whole; the sliced parameters come from the checkpoint
     else:
         layer = spec.build()
         init(layer)
-        shard_stage(layer, group=group, rank=rank, size=size)
+        _shard_layer(layer, group=group, rank=rank, size=size, vocab=vocab)
     sum_partial_gradients(layer, group=group)
     return layer
+
+
+def _shard_layer(layer: nn.Module, *, group, rank: int, size: int, vocab) -> None:
+    shard_stage(layer, group=group, rank=rank, size=size)
+    if vocab is not None:
+        shard_vocab(layer, vocab)
 
 
 def build_sequential_module(plan: PipelinePlan, *, seed: int = 1234) -> SequentialPipe:

@@ -55,32 +55,52 @@ class ShardSpec:
 
     ``fused`` > 1: the dimension holds several tensors side by side (GPT-2's ``c_attn`` is q | k | v); each of them
     is split, so every rank gets its own heads of q, of k and of v rather than a contiguous third.
+
+    ``full`` > 0: the dimension's true length, which ``size`` does not divide: it is padded with zero rows to the
+    next multiple of ``size`` before the split, Megatron-style (a vocabulary; pptk.parallel.vocab_parallel), and the
+    padding is cut off again whenever the slices are merged, so it is never saved in Hugging Face's shapes.
     """
 
     dim: int
     rank: int
     size: int
     fused: int = 1
+    full: int = 0
+
+    def padded(self, length: int) -> int:
+        """The split length of a dimension whose true length is ``length``."""
+        return -(-length // self.size) * self.size if self.full else length
 
     def full_shape(self, local: tuple[int, ...]) -> tuple[int, ...]:
         shape = list(local)
-        shape[self.dim] *= self.size
+        shape[self.dim] = self.full or shape[self.dim] * self.size
         return tuple(shape)
 
     def ranges(self, full: int) -> list[tuple[int, int]]:
-        """[begin, end) of this rank's pieces along ``dim`` of the full tensor, one per part."""
-        part = full // self.fused
+        """[begin, end) of this rank's pieces along ``dim`` of the full tensor, one per part (a padded rank's piece
+        ends early: the rest of its slice is padding)."""
+        part = self.padded(full) // self.fused
         piece = part // self.size
-        return [(p * part + self.rank * piece, p * part + (self.rank + 1) * piece) for p in range(self.fused)]
+        return [
+            (p * part + self.rank * piece, min(p * part + (self.rank + 1) * piece, full)) for p in range(self.fused)
+        ]
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
-        pieces = [full.narrow(self.dim, begin, end - begin) for begin, end in self.ranges(full.shape[self.dim])]
-        return torch.cat(pieces, dim=self.dim).clone()
+        length = full.shape[self.dim]
+        pieces = [full.narrow(self.dim, begin, max(end - begin, 0)) for begin, end in self.ranges(length)]
+        taken = torch.cat(pieces, dim=self.dim)
+        missing = self.padded(length) // self.size - taken.shape[self.dim]
+        if missing:
+            shape = list(taken.shape)
+            shape[self.dim] = missing
+            taken = torch.cat([taken, taken.new_zeros(shape)], dim=self.dim)
+        return taken.clone()
 
     def merge(self, shards: list[torch.Tensor]) -> torch.Tensor:
-        """The full tensor from every rank's slice (``shards[r]`` from tp rank r)."""
+        """The full tensor from every rank's slice (``shards[r]`` from tp rank r), without any padding."""
         split = [shard.chunk(self.fused, dim=self.dim) for shard in shards]
-        return torch.cat([split[r][p] for p in range(self.fused) for r in range(self.size)], dim=self.dim)
+        merged = torch.cat([split[r][p] for p in range(self.fused) for r in range(self.size)], dim=self.dim)
+        return merged.narrow(self.dim, 0, self.full) if self.full else merged
 
 
 def shard_spec(param: torch.Tensor) -> ShardSpec | None:
@@ -150,20 +170,23 @@ def check_tensor_parallel(config, tp: int) -> None:
         )
 
 
-def _shard(parent: nn.Module, name: str, *, kind: str, group, rank: int, size: int, fused: int = 1) -> None:
-    """Replace ``parent.<name>`` (Linear or Conv1D) with this rank's slice, keeping the parameter names."""
+def _shard(
+    parent: nn.Module, name: str, *, kind: str, group, rank: int, size: int, fused: int = 1, full: int = 0
+) -> None:
+    """Replace ``parent.<name>`` (Linear or Conv1D) with this rank's slice, keeping the parameter names (``full``:
+    see ShardSpec; a padded column-parallel layer only)."""
     layer = getattr(parent, name)
     conv1d = type(layer).__name__ == "Conv1D"
     if not conv1d and not isinstance(layer, nn.Linear):
         raise PptkError(f"cannot shard {type(parent).__name__}.{name}: {type(layer).__name__} is not Linear/Conv1D")
     out_dim = 1 if conv1d else 0  # the output features' dimension of the weight
     weight_dim = out_dim if kind == "column" else 1 - out_dim
-    weight_spec = ShardSpec(dim=weight_dim, rank=rank, size=size, fused=fused)
+    weight_spec = ShardSpec(dim=weight_dim, rank=rank, size=size, fused=fused, full=full)
     weight = _sharded_parameter(layer.weight, weight_spec)
     bias = None
     if layer.bias is not None:
         if kind == "column":
-            bias_spec = ShardSpec(dim=0, rank=rank, size=size, fused=fused)
+            bias_spec = ShardSpec(dim=0, rank=rank, size=size, fused=fused, full=full)
             bias = _sharded_parameter(layer.bias, bias_spec)
         else:
             bias = layer.bias

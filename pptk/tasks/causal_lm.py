@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -139,6 +139,7 @@ class PreparedCausalLM:
     samples_by_position: bool = True  # the trainer hands train_batch global sample indices (pptk.data.blocks)
     _extra: dict = field(default_factory=dict)
     _expert_load: ExpertLoad | None = None  # mixture of experts with a router loss (engine_ready)
+    vocab_parallel_loss: ClassVar[bool] = True  # the loss is the plan's: at tp > 1 it reads vocabulary-split logits
 
     @property
     def num_train_examples(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -104,6 +104,7 @@ class PreparedSft:
     _loss: TokenMeanLoss | None = None
     _window: list[int] = field(default_factory=lambda: [0, 0])  # conversation tokens, positions since step_metrics
     _extra: dict = field(default_factory=dict)
+    vocab_parallel_loss: ClassVar[bool] = True  # the plan's causal-LM loss, token-averaged: vocabulary split at tp > 1
 
     @property
     def num_train_examples(self) -> int:

@@ -15,6 +15,9 @@ Optional methods, called only when a task defines them:
   before the first step: a pass over the data with the starting weights (DPO's reference log-probabilities) goes
   here. It must be collective: every rank calls it, and any ``eval_batch`` it runs runs on all of them.
 - ``step_metrics()``: extra numbers for each logged step (SFT's padding fraction).
+
+An optional attribute: ``vocab_parallel_loss = True`` says the task's loss is the plan's causal-LM loss, which reads
+vocabulary-split logits at tp > 1 (pptk.parallel.vocab_parallel); without it the vocabulary stays replicated.
 """
 
 from __future__ import annotations

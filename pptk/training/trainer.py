@@ -136,6 +136,10 @@ class Trainer:
             schedule=layout.schedule,
             micro_batch_size=layout.micro_batch_size,
             tp=layout.tp,
+            # only a task whose loss is the plan's causal-LM loss can read vocabulary-split logits (not DPO's)
+            vocab_parallel=None
+            if run.parallel.vocab_parallel and getattr(task, "vocab_parallel_loss", False)
+            else False,
         )
         if task.task == "causal-lm":
             check_eval_micro_batches(

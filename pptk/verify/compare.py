@@ -65,6 +65,7 @@ class VerifyResult:
     largest_update: float = 0.0  # the largest change the pipeline's step made to a trained parameter
     fresh_heads: list[str] = field(default_factory=list)  # head tensors the checkpoint lacks, freshly initialised
     dropped_heads: list[str] = field(default_factory=list)  # the checkpoint's own task head, unused by this task
+    vocab_split: str = ""  # tp > 1: how the embedding, LM head and loss split the vocabulary ("" replicated)
 
     @property
     def passed(self) -> bool:
@@ -109,6 +110,9 @@ class VerifyResult:
             )
         if self.dropped_heads:
             lines.append(f"  unused (the checkpoint's own task head): {', '.join(self.dropped_heads)}")
+        if self.tp > 1:
+            lines.append(f"  vocabulary: {self.vocab_split or 'replicated on every tp rank'}")
+            lines.append(f"  held per rank: {', '.join(f'{n:,}' for n in self.params_per_rank)} parameters")
         if self.dp > 1 or self.tp > 1:
             lines.append(f"  replicas (dp and tp ranks): max abs diff {self.replica_max_diff:.2e}")
         lines += [f"    {diff:.2e}  {name}" for name, diff in self.largest_diffs]
@@ -124,6 +128,14 @@ def _difference(name: str, copy: torch.Tensor, reference: dict, precision: str) 
     grad_pipeline, grad_reference = start - copy, start - reference["params"][name]
     allowance = reference["noise"][name] + BF16_UNIT_ROUNDOFF * grad_reference.norm().item()
     return (grad_pipeline - grad_reference).norm().item() / max(allowance, 1e-30)
+
+
+def _vocab_split(plan) -> str:
+    vocab = plan.vocab
+    if vocab is None:
+        return ""
+    padding = f", padded to {vocab.padded}" if vocab.padded != vocab.vocab_size else ""
+    return f"split over tp={vocab.tp}, {vocab.padded // vocab.tp:,} rows per rank ({vocab.vocab_size:,}{padding})"
 
 
 def checkpoint_gaps(plan, reference: dict) -> HeadGaps:
@@ -249,6 +261,7 @@ def compare(
         dp=dp,
         tp=tp,
         params_per_rank=[r.get("local_numel", 0) for r in results],
+        vocab_split=_vocab_split(plan),
         zero_stage=zero_stage,
         loss_pipeline=loss_pipeline,
         loss_reference=reference["loss"],

@@ -1,6 +1,7 @@
 # The Hugging Face side of `pptk verify`: the batch the ranks read and Hugging Face's own step on it.
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def _hf_step(
     """(mean micro-batch loss, fp32 gradients) of one step; the loss is the task's, as on the pipeline's last stage
     (Hugging Face's own loss functions: BERT's built-in loss would compute cross-entropy in bf16)."""
     model.train()
-    loss_fn = plan.loss_fn()
+    loss_fn = dataclasses.replace(plan, vocab=None).loss_fn()  # whole logits here, whatever the pipeline's tp
     # a MoE family's router term: Hugging Face's own aux_loss, added as <Family>ForCausalLM.forward adds it
     router = getattr(loss_fn, "keywords", {}).get("router")
     token_loss = partial(loss_fn, router=None) if router is not None else loss_fn

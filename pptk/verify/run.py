@@ -62,6 +62,7 @@ class VerifyJob:
     schedule: str = "1f1b"  # or "dualpipev" (needs micro_batches >= 2 * pp); jobs of both can share a launch
     allow_missing: bool = False  # PASS although the checkpoint lacks (or has extra) tensors both sides initialise
     lora: LoraSettings | None = None  # LoRA against peft on the same adapters (pptk.verify.lora); tp=1 only
+    vocab_parallel: bool | None = None  # at tp > 1 (pptk.parallel.vocab_parallel); None: wherever the task can
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
         schedule=job["schedule"],
         measured_ms=job["measured_ms"],
         tp=tp,
+        vocab_parallel=job["vocab_parallel"],
     )
     topology = PipeModelDataParallelTopology(layout["pp"], tp, layout["dp"]) if tp > 1 else None
     module = build_pipeline_module(plan, topology=topology)
@@ -231,6 +233,7 @@ def verify(
     top: int = 5,
     allow_missing: bool = False,
     lora: LoraSettings | None = None,
+    vocab_parallel: bool | None = None,
 ) -> VerifyResult:
     job = VerifyJob(
         model,
@@ -245,6 +248,7 @@ def verify(
         schedule=schedule,
         allow_missing=allow_missing,
         lora=lora,
+        vocab_parallel=vocab_parallel,
     )
     return verify_many(
         [job], pp=pp, dp=dp, tp=tp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top
@@ -388,6 +392,7 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
         schedule=job.schedule,
         micro_batch_size=job.micro_batch_size,
         tp=tp,
+        vocab_parallel=job.vocab_parallel,
     )
     positions = max_positions(plan.config)
     if positions is not None and job.seq_len > positions:

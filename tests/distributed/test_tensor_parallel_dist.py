@@ -15,6 +15,9 @@ from pptk.parallel.tensor_parallel import TP_REFUSED
 
 pytestmark = pytest.mark.dist
 
+# Causal LMs split their embedding, LM head and loss by vocabulary at tp > 1 (pptk.parallel.vocab_parallel): every
+# causal-lm job below runs that way, the tied GPT-2 and the untied LLaMA also with a vocabulary tp does not divide
+# (padded, the padding masked out of the loss and cut from every merge); "llama-replicated" keeps it whole.
 JOBS = {  # name -> (model, task, precision)
     "gpt2": ("gpt2", None, "fp32"),  # tied embedding / LM head across the stages; c_attn's fused q|k|v split per head
     "llama": ("llama", None, "fp32"),  # grouped-query attention: 4 heads, 2 key/value heads, one of each per rank
@@ -22,19 +25,58 @@ JOBS = {  # name -> (model, task, precision)
     "mistral": ("mistral", None, "fp32"),
     "bert": ("bert", "token-classification", "fp32"),
     "llama-bf16": ("llama", None, "bf16"),
+    "gpt2-bf16": ("gpt2", None, "bf16"),
+    "qwen3-bf16": ("qwen3", None, "bf16"),
+    "gpt2-odd-vocab": ("gpt2-511.json", None, "fp32"),
+    "gpt2-odd-vocab-bf16": ("gpt2-511.json", None, "bf16"),
+    "llama-odd-vocab": ("llama-509.json", None, "fp32"),
+    "llama-odd-vocab-bf16": ("llama-509.json", None, "bf16"),
+    "llama-replicated": ("llama", None, "fp32"),
     # decoder heads (docs/preference.md): the score head replicated like an untied LM head; the reward loss on pairs
     "llama-reward": ("llama", "reward", "fp32"),
     "qwen3-classifier-bf16": ("qwen3", "sequence-classification", "bf16"),
 }
+ODD_VOCAB = {  # vocabularies tp=2 does not divide
+    "gpt2-511.json": {
+        "model_type": "gpt2",
+        "vocab_size": 511,
+        "n_embd": 64,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_positions": 64,
+    },
+    "llama-509.json": {
+        "model_type": "llama",
+        "vocab_size": 509,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 64,
+    },
+}
+
+
+def _job(name: str, folder):
+    from pptk.verify.run import VerifyJob
+
+    model, task, precision = JOBS[name]
+    if model in ODD_VOCAB:
+        path = folder / model
+        path.write_text(json.dumps({**ODD_VOCAB[model], "bos_token_id": 0, "eos_token_id": 0}))
+        model = str(path)
+    vocab_parallel = False if name.endswith("-replicated") else None
+    return VerifyJob(model, task=task, precision=precision, seq_len=24, vocab_parallel=vocab_parallel)
 
 
 @pytest.fixture(scope="module")
 def verified_tp2(tmp_path_factory):
-    from pptk.verify.run import VerifyJob, verify_many
+    from pptk.verify.run import verify_many
 
-    jobs = [VerifyJob(model, task=task, precision=precision, seq_len=24) for model, task, precision in JOBS.values()]
     work = tmp_path_factory.mktemp("verify-tp2")
-    return dict(zip(JOBS, verify_many(jobs, pp=2, tp=2, workdir=work)))
+    return dict(zip(JOBS, verify_many([_job(name, work) for name in JOBS], pp=2, tp=2, workdir=work)))
 
 
 @pytest.mark.parametrize("name", list(JOBS))
@@ -43,6 +85,25 @@ def test_pp2_tp2_matches_hugging_face(verified_tp2, name):
     assert result.passed, result.describe()
     assert (result.pp, result.tp, result.precision) == (2, 2, JOBS[name][2])
     assert result.params_pipeline == result.params_reference
+
+
+@pytest.mark.parametrize("name", [n for n, (_, task, _) in JOBS.items() if task is None])
+def test_causal_lms_split_the_vocabulary_unless_told_not_to(verified_tp2, name):
+    """verify says how it split the vocabulary, padding included."""
+    result = verified_tp2[name]
+    if name.endswith("-replicated"):
+        assert result.vocab_split == ""
+        return
+    vocab = {"gpt2-511.json": 511, "llama-509.json": 509}.get(JOBS[name][0])
+    assert result.vocab_split.startswith("split over tp=2"), result.describe()
+    if vocab is not None:
+        assert f"({vocab}, padded to {vocab + 1})" in result.vocab_split
+
+
+def test_vocab_split_halves_the_embedding_and_head_on_each_rank(verified_tp2):
+    split, whole = verified_tp2["llama"].params_per_rank, verified_tp2["llama-replicated"].params_per_rank
+    vocab_rows = 256 * 64  # the small llama config: one embedding and one untied LM head, on stages 0 and 1
+    assert [whole[r] - split[r] for r in range(4)] == [vocab_rows // 2] * 4
 
 
 # `--tp 2` alone (pp=1 x tp=2 x dp=1, 2 ranks): the tied GPT-2, llama's grouped-query attention in fp32 and bf16,
@@ -206,3 +267,30 @@ def test_tp2_checkpoint_holds_each_ranks_slices_which_merge_to_the_tp1_run_and_e
     exported = AutoModelForCausalLM.from_pretrained(resumed / "hf").state_dict()
     for name, tensor in read_layer(tag, manifest, 1).items():  # the first decoder layer
         assert torch.equal(exported[f"model.layers.0.{name}"], tensor), name
+
+
+def test_the_vocabulary_split_is_saved_in_slices_and_exported_whole_bitwise(tp1_then_tp2, tmp_path):
+    """The tp=2 run split LLaMA's embedding (layer 0) and untied LM head (the last layer) by vocabulary: each rank
+    saved its half of the demo tokenizer's 4096 rows, the manifest says so, and both --export-hf and `pptk convert
+    ds-to-hf` write the rows back whole and in order, bitwise."""
+    from pptk.checkpoints.convert import ds_to_hf
+
+    _, resumed, *_ = tp1_then_tp2
+    tag = resumed / "checkpoints" / "step6"
+    manifest = json.loads((tag / "pptk.json").read_text())
+    splits = manifest["tensor_parallel"]["splits"]
+    head = next(int(index) for index, names in splits.items() if "lm_head.weight" in names)
+    assert splits["0"] == {"weight": [0, 1]} and splits[str(head)] == {"lm_head.weight": [0, 1]}
+    rows = {}
+    for index, name, hf_name in (
+        (0, "weight", "model.embed_tokens.weight"),
+        (head, "lm_head.weight", "lm_head.weight"),
+    ):
+        shards = [torch.load(tag / f"layer_{index:02d}-model_{r:02d}-model_states.pt")[name] for r in (0, 1)]
+        assert shards[0].shape == shards[1].shape
+        rows[hf_name] = torch.cat(shards)
+    ds_to_hf(tag, tmp_path / "converted")
+    for folder in (resumed / "hf", tmp_path / "converted"):
+        exported = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        for hf_name, tensor in rows.items():
+            assert exported[hf_name].shape[0] == 4096 and torch.equal(exported[hf_name], tensor), (folder, hf_name)

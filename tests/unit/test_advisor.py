@@ -1,4 +1,5 @@
 # The layout advisor's arithmetic on a model small enough to count by hand, and `pptk plan --gpus` on a 70B shape.
+import dataclasses
 import json
 
 import pytest
@@ -79,6 +80,25 @@ def test_advise_ranks_fits_by_step_time_and_says_why_the_rest_fail():
     assert (2, 1, 1, 1) not in problems  # checkpointing makes pp=2 x dp=2 fit
     pp8 = advise(WORKLOAD, Hardware(gpus=8, memory_bytes=1e6, tflops=1e-9), micro_batch_sizes=(1,))
     assert all("every stage needs at least one block" in f.problem for f in pp8 if f.candidate.pp == 8)
+
+
+def test_a_vocabulary_split_divides_embedding_head_and_logits_by_tp():
+    """At tp=2 with the embedding (layer 0) and head (layer 5) split by vocabulary: each holds half its parameters,
+    the loss half its fp32 log-softmax per token, and the head half its FLOPs; nothing else changes."""
+    stages = plan_stages(list(COSTS), num_stages=2)
+    layout = Candidate(pp=2, tp=2, dp=1, micro_batch_size=1, checkpoint_interval=0)
+    whole = forecast(layout, WORKLOAD, HARDWARE, stages=stages, tp_problem=None)
+    split_workload = dataclasses.replace(WORKLOAD, vocab_layers=frozenset({0, 5}))
+    split = forecast(layout, split_workload, HARDWARE, stages=stages, tp_problem=None)
+    per_param = 13 + 12  # bf16, ZeRO-1 over dp=1
+    tokens = 4
+    assert whole.rank_bytes[0] - split.rank_bytes[0] == pytest.approx(500 * per_param)
+    # stage 1: half the head's weights, and half the 32 fp32 log-softmax entries per token of its 1 micro-batch
+    assert whole.rank_bytes[1] - split.rank_bytes[1] == pytest.approx(500 * per_param + tokens * 4 * 16)
+    # the slowest stage (block 4 split over tp, then the head): 3 x (200 / 2 + 2000) -> 3 x (200 / 2 + 2000 / 2)
+    slots = 8 + 2 - 1
+    assert whole.step_seconds == pytest.approx(slots * 3 * (100 + 2000) * tokens / 1000)
+    assert split.step_seconds == pytest.approx(slots * 3 * (100 + 1000) * tokens / 1000)
 
 
 def test_parse_memory():

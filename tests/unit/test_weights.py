@@ -87,22 +87,33 @@ def test_wrong_model_type_is_refused(tmp_path):
 
 @pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("shape", "dim", "fused"),
-    [((12, 8), 0, 1), ((12, 8), 1, 1), ((8, 12), 1, 3), ((12, 5), 0, 3), ((3, 8, 4), 1, 2), ((16,), 0, 1)],
+    ("shape", "dim", "split"),  # split: (fused parts, true length of a padded dimension or 0)
+    [
+        ((12, 8), 0, (1, 0)),
+        ((12, 8), 1, (1, 0)),
+        ((8, 12), 1, (3, 0)),
+        ((12, 5), 0, (3, 0)),
+        ((3, 8, 4), 1, (2, 0)),
+        ((16,), 0, (1, 0)),
+        ((11, 8), 0, (1, 11)),  # a vocabulary tp does not divide: the last rank's slice ends in a zero row
+        ((11,), 0, (1, 11)),
+    ],
 )
-def test_a_tp_rank_reads_exactly_its_slice(tmp_path, file_dtype, shape, dim, fused):
+def test_a_tp_rank_reads_exactly_its_slice(tmp_path, file_dtype, shape, dim, split):
     """Row runs read straight into the parameter (or through a buffer when the file holds another dtype) give
-    what cutting the full tensor gives, for every rank, split dimension and fused layout (GPT-2's q | k | v)."""
+    what cutting the full tensor gives, for every rank, split dimension, fused layout (GPT-2's q | k | v) and
+    padded split (pptk.parallel.vocab_parallel)."""
     from safetensors.torch import save_file
 
     from pptk.parallel.tensor_parallel import ShardSpec
 
-    full = torch.randn(shape).to(file_dtype)
-    save_file({"w": full, "other": torch.ones(3)}, tmp_path / "model.safetensors")
+    fused, full = split
+    full_tensor = torch.randn(shape).to(file_dtype)
+    save_file({"w": full_tensor, "other": torch.ones(3)}, tmp_path / "model.safetensors")
     checkpoint = HFCheckpoint(tmp_path)
     for rank in range(2):
-        spec = ShardSpec(dim=dim, rank=rank, size=2, fused=fused)
-        expected = spec.take(full.float())
+        spec = ShardSpec(dim=dim, rank=rank, size=2, fused=fused, full=full)
+        expected = spec.take(full_tensor.float())
         target = torch.full_like(expected, float("nan"))
         checkpoint.read_slice_into("w", target, spec)
         assert torch.equal(target, expected), (rank, target, expected)
