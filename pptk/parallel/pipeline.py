@@ -342,7 +342,10 @@ def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan,
             layer = spec.build()
         _shard_layer(layer, group=group, rank=rank, size=size, vocab=vocab)
         materialize_parameters(layer)
-        init(layer)  # what sharding left whole; the sliced parameters come from the checkpoint
+        # what sharding left whole; the sliced parameters come from the checkpoint. An embedding or LM head is its
+        # sliced weight alone, and HF's init would zero a row by the full vocabulary's padding index: skipped.
+        if vocab is None:
+            init(layer)
     else:
         layer = spec.build()
         init(layer)
