@@ -1,4 +1,4 @@
-"""Peak memory per rank at pp=2 x tp=2 with a large vocabulary: embedding and LM head split by vocabulary vs whole.
+"""Peak memory per rank at pp=2 x tp=2: the vocabulary split vs whole, and sequence parallelism vs not.
 
 A LLaMA-shaped model whose vocabulary (65,536 rows, untied) dwarfs its blocks, as a 128k-vocabulary model's does
 at scale: the first stage holds the embedding, the last the LM head and the logits. For fp32 and bf16, 4 gloo
@@ -7,6 +7,10 @@ vocabulary split over the tp ranks (the default at tp > 1) and once with ``vocab
 steps. Measured as benchmarks/plan_memory.py measures: peak RSS (VmHWM, reset just before the build) minus the RSS
 before it. Recorded beside it: `pptk plan --json`'s forecast of the same layout, with and without
 ``--no-vocab-parallel``. Writes benchmarks/results/vocab_memory.json with the split / whole ratio per stage.
+
+Then the activations: a LLaMA with long sequences and a small vocabulary (hidden 512, 4 layers, 2 x 1024 tokens,
+8192 words), both runs with the vocabulary split, without and with ``sequence_parallel`` (norms, residuals and the
+activations sent between the stages on S/tp positions), forecast by `pptk plan [--sequence-parallel]`.
 
     make install && DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vocab_memory.py
     ... --vocab 131072 --hidden 512          # a 128k vocabulary (needs ~4x the memory)
@@ -49,7 +53,12 @@ def _train_rank(rank: int, model_dir: str, run: dict, out: str) -> None:
         grad_clip=1.0,
     )
     plan = plan_pipeline(
-        resolve_model(model_dir), num_stages=2, tp=2, seq_len=run["seq_len"], vocab_parallel=run["vocab_parallel"]
+        resolve_model(model_dir),
+        num_stages=2,
+        tp=2,
+        seq_len=run["seq_len"],
+        vocab_parallel=run["vocab_parallel"],
+        sequence_parallel=run.get("sequence_parallel", False),
     )
     reset_peak_rss()
     before = rss_bytes()
@@ -91,22 +100,24 @@ def forecast(model_dir: Path, run: dict) -> list[float]:
                 f"--micro-batch-size={run['micro_batch_size']}",
                 f"--grad-accum-steps={MICRO_BATCHES}",
                 *([] if run["vocab_parallel"] else ["--no-vocab-parallel"]),
+                *(["--sequence-parallel"] if run.get("sequence_parallel") else []),
             ]
         )
     return [row["total_gib"] * 2**30 for row in json.loads(printed.getvalue())["ranks"]]
 
 
-def llama_config(args: argparse.Namespace):
+def llama_config(args: argparse.Namespace, *, vocab: int | None = None, hidden: int | None = None, seq_len=None):
     from transformers import LlamaConfig
 
+    hidden = hidden or args.hidden
     return LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
+        vocab_size=vocab or args.vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=args.seq_len,
+        max_position_embeddings=seq_len or args.seq_len,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
@@ -168,6 +179,7 @@ def main() -> None:
                 f"MiB, split {split['measured'] / 2**20:7.1f} MiB: x{row['split_over_whole_measured']:.2f} measured, "
                 f"x{row['split_over_whole_forecast']:.2f} forecast by `pptk plan`"
             )
+    activations = measure_sequence_parallel(args, work)
     last = [r for r in rows if r["stage"] == 1]
     result = {
         "benchmark": "peak memory per rank at pp=2 x tp=2: vocabulary split over the tp ranks vs whole (CPU ranks)",
@@ -193,8 +205,58 @@ def main() -> None:
             precision: max(r["split_over_whole_forecast"] for r in last if r["precision"] == precision)
             for precision in ("fp32", "bf16")
         },
+        "sequence_parallel": activations,
     }
     write_result(args.output, result)
+
+
+def measure_sequence_parallel(args: argparse.Namespace, work: Path) -> dict:
+    """Both with the vocabulary split: sequence parallelism off, then on; a long-sequence, small-vocabulary LLaMA."""
+    from pptk.launch.ranks import run_ranks
+
+    shape = {"hidden": 512, "vocab": 8192, "seq_len": 1024, "micro_batch": 2, "layers": args.layers}
+    llama_config(args, vocab=shape["vocab"], hidden=shape["hidden"], seq_len=shape["seq_len"]).save_pretrained(
+        work / "long"
+    )
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        for kind, sequence in (("off", False), ("on", True)):
+            run = {
+                "precision": precision,
+                "vocab_parallel": True,
+                "sequence_parallel": sequence,
+                "steps": args.steps,
+                "seq_len": shape["seq_len"],
+                "micro_batch_size": shape["micro_batch"],
+            }
+            out = work / f"sp-{precision}-{kind}"
+            out.mkdir()
+            run_ranks(_train_rank, world_size=4, args=(str(work / "long"), run, str(out)), log_dir=out)
+            planned = forecast(work / "long", run)
+            ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)]
+            runs[(precision, kind)] = [{**r, "forecast": planned[r["stage"]]} for r in ranks]
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for off, on in zip(runs[(precision, "off")], runs[(precision, "on")]):
+            row = {
+                "precision": precision,
+                "stage": off["stage"],
+                "tp_rank": off["tp_rank"],
+                "off_measured_bytes": off["measured"],
+                "on_measured_bytes": on["measured"],
+                "on_over_off_measured": on["measured"] / off["measured"],
+                "saved_measured_bytes": off["measured"] - on["measured"],
+                "saved_forecast_bytes": off["forecast"] - on["forecast"],
+                "on_forecast_over_measured": on["forecast"] / on["measured"],
+                "same_loss": abs(off["loss"] - on["loss"]) < 1e-2,
+            }
+            rows.append(row)
+            print(
+                f"sequence parallel, {precision} stage {row['stage']} tp rank {row['tp_rank']}: "
+                f"{off['measured'] / 2**20:7.1f} -> {on['measured'] / 2**20:7.1f} MiB "
+                f"(saved {row['saved_measured_bytes'] / 2**20:.1f}, forecast {row['saved_forecast_bytes'] / 2**20:.1f})"
+            )
+    return {"model": {"family": "llama", **shape, "micro_batches": MICRO_BATCHES}, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         seed=args.seed,
         lora=lora_settings(args),
         vocab_parallel=False if args.no_vocab_parallel else None,
+        sequence_parallel=args.sequence_parallel,
     )
     print(result.to_json() if args.json else result.describe())
     return 0 if result.passed else 1

@@ -23,6 +23,11 @@ def common_model_args(parser: argparse.ArgumentParser, *, pp_required: bool = Tr
         action="store_true",
         help="at --tp > 1, keep the embedding and LM head whole on every tp rank (default: split by vocabulary)",
     )
+    parser.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="at --tp > 1, norms and residuals hold S/tp of the sequence (Megatron's sequence parallelism)",
+    )
     parser.add_argument("--task", default=None, help=TASK_HELP)
     parser.add_argument("--partition-method", default="compute", help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES), help="pipeline schedule")

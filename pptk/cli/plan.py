@@ -85,6 +85,7 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
         micro_batch_size=micro_batch_size,
         tp=args.tp,
         vocab_parallel=False if args.no_vocab_parallel else None,
+        sequence_parallel=args.sequence_parallel,
     )
     vocab_layers = vocab_layer_indices(plan.layers) if plan.vocab is not None else frozenset()
     positions = max_positions(plan.config) or 2048
@@ -117,6 +118,7 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
         lora=counts,
         schedule=args.schedule,
         vocab_layers=vocab_layers,
+        sequence_parallel=plan.sequence_parallel,
     )
     train, acts = rank_memory(
         plan.stages,
@@ -196,7 +198,8 @@ def vocab_layer_indices(layers) -> frozenset[int]:
 def _vocab_text(plan) -> str:
     if plan.vocab is None:
         return "embeddings and head replicated"
-    return f"embedding and LM head split by vocabulary ({plan.vocab.padded // plan.vocab.tp:,} rows per rank)"
+    text = f"embedding and LM head split by vocabulary ({plan.vocab.padded // plan.vocab.tp:,} rows per rank)"
+    return text + (", sequence parallel (norms and residuals hold S/tp)" if plan.sequence_parallel else "")
 
 
 def describe_checkpointing(interval: int) -> str:
@@ -226,6 +229,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
     from pptk.parallel.lora import lora_layout_problems
     from pptk.parallel.lora_plan import lora_parameters_per_layer
     from pptk.parallel.pipeline import max_positions, plan_pipeline
+    from pptk.parallel.sequence_parallel import sequence_parallel_problem
     from pptk.parallel.tensor_parallel import check_tensor_parallel
     from pptk.parallel.vocab_parallel import vocab_parallel_problem
     from pptk.training.config import check_settings
@@ -249,6 +253,11 @@ def cmd_advise(args: argparse.Namespace) -> int:
     if lora is not None:
         per_layer = lora_parameters_per_layer(plan.layers, lora, task=plan.task)
         counts = LoraCounts(tuple(c.adapters for c in per_layer), tuple(c.trained_in_full for c in per_layer))
+    vocab_split = not args.no_vocab_parallel and not vocab_parallel_problem(plan.config, plan.task, plan.layers, 2)
+    if args.sequence_parallel and (
+        problem := sequence_parallel_problem(plan.config.model_type, tp=2, vocab_split=vocab_split, task=plan.task)
+    ):
+        raise PptkError(f"--sequence-parallel: {problem}; drop --sequence-parallel")
     workload = Workload(
         shape=block_shape(plan.config),
         costs=plan.stages.costs,
@@ -256,10 +265,9 @@ def cmd_advise(args: argparse.Namespace) -> int:
         global_batch_size=args.global_batch_size or 16 * args.gpus,
         precision=args.precision,
         lora=counts,
+        sequence_parallel=args.sequence_parallel,
         # at tp > 1 the vocabulary splits wherever the task can (checked at tp=2: the task and the head decide)
-        vocab_layers=frozenset()
-        if args.no_vocab_parallel or vocab_parallel_problem(plan.config, plan.task, plan.layers, 2)
-        else vocab_layer_indices(plan.layers),
+        vocab_layers=vocab_layer_indices(plan.layers) if vocab_split else frozenset(),
     )
     hardware = Hardware(
         gpus=args.gpus,

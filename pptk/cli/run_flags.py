@@ -20,6 +20,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="at --tp > 1, keep the embedding and LM head whole on every tp rank (default: split by vocabulary)",
     )
     g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="at --tp > 1, norms and residuals hold S/tp of the sequence (Megatron's sequence parallelism)",
+    )
+    g.add_argument(
         "--ds-config",
         "--deepspeed_config",
         dest="ds_config",
@@ -135,6 +140,7 @@ def run_config(
             pp=args.pp,
             tp=args.tp,
             vocab_parallel=not args.no_vocab_parallel,
+            sequence_parallel=args.sequence_parallel,
             micro_batch_size=args.micro_batch_size,
             grad_accum_steps=args.grad_accum_steps,
             global_batch_size=args.global_batch_size,

@@ -68,7 +68,9 @@ class StageTensors:
                 f"stage protocol: hidden_states must be float [batch, seq, hidden], got {_describe(hidden)}"
             )
         for name, t in (("attention_mask", mask), ("position_ids", positions)):
-            if t.dtype != torch.long or tuple(t.shape) != tuple(hidden.shape[:2]):
+            # the hidden states may be a sequence-parallel chunk (pptk.parallel.sequence_parallel): S / tp positions
+            whole = t.dim() == 2 and t.shape[0] == hidden.shape[0] and t.shape[1] % hidden.shape[1] == 0
+            if t.dtype != torch.long or not whole:
                 raise TypeError(f"stage protocol: {name} must be int64 {list(hidden.shape[:2])}, got {_describe(t)}")
         router = RouterSums.check(*inputs[3:]) if len(inputs) == 6 else None
         return cls(hidden, mask, positions, router)
@@ -129,6 +131,9 @@ def attention_mask_for(kind: str, config, stage: StageTensors) -> torch.Tensor |
     from transformers import masking_utils
 
     hidden = stage.hidden_states
+    length = stage.attention_mask.shape[1]
+    if hidden.shape[1] != length:  # a sequence-parallel chunk: the attention sees the whole sequence
+        hidden = hidden[:, :1].expand(-1, length, -1)
     if kind == "bidirectional":
         return masking_utils.create_bidirectional_mask(
             config=config, inputs_embeds=hidden, attention_mask=stage.attention_mask
@@ -163,7 +168,7 @@ class StageMasks:
         self._last: dict[str, tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, kind: str, config, stage: StageTensors) -> torch.Tensor | None:
-        key = (id(config), config._attn_implementation, tuple(stage.hidden_states.shape[:2]), stage.hidden_states.dtype)
+        key = (id(config), config._attn_implementation, tuple(stage.attention_mask.shape), stage.hidden_states.dtype)
         cached = self._last.get(kind)
         if cached is not None:
             cached_key, cached_mask, cached_positions, mask = cached

@@ -54,21 +54,28 @@ def block_shape(config) -> BlockShape:
     return BlockShape(template, hidden, heads, kv_heads, head_dim, intermediate, config.vocab_size)
 
 
-def block_bytes_per_token(shape: BlockShape, *, seq_len: int, precision: str, tp: int = 1) -> float:
+def block_bytes_per_token(
+    shape: BlockShape, *, seq_len: int, precision: str, tp: int = 1, sequence_parallel: bool = False
+) -> float:
     """Bytes one block saves for backward per token of a micro-batch, on one tp rank (heads and MLP columns split
-    tp ways; the norms and the residual stream replicated, as pptk has no sequence parallelism)."""
+    tp ways; the norms and the residual stream replicated, or split tp ways under sequence parallelism, where the
+    two gathered inputs of the attention and the MLP, and the rotary tables, stay whole: modelled, not measured)."""
     p = PRECISION_BYTES[precision]
     h, kv, d, i, a = shape.hidden, shape.kv_heads * shape.head_dim, shape.head_dim, shape.intermediate, shape.heads
     if shape.template == "gpt2":
         # LayerNorm input and output, the residual and MLP dropout noise, the second norm's input, c_fc's input;
         # q, k, v (fp32), three [a, s, s] fp32 score tensors, c_proj's input, gelu_new's five [s, i] tensors
         replicated = p * (6 * h + 4)
+        gathered = p * 2 * h  # c_attn's and c_fc's inputs
         split = FP32 * (a * d + 2 * kv + 3 * a * seq_len) + p * (a * d + 5 * i)
     else:
         # two RMSNorms: fp32 input + rsqrt, normalised and weighted outputs; rotary cos/sin; q (as SDPA's output),
         # k, v, the o_proj input, SDPA's log-sum-exp (fp32); gate, up, act(gate) and their product
         replicated = FP32 * (2 * h + 2) + p * (4 * h + 2 * d)
+        gathered = p * (2 * h + 2 * d)  # the attention's and the MLP's inputs, the rotary cos/sin
         split = p * (2 * a * d + 2 * kv + 4 * i) + FP32 * a
+    if sequence_parallel:
+        return (replicated - gathered) / tp + gathered + split / tp
     return replicated + split / tp
 
 
@@ -106,14 +113,18 @@ def stage_activations(
     precision: str,
     tp: int = 1,
     vocab_split: bool = False,
+    sequence_parallel: bool = False,
     checkpoint_interval: int = 0,
     first: bool,
     last: bool,
 ) -> StageActivations:
     """``roles``: the stage's local layers in order ("embed" | "block" | "head"), as DeepSpeed sees them."""
     tokens = micro_batch_size * seq_len
-    hidden_bytes = tokens * PRECISION_BYTES[precision] * shape.hidden
-    block = tokens * block_bytes_per_token(shape, seq_len=seq_len, precision=precision, tp=tp)
+    # under sequence parallelism the hidden states between blocks (and so the pipe buffers) hold S / tp positions
+    hidden_bytes = tokens * PRECISION_BYTES[precision] * shape.hidden / (tp if sequence_parallel else 1)
+    block = tokens * block_bytes_per_token(
+        shape, seq_len=seq_len, precision=precision, tp=tp, sequence_parallel=sequence_parallel
+    )
     head_saved, head_transient = head_bytes_per_token(shape, precision=precision, tp_vocab=tp if vocab_split else 1)
     full = {"embed": 0.0, "block": block, "head": 0.0}
     # the stage's received input and sent output stay in DeepSpeed's pipe buffers until the backward

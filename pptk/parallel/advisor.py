@@ -85,6 +85,7 @@ class Workload:
     schedule: str = "1f1b"
     # the layers split by vocabulary at tp > 1 (pptk.parallel.vocab_parallel); empty: replicated on every tp rank
     vocab_layers: frozenset[int] = frozenset()
+    sequence_parallel: bool = False  # at tp > 1 (pptk.parallel.sequence_parallel)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def rank_memory(
                 precision=workload.precision,
                 tp=tp,
                 vocab_split=bool(workload.vocab_layers),
+                sequence_parallel=workload.sequence_parallel and tp > 1,
                 checkpoint_interval=checkpoint_interval,
                 first=s == 0,
                 last=s == stages.num_stages - 1,

@@ -23,6 +23,7 @@ from pptk.models.moe import experts_of
 from pptk.parallel.hf_weights import HFCheckpoint, hf_conversions, load_stage_weights
 from pptk.parallel.partition import StagePlan, layer_costs, plan_stages
 from pptk.parallel.schedules import check_schedule, stages_for
+from pptk.parallel.sequence_parallel import SequenceGroup, apply_sequence_parallel, sequence_parallel_problem
 from pptk.parallel.tensor_parallel import (
     check_tensor_parallel,
     materialize_parameters,
@@ -121,6 +122,7 @@ class PipelinePlan:
     layers: list[PipeLayer]
     stages: StagePlan
     vocab: VocabSplit | None = None  # tp > 1: the embedding and LM head split by vocabulary rows
+    sequence_parallel: bool = False  # tp > 1: the regions outside attention and MLP hold S / tp positions
 
     @property
     def hf_class(self) -> type[Any]:
@@ -145,6 +147,7 @@ def plan_pipeline(
     measured_ms: tuple[float, ...] | None = None,
     tp: int = 1,
     vocab_parallel: bool | None = None,
+    sequence_parallel: bool = False,
 ) -> PipelinePlan:
     """task: None reads it from config.architectures (see pptk.models.heads.infer_task); a name overrides that.
 
@@ -152,6 +155,8 @@ def plan_pipeline(
     tp: tensor-parallel shards per stage; checked here (family, heads) so a bad value fails before ranks start.
     vocab_parallel: at tp > 1, split the embedding, LM head and loss by vocabulary (pptk.parallel.vocab_parallel);
     None: wherever the model and task can, True: refuse where they cannot, False: keep them replicated.
+    sequence_parallel: Megatron's sequence parallelism (pptk.parallel.sequence_parallel); refused where the family,
+    tp or the vocabulary split do not allow it.
     partition_method "profile" times every layer on one micro-batch of ``micro_batch_size x seq_len`` here,
     unless ``measured_ms`` (one time per layer, e.g. another rank's) is given.
     """
@@ -181,9 +186,12 @@ def plan_pipeline(
         schedule=schedule,
         measured_ms=measured_ms if partition_method == "profile" else None,
     )
-    return PipelinePlan(
-        source, config, task, layers, stages, vocab=_vocab_split(config, task, layers, tp, vocab_parallel)
-    )
+    vocab = _vocab_split(config, task, layers, tp, vocab_parallel)
+    if sequence_parallel and (
+        problem := sequence_parallel_problem(config.model_type, tp=tp, vocab_split=vocab is not None, task=task)
+    ):
+        raise PptkError(f"--sequence-parallel: {problem}; drop --sequence-parallel")
+    return PipelinePlan(source, config, task, layers, stages, vocab=vocab, sequence_parallel=sequence_parallel)
 
 
 def _vocab_split(config, task: str, layers: list[PipeLayer], tp: int, wanted: bool | None) -> VocabSplit | None:
@@ -350,6 +358,8 @@ def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan,
         layer = spec.build()
         init(layer)
         _shard_layer(layer, group=group, rank=rank, size=size, vocab=vocab)
+    if plan.sequence_parallel:
+        apply_sequence_parallel(layer, role=plan.layers[index].role, sequence=SequenceGroup(group, rank, size))
     sum_partial_gradients(layer, group=group)
     return layer
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ TP_REFUSED = {
     ),
 }
 SHARD_ATTR = "pptk_shard"
+TP_MODULE_ATTR = (
+    "pptk_tensor_parallel"  # an attention or MLP module shard_stage split (sequence parallelism gathers there)
+)
 PARTIAL_GRAD_ATTR = "pptk_partial_grad"  # a replicated parameter whose gradient is summed over tp
 # DeepSpeed's mark of a tensor-parallel parameter (deepspeed.runtime.utils.is_model_parallel_parameter): gradient
 # norms count it on every tp rank, and a replicated one on tp rank 0 only.
@@ -122,6 +126,9 @@ class ShardedLinear(nn.Module):
         self.kind = kind
         self.conv1d = conv1d
         self.group = group
+        # pptk.parallel.sequence_parallel.SequenceGroup under --sequence-parallel: the input arrives gathered
+        # (column), the output leaves reduce-scattered over the sequence (row)
+        self.sequence: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from pptk.deepspeed_compat import tensor_parallel_functions
@@ -129,8 +136,13 @@ class ShardedLinear(nn.Module):
         column, row = tensor_parallel_functions()
         weight = self.weight.t() if self.conv1d else self.weight  # Conv1D stores [in, out]
         if self.kind == "column":
-            return F.linear(column.apply(self.group, x), weight, self.bias)
-        out = row.apply(self.group, F.linear(x, weight), False)
+            return F.linear(x if self.sequence is not None else column.apply(self.group, x), weight, self.bias)
+        partial = F.linear(x, weight)
+        out = (
+            self.sequence.reduce_scatter(partial)
+            if self.sequence is not None
+            else row.apply(self.group, partial, False)
+        )
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -296,6 +308,7 @@ def shard_stage(module: nn.Module, *, group, rank: int, size: int) -> int:
             _shard(sub, "c_proj", kind="row", **kw)
         else:
             continue
+        setattr(sub, TP_MODULE_ATTR, True)
         count += 1
     return count
 

@@ -23,6 +23,8 @@ reused (pptk.deepspeed_compat).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import TiedLayerSpec
@@ -47,6 +49,7 @@ class VocabShard:
         self.start = rank * self.per_rank
         self.end = self.start + self.per_rank
         self.padded = self.per_rank * size
+        self.sequence: Any = None  # --sequence-parallel: the LM head gathers the sequence chunks first
 
     def spec(self) -> ShardSpec:
         return ShardSpec(
@@ -68,6 +71,8 @@ class VocabShard:
         """This rank's slice of the logits ``hidden @ weight.T``."""
         from pptk.deepspeed_compat import tensor_parallel_functions
 
+        if self.sequence is not None:
+            return F.linear(self.sequence.gather(hidden), weight)
         column, _ = tensor_parallel_functions()
         return F.linear(column.apply(self.group, hidden), weight)
 

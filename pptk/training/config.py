@@ -108,6 +108,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel shards per stage (pptk.parallel.tensor_parallel); dp = WORLD_SIZE / (pp * tp)
     # at tp > 1: split embedding, LM head and loss by vocabulary where the task allows (pptk.parallel.vocab_parallel)
     vocab_parallel: bool = True
+    sequence_parallel: bool = False  # at tp > 1: norms and residuals hold S / tp (pptk.parallel.sequence_parallel)
     micro_batch_size: int = 4
     grad_accum_steps: int | None = None  # default 2 * pp: keeps the 1F1B bubble at a third or less
     global_batch_size: int | None = None  # alternative to grad_accum_steps

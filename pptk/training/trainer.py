@@ -140,7 +140,15 @@ class Trainer:
             vocab_parallel=None
             if run.parallel.vocab_parallel and getattr(task, "vocab_parallel_loss", False)
             else False,
+            sequence_parallel=run.parallel.sequence_parallel,
         )
+        if run.parallel.sequence_parallel and task.dynamic_shape:
+            raise PptkError(
+                "--sequence-parallel needs micro-batches of one length that tp divides; this task's change length "
+                "(drop --sequence-parallel)"
+            )
+        if run.parallel.sequence_parallel and task.seq_len % layout.tp:
+            raise PptkError(f"--sequence-parallel: --seq-len {task.seq_len} does not split over tp={layout.tp}")
         if task.task == "causal-lm":
             check_eval_micro_batches(
                 layout.schedule, pp=layout.pp, count=run.output.eval_batches, what="--eval-batches"

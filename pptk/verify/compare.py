@@ -135,7 +135,11 @@ def _vocab_split(plan) -> str:
     if vocab is None:
         return ""
     padding = f", padded to {vocab.padded}" if vocab.padded != vocab.vocab_size else ""
-    return f"split over tp={vocab.tp}, {vocab.padded // vocab.tp:,} rows per rank ({vocab.vocab_size:,}{padding})"
+    sequence = "; sequence parallel" if plan.sequence_parallel else ""
+    return (
+        f"split over tp={vocab.tp}, {vocab.padded // vocab.tp:,} rows per rank ({vocab.vocab_size:,}{padding})"
+        + sequence
+    )
 
 
 def checkpoint_gaps(plan, reference: dict) -> HeadGaps:

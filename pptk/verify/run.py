@@ -63,6 +63,7 @@ class VerifyJob:
     allow_missing: bool = False  # PASS although the checkpoint lacks (or has extra) tensors both sides initialise
     lora: LoraSettings | None = None  # LoRA against peft on the same adapters (pptk.verify.lora); tp=1 only
     vocab_parallel: bool | None = None  # at tp > 1 (pptk.parallel.vocab_parallel); None: wherever the task can
+    sequence_parallel: bool = False  # at tp > 1 (pptk.parallel.sequence_parallel)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
         measured_ms=job["measured_ms"],
         tp=tp,
         vocab_parallel=job["vocab_parallel"],
+        sequence_parallel=job["sequence_parallel"],
     )
     topology = PipeModelDataParallelTopology(layout["pp"], tp, layout["dp"]) if tp > 1 else None
     module = build_pipeline_module(plan, topology=topology)
@@ -234,6 +236,7 @@ def verify(
     allow_missing: bool = False,
     lora: LoraSettings | None = None,
     vocab_parallel: bool | None = None,
+    sequence_parallel: bool = False,
 ) -> VerifyResult:
     job = VerifyJob(
         model,
@@ -249,6 +252,7 @@ def verify(
         allow_missing=allow_missing,
         lora=lora,
         vocab_parallel=vocab_parallel,
+        sequence_parallel=sequence_parallel,
     )
     return verify_many(
         [job], pp=pp, dp=dp, tp=tp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top
@@ -393,6 +397,7 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
         micro_batch_size=job.micro_batch_size,
         tp=tp,
         vocab_parallel=job.vocab_parallel,
+        sequence_parallel=job.sequence_parallel,
     )
     positions = max_positions(plan.config)
     if positions is not None and job.seq_len > positions:
@@ -400,6 +405,8 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
             f"--seq-len {job.seq_len} is longer than the model's {positions} positions; "
             f"use --seq-len {positions} or less"
         )
+    if job.sequence_parallel and job.seq_len % tp:
+        raise PptkError(f"--sequence-parallel: --seq-len {job.seq_len} does not split over tp={tp}; use a multiple")
     if job.lora is not None:  # a target that matches nothing is refused here, before any model is saved
         resolve_lora_targets(plan.layers, job.lora, task=plan.task)
     return plan

@@ -32,6 +32,15 @@ JOBS = {  # name -> (model, task, precision)
     "llama-odd-vocab": ("llama-509.json", None, "fp32"),
     "llama-odd-vocab-bf16": ("llama-509.json", None, "bf16"),
     "llama-replicated": ("llama", None, "fp32"),
+    # sequence parallelism (pptk.parallel.sequence_parallel): norms and residuals on S/tp chunks between the stages
+    "gpt2-sp": ("gpt2", None, "fp32"),
+    "llama-sp": ("llama", None, "fp32"),
+    "qwen3-sp": ("qwen3", None, "fp32"),
+    "mistral-sp": ("mistral", None, "fp32"),
+    "gpt2-sp-bf16": ("gpt2", None, "bf16"),
+    "llama-sp-bf16": ("llama", None, "bf16"),
+    "qwen3-sp-bf16": ("qwen3", None, "bf16"),
+    "llama-odd-vocab-sp": ("llama-509.json", None, "fp32"),
     # decoder heads (docs/preference.md): the score head replicated like an untied LM head; the reward loss on pairs
     "llama-reward": ("llama", "reward", "fp32"),
     "qwen3-classifier-bf16": ("qwen3", "sequence-classification", "bf16"),
@@ -68,7 +77,14 @@ def _job(name: str, folder):
         path.write_text(json.dumps({**ODD_VOCAB[model], "bos_token_id": 0, "eos_token_id": 0}))
         model = str(path)
     vocab_parallel = False if name.endswith("-replicated") else None
-    return VerifyJob(model, task=task, precision=precision, seq_len=24, vocab_parallel=vocab_parallel)
+    return VerifyJob(
+        model,
+        task=task,
+        precision=precision,
+        seq_len=24,
+        vocab_parallel=vocab_parallel,
+        sequence_parallel="-sp" in name,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +114,7 @@ def test_causal_lms_split_the_vocabulary_unless_told_not_to(verified_tp2, name):
     assert result.vocab_split.startswith("split over tp=2"), result.describe()
     if vocab is not None:
         assert f"({vocab}, padded to {vocab + 1})" in result.vocab_split
+    assert result.vocab_split.endswith("; sequence parallel") == ("-sp" in name)
 
 
 def test_vocab_split_halves_the_embedding_and_head_on_each_rank(verified_tp2):
@@ -108,15 +125,15 @@ def test_vocab_split_halves_the_embedding_and_head_on_each_rank(verified_tp2):
 
 # `--tp 2` alone (pp=1 x tp=2 x dp=1, 2 ranks): the tied GPT-2, llama's grouped-query attention in fp32 and bf16,
 # and BERT token classification, in one launch.
-ALONE = ["gpt2", "llama", "llama-bf16", "bert"]
+ALONE = ["gpt2", "llama", "llama-bf16", "bert", "llama-sp"]
 
 
 @pytest.fixture(scope="module")
 def verified_tp2_alone(tmp_path_factory):
-    from pptk.verify.run import VerifyJob, verify_many
+    from pptk.verify.run import verify_many
 
-    jobs = [VerifyJob(JOBS[n][0], task=JOBS[n][1], precision=JOBS[n][2], seq_len=24) for n in ALONE]
-    return dict(zip(ALONE, verify_many(jobs, pp=1, tp=2, workdir=tmp_path_factory.mktemp("verify-tp2-alone"))))
+    work = tmp_path_factory.mktemp("verify-tp2-alone")
+    return dict(zip(ALONE, verify_many([_job(name, work) for name in ALONE], pp=1, tp=2, workdir=work)))
 
 
 @pytest.mark.parametrize("name", ALONE)
@@ -210,7 +227,7 @@ def _run(out_dir, ranks: int, extra: list[str]):
 def tp1_then_tp2(tmp_path_factory):
     """1 rank at tp=1 for 6 steps (saves every 2); 2 ranks at tp=2 x pp=1 resuming from step 2, exporting at the end;
     from the tp=2 run's step 4, 2 ranks at tp=1 x pp=2 (slices merged) and 2 at tp=2 again (each rank its own
-    files)."""
+    files, with --sequence-parallel)."""
     base, resumed, swapped, again = (tmp_path_factory.mktemp(name) for name in ("tp1", "tp2", "pp2", "tp2-again"))
     _run(base, 1, ["--tp", "1"])
     run = _run(
@@ -219,7 +236,8 @@ def tp1_then_tp2(tmp_path_factory):
         ["--tp", "2", "--resume-from", str(base / "checkpoints" / "step2"), "--export-hf", str(resumed / "hf")],
     )
     _run(swapped, 2, ["--tp", "1", "--pp", "2", "--resume-from", str(resumed / "checkpoints" / "step4")])
-    _run(again, 2, ["--tp", "2", "--resume-from", str(resumed / "checkpoints" / "step4")])
+    # sequence parallelism changes no weight, only where the activations live: the same files, the same curve
+    _run(again, 2, ["--tp", "2", "--sequence-parallel", "--resume-from", str(resumed / "checkpoints" / "step4")])
     return base, resumed, run, swapped, again
 
 
@@ -232,7 +250,7 @@ def test_tp2_resumes_a_tp1_checkpoint_on_the_same_curve(tp1_then_tp2):
         assert loss == pytest.approx(before[step], rel=1e-5), (step, before[step], loss)
 
 
-@pytest.mark.parametrize("which", ["tp1 x pp2", "tp2 again"])
+@pytest.mark.parametrize("which", ["tp1 x pp2", "tp2 again, sequence parallel"])
 def test_a_tp2_pp1_checkpoint_resumes_at_tp1_pp2_and_at_tp2_on_the_same_curve(tp1_then_tp2, which):
     base, *_, swapped, again = tp1_then_tp2
     before, after = _losses(base), _losses(swapped if which == "tp1 x pp2" else again)

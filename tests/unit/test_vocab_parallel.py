@@ -65,3 +65,24 @@ def test_the_loss_on_one_shard_is_hugging_faces(dtype, num_items):
     (grad_theirs,) = torch.autograd.grad(theirs, logits)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_ours.float(), grad_theirs.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_parallelism_is_refused_where_it_was_not_checked():
+    from pptk.parallel.activations import BlockShape, block_bytes_per_token
+    from pptk.parallel.sequence_parallel import sequence_parallel_problem
+
+    with pytest.raises(Exception, match="--sequence-parallel: it needs --tp > 1"):
+        plan_pipeline("llama", num_stages=2, tp=1, sequence_parallel=True)
+    with pytest.raises(Exception, match="gemma has not been checked with it"):
+        plan_pipeline("gemma", num_stages=2, tp=2, sequence_parallel=True)
+    with pytest.raises(Exception, match="the LM head must be split by vocabulary"):
+        plan_pipeline("llama", num_stages=2, tp=2, vocab_parallel=False, sequence_parallel=True)
+    assert plan_pipeline("qwen3", num_stages=2, tp=2, sequence_parallel=True).sequence_parallel
+    assert sequence_parallel_problem("gpt2", tp=4, vocab_split=True, task="causal-lm") is None
+    # the forecast: the norms' and residual's bytes split tp ways, the two gathered block inputs and cos/sin whole
+    shape = BlockShape("rms_swiglu", hidden=8, heads=2, kv_heads=2, head_dim=4, intermediate=16, vocab=32)
+    whole = block_bytes_per_token(shape, seq_len=4, precision="bf16", tp=2)
+    chunked = block_bytes_per_token(shape, seq_len=4, precision="bf16", tp=2, sequence_parallel=True)
+    replicated = 4 * (2 * 8 + 2) + 2 * (4 * 8 + 2 * 4)  # fp32 norm inputs and rsqrt; bf16 norm outputs, cos/sin
+    gathered = 2 * (2 * 8 + 2 * 4)
+    assert whole - chunked == pytest.approx((replicated - gathered) / 2)
