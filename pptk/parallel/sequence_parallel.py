@@ -13,9 +13,10 @@ Weights that act on a chunk (norms, the row-parallel biases added after the redu
 replicated in a block or the final norm) get a part of their gradient on each rank: it is summed over the tp ranks.
 The pipeline sends ``[batch, S / tp, hidden]`` between stages; the masks and position ids keep the whole sequence.
 
-Only the families checked against Hugging Face take it (``SEQUENCE_PARALLEL_FAMILIES``), and only with the
-vocabulary split (its head is the gather point). Dropout in the chunked regions draws the same stream on every tp
-rank (pptk seeds the tp ranks of a stage alike); Megatron forks the RNG there. The parity checks run without dropout.
+GPT-2 and the decoder families with tensor parallelism take it (``SEQUENCE_PARALLEL_FAMILIES``; not BERT, whose
+heads keep whole logits), and only with the vocabulary split (its head is the gather point). Dropout in the
+chunked regions draws the same stream on every tp rank (pptk seeds the tp ranks of a stage alike); Megatron forks
+the RNG there. The parity checks run without dropout.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from torch import nn
 
 from pptk.errors import PptkError
 from pptk.models.common import FinalNormPipe, LMHeadPipe
-from pptk.parallel.tensor_parallel import PARTIAL_GRAD_ATTR, TP_MODULE_ATTR, ShardedLinear, shard_spec
+from pptk.models.decoder_families import FAMILIES
+from pptk.parallel.tensor_parallel import PARTIAL_GRAD_ATTR, TP_MODULE_ATTR, TP_REFUSED, ShardedLinear, shard_spec
 
-# Checked at pp=2 x tp=2 and tp=2 against Hugging Face (tests/distributed/test_tensor_parallel_dist.py).
-SEQUENCE_PARALLEL_FAMILIES = ("gpt2", "llama", "mistral", "qwen3")
+# GPT-2 and every decoder family tensor parallelism takes, each checked against Hugging Face with it
+# (tests/distributed/test_tensor_parallel_dist.py: pp=2 x tp=2, and tp=2 x dp=2 for every family)
+SEQUENCE_PARALLEL_FAMILIES = ("gpt2", *(name for name in FAMILIES if name not in TP_REFUSED))
 
 
 def _reduce_scatter(tensor: torch.Tensor, group, rank: int, size: int) -> torch.Tensor:
@@ -116,7 +119,7 @@ def sequence_parallel_problem(model_type: str, *, tp: int, vocab_split: bool, ta
     if tp == 1:
         return "it needs --tp > 1 (the sequence is split over the tensor-parallel ranks)"
     if model_type not in SEQUENCE_PARALLEL_FAMILIES:
-        return f"{model_type} has not been checked with it (families: {', '.join(SEQUENCE_PARALLEL_FAMILIES)})"
+        return f"{model_type} does not take it (GPT-2 and the decoder families that take --tp > 1 do; `pptk models`)"
     if not vocab_split:
         return f"the LM head must be split by vocabulary (a causal-lm task without --no-vocab-parallel; got {task})"
     return None

@@ -1,6 +1,6 @@
 # Instruction tuning through recipes/sft.py on CPU ranks: the first step's loss equals the plain Hugging Face model's
-# answer-token mean over the same conversations (pp=2, pp=2 x tp=2, bf16), held-out answer loss drops, the export
-# loads in transformers and answers, and a resume continues the curve exactly.
+# answer-token mean over the same conversations (pp=2, pp=2 x tp=2 with sequence parallelism, bf16), held-out
+# answer loss drops, the export loads in transformers and answers, and a resume continues the curve exactly.
 from __future__ import annotations
 
 import json
@@ -147,7 +147,10 @@ def test_resume_on_one_stage_continues_the_curve(chat_model, learning_run, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("layout", "precision"), [(["--pp", "2", "--tp", "2"], "fp32"), (["--pp", "2"], "bf16")], ids=["pp2xtp2", "bf16"]
+    ("layout", "precision"),
+    # pp=2 x tp=2: the vocabulary split (SFT's loss over num_items_in_batch) and sequence parallelism on packed rows
+    [(["--pp", "2", "--tp", "2", "--sequence-parallel"], "fp32"), (["--pp", "2"], "bf16")],
+    ids=["pp2xtp2-sequence-parallel", "bf16"],
 )
 def test_first_step_loss_matches_hugging_face_on_other_layouts(chat_model, tmp_path, layout, precision):
     extra = ["--ds-config", "bf16"] if precision == "bf16" else []

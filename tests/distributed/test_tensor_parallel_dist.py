@@ -15,6 +15,9 @@ from pptk.parallel.tensor_parallel import TP_REFUSED
 
 pytestmark = pytest.mark.dist
 
+TP_DECODERS = [name for name in FAMILIES if name not in TP_REFUSED]
+EAGER_ONLY = {"gemma2", "vaultgemma"}  # attention soft-capping: transformers has no SDPA path for them
+
 # Causal LMs split their embedding, LM head and loss by vocabulary at tp > 1 (pptk.parallel.vocab_parallel): every
 # causal-lm job below runs that way, the tied GPT-2 and the untied LLaMA also with a vocabulary tp does not divide
 # (padded, the padding masked out of the loss and cut from every merge); "llama-replicated" keeps it whole.
@@ -36,7 +39,8 @@ JOBS = {  # name -> (model, task, precision)
     "gpt2-sp": ("gpt2", None, "fp32"),
     "llama-sp": ("llama", None, "fp32"),
     "qwen3-sp": ("qwen3", None, "fp32"),
-    "mistral-sp": ("mistral", None, "fp32"),
+    # every other decoder family with tensor parallelism, with sequence parallelism too
+    **{f"{name}-sp": (name, None, "fp32") for name in TP_DECODERS if name not in ("llama", "qwen3")},
     "gpt2-sp-bf16": ("gpt2", None, "bf16"),
     "llama-sp-bf16": ("llama", None, "bf16"),
     "qwen3-sp-bf16": ("qwen3", None, "bf16"),
@@ -84,6 +88,7 @@ def _job(name: str, folder):
         seq_len=24,
         vocab_parallel=vocab_parallel,
         sequence_parallel="-sp" in name,
+        attn_implementation="eager" if model in EAGER_ONLY else "sdpa",
     )
 
 
@@ -147,8 +152,6 @@ def test_tp2_alone_matches_hugging_face(verified_tp2_alone, name):
 
 # Every family with TP support, at pp=1 x tp=2 x dp=2 (tensor parallelism alone within a stage, and with data
 # parallelism): one launch of 4 ranks.
-TP_DECODERS = [name for name in FAMILIES if name not in TP_REFUSED]
-EAGER_ONLY = {"gemma2", "vaultgemma"}  # attention soft-capping: transformers has no SDPA path for them
 
 
 @pytest.fixture(scope="module")
