@@ -230,7 +230,7 @@ def _run(out_dir, ranks: int, extra: list[str]):
 def tp1_then_tp2(tmp_path_factory):
     """1 rank at tp=1 for 6 steps (saves every 2); 2 ranks at tp=2 x pp=1 resuming from step 2, exporting at the end;
     from the tp=2 run's step 4, 2 ranks at tp=1 x pp=2 (slices merged) and 2 at tp=2 again (each rank its own
-    files, with --sequence-parallel)."""
+    files, with --sequence-parallel and every block recomputed)."""
     base, resumed, swapped, again = (tmp_path_factory.mktemp(name) for name in ("tp1", "tp2", "pp2", "tp2-again"))
     _run(base, 1, ["--tp", "1"])
     run = _run(
@@ -239,8 +239,10 @@ def tp1_then_tp2(tmp_path_factory):
         ["--tp", "2", "--resume-from", str(base / "checkpoints" / "step2"), "--export-hf", str(resumed / "hf")],
     )
     _run(swapped, 2, ["--tp", "1", "--pp", "2", "--resume-from", str(resumed / "checkpoints" / "step4")])
-    # sequence parallelism changes no weight, only where the activations live: the same files, the same curve
-    _run(again, 2, ["--tp", "2", "--sequence-parallel", "--resume-from", str(resumed / "checkpoints" / "step4")])
+    # sequence parallelism (and recomputing every block) changes no weight, only where the activations live: the same
+    # files, the same curve
+    sequence = ["--sequence-parallel", "--activation-checkpoint-interval", "1"]
+    _run(again, 2, ["--tp", "2", *sequence, "--resume-from", str(resumed / "checkpoints" / "step4")])
     return base, resumed, run, swapped, again
 
 
