@@ -46,6 +46,7 @@ from pptk.deepspeed_compat.engine import (
 from pptk.deepspeed_compat.ops import (
     build_op,
     check_build_locks,
+    check_cuda_arch_list,
     op_build_report,
     set_random_seed,
     skip_unused_cpu_ops,
@@ -77,6 +78,7 @@ __all__ = [
     "build_each_layer_with",
     "build_op",
     "check_build_locks",
+    "check_cuda_arch_list",
     "check_per_layer_states_supported",
     "checkpoint_writes_through",
     "deepspeed_loader_restores_optimizer",

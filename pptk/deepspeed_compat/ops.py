@@ -97,6 +97,29 @@ def check_build_locks(now: float | None = None) -> None:
             )
 
 
+def check_cuda_arch_list(environ=None) -> None:
+    """Refuse a ``TORCH_CUDA_ARCH_LIST`` that DeepSpeed's JIT op builder cannot read, before it fails mid-start.
+
+    Written against DeepSpeed 0.19.8: ``OpBuilder.compute_capability_args`` sorts the entries by ``int`` of each
+    dot-separated part (``+PTX`` stripped), so an architecture-specific entry such as ``9.0a`` (which CUDA images for
+    Hopper set) makes the FusedAdam build fail with ``invalid literal for int() with base 10: '0a'``.
+    """
+    import os
+    import re
+
+    value = (os.environ if environ is None else environ).get("TORCH_CUDA_ARCH_LIST", "")
+    unreadable = [cc for cc in value.replace(" ", ";").split(";") if cc and not re.fullmatch(r"\d+\.\d+(\+PTX)?", cc)]
+    if unreadable:
+        plain = ";".join(
+            dict.fromkeys(re.sub(r"[^0-9.].*$", "", cc) or cc for cc in value.replace(" ", ";").split(";") if cc)
+        )
+        raise PptkError(
+            f"TORCH_CUDA_ARCH_LIST={value!r}: DeepSpeed 0.19.8 cannot read {', '.join(unreadable)} when it builds "
+            f"its fused optimizer; set TORCH_CUDA_ARCH_LIST={plain!r} (its ops use no architecture-specific "
+            "instruction)"
+        )
+
+
 def build_op(builder_name: str) -> None:
     """JIT-build one of DeepSpeed's ops for this accelerator (or load it from torch's extensions cache), e.g.
     ``"FusedAdamBuilder"``, the optimizer the shipped bf16 config makes DeepSpeed build on first use.

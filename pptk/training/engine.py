@@ -80,6 +80,8 @@ def init_distributed() -> None:
     deepspeed_compat.check_build_locks()
     if on_cpu():
         deepspeed_compat.skip_unused_cpu_ops()
+    else:
+        deepspeed_compat.check_cuda_arch_list()
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else None, timeout=COLLECTIVE_TIMEOUT)
 
 

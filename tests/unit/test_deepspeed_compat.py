@@ -188,3 +188,25 @@ def test_a_stale_lock_of_the_skipped_op_does_not_stop_a_start(tmp_path, monkeypa
     lock.touch()
     os.utime(lock, (0, 0))
     compat.check_build_locks()
+
+
+def test_an_arch_list_deepspeed_cannot_parse_is_refused_with_the_list_it_can(monkeypatch):
+    """CUDA images for Hopper set TORCH_CUDA_ARCH_LIST=9.0a; DeepSpeed 0.19.8's op builder then fails mid-start."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    from pptk.deepspeed_compat import check_cuda_arch_list
+    from pptk.errors import PptkError
+
+    for readable in ("8.0;9.0+PTX", "8.0 9.0", None):
+        if readable is None:
+            monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", readable)
+        check_cuda_arch_list()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a")
+    with pytest.raises(PptkError, match=r"cannot read 9\.0a .*TORCH_CUDA_ARCH_LIST='8\.0;9\.0'"):
+        check_cuda_arch_list()
+    builder = FusedAdamBuilder()  # the reason is real: DeepSpeed's own JIT builder rejects that list
+    builder.jit_mode = True
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        builder.compute_capability_args()
