@@ -90,7 +90,16 @@ def shipped_config(name: str) -> Path:
             f"{name!r} is not a shipped DeepSpeed config; choose a precision ({', '.join(PRECISIONS)}) "
             f"or one of {', '.join(sorted(SHIPPED.values()))}"
         )
-    return Path(str(resources.files("pptk.ds_configs").joinpath(file_name)))
+    return shipped_dir() / file_name
+
+
+def shipped_dir() -> Path:
+    """``pptk.ds_configs``: the repository's ds_configs/, which the install maps into the package. pptk run straight
+    from a checkout (``PYTHONPATH=.``, no install, as on a machine without a package index) reads the folder itself."""
+    try:
+        return Path(str(resources.files("pptk.ds_configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def default_ds_config(accelerator: str | None = None) -> Path:

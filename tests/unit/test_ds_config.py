@@ -52,6 +52,18 @@ def test_shipped_configs_are_package_data_found_by_precision_or_name():
         shipped_config("fp8")
 
 
+def test_a_checkout_without_install_reads_the_repository_folder(monkeypatch):
+    """pptk run from a checkout with PYTHONPATH=. has no pptk.ds_configs (the install maps it), as on the GPU box."""
+    import pptk.training.ds_config as module
+
+    def not_installed(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(module.resources, "files", not_installed)
+    repository = Path(__file__).resolve().parents[2] / "ds_configs"
+    assert shipped_config("bf16") == repository / SHIPPED["bf16"] and shipped_config("bf16").is_file()
+
+
 def test_default_config_is_bf16_on_gpus_and_fp32_on_cpu():
     assert default_ds_config("cuda") == shipped_config("bf16")
     assert default_ds_config("cpu") == shipped_config("fp32")
