@@ -195,7 +195,9 @@ def fix_pipeline_clipping(engine) -> None:
     ``mpu.get_model_parallel_rank() == 0``. A pipeline grid's model-parallel rank is the stage (times the tensor
     rank), so every stage but the first is left out of the norm and the clipping factor depends on pp. (The ZeRO,
     BF16 and fp16 wrappers compute the norm themselves and count every stage.) This replaces the engine's
-    ``clip_fp32_gradients`` with the norm over all stages, each tied weight counted once (``ds_pipe_replicated``).
+    ``clip_fp32_gradients`` with the norm over all stages and tp ranks, each tied weight counted once
+    (``ds_pipe_replicated``) and each tensor replicated over tp once (``tensor_model_parallel`` marks the sharded
+    ones), so every rank applies the same factor.
     """
     if (
         engine.zero_optimization()
@@ -208,11 +210,19 @@ def fix_pipeline_clipping(engine) -> None:
         return
     import torch.distributed as dist
 
+    tp_rank = engine.grid.get_slice_parallel_rank()
+
+    def counts(p) -> bool:
+        # a tied copy once (its first stage); a tp-sharded tensor on every tp rank, a replicated one on tp rank 0
+        tp_sharded = getattr(p, "tensor_model_parallel", False)
+        return not getattr(p, "ds_pipe_replicated", False) and (tp_sharded or tp_rank == 0)
+
     def clip_fp32_gradients():
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        counted = [p.grad.detach().float().pow(2).sum() for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        counted = [p.grad.detach().float().pow(2).sum() for p in params if counts(p)]
         total = torch.stack(counted).sum() if counted else torch.zeros(())
-        dist.all_reduce(total, group=engine.grid.get_pipe_parallel_group())
+        # over every stage and tp rank of this replica: DeepSpeed's "model parallel" group of a pipeline grid
+        dist.all_reduce(total, group=engine.grid.get_model_parallel_group())
         norm = total.sqrt()
         coefficient = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
         for p in params:

@@ -159,7 +159,7 @@ def vocab_parallel_causal_lm_loss(
         padding = torch.arange(shard.start, shard.end, device=logits.device) >= shard.vocab_size
         logits = logits.masked_fill(padding, float("-inf"))
     total = vocab_parallel_cross_entropy(
-        logits, labels, group=shard.group, start=shard.start, end=shard.end, vocab_size=shard.padded
+        logits, labels, group=shard.group, start=shard.start, end=shard.end, vocab_size=shard.vocab_size
     )
     if num_items_in_batch is None:
         return total / (labels != -100).sum()
