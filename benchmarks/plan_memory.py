@@ -59,7 +59,13 @@ def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -
         grad_clip=1.0,
     )
     seq_len = layout["seq_len"]
-    plan = plan_pipeline(resolve_model(model_dir), num_stages=grid.pp, tp=grid.tp, seq_len=seq_len)
+    plan = plan_pipeline(
+        resolve_model(model_dir),
+        num_stages=grid.pp,
+        tp=grid.tp,
+        seq_len=seq_len,
+        recompute_attention=layout["selective"],
+    )
     reset_peak_rss()
     before = rss_bytes()
     engine = build_engine(
@@ -96,6 +102,7 @@ def forecast(model_dir: Path, layout: dict) -> list[dict]:
                 f"--micro-batch-size={layout['micro_batch_size']}",
                 f"--grad-accum-steps={layout['micro_batches']}",
                 f"--activation-checkpoint-interval={layout['checkpoint_interval']}",
+                *(["--selective-checkpointing"] if layout["selective"] else []),
             ]
         )
     return [
@@ -105,11 +112,12 @@ def forecast(model_dir: Path, layout: dict) -> list[dict]:
 
 
 def parse_layout(text: str, args: argparse.Namespace) -> dict:
-    """PPxTPxDP:precision[:ckptN[:MBSxSEQ]]; the last overrides --micro-batch-size and --seq-len (a control run
-    whose activations are small)."""
+    """PPxTPxDP:precision[:ckptN|ckptattn[:MBSxSEQ]]; ckptattn: each block's attention recomputed (selective); the
+    last overrides --micro-batch-size and --seq-len (a control run whose activations are small)."""
     grid, precision, *rest = text.split(":")
     pp, tp, dp = (int(n) for n in grid.split("x"))
-    interval = int(rest[0].removeprefix("ckpt")) if rest else 0
+    selective = bool(rest) and rest[0] == "ckptattn"
+    interval = int(rest[0].removeprefix("ckpt")) if rest and not selective else 0
     micro_batch_size, seq_len = (
         (int(n) for n in rest[1].split("x")) if len(rest) > 1 else (args.micro_batch_size, args.seq_len)
     )
@@ -119,6 +127,7 @@ def parse_layout(text: str, args: argparse.Namespace) -> dict:
         "dp": dp,
         "precision": precision,
         "checkpoint_interval": interval,
+        "selective": selective,
         "seq_len": seq_len,
         "micro_batch_size": micro_batch_size,
         "micro_batches": 2 * pp,
@@ -138,6 +147,7 @@ def main() -> None:
         default=[
             *("2x1x1:fp32", "2x1x1:fp32:ckpt1", "2x1x1:bf16", "2x1x1:bf16:ckpt1", "2x2x1:bf16", "2x1x2:fp32:ckpt1"),
             *("2x1x1:fp32:ckpt0:1x64", "2x1x1:bf16:ckpt0:1x64"),  # controls: the train state alone, nearly
+            *("2x1x1:fp32:ckptattn", "2x1x1:bf16:ckptattn"),  # selective: each block's attention recomputed
         ],
     )
     p.add_argument("--output", type=Path, default=RESULTS / "plan_memory.json")

@@ -45,6 +45,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         lora=lora_settings(args),
         vocab_parallel=False if args.no_vocab_parallel else None,
         sequence_parallel=args.sequence_parallel,
+        selective_checkpointing=args.selective_checkpointing,
     )
     print(result.to_json() if args.json else result.describe())
     return 0 if result.passed else 1

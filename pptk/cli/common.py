@@ -24,6 +24,11 @@ def common_model_args(parser: argparse.ArgumentParser, *, pp_required: bool = Tr
         help="at --tp > 1, keep the embedding and LM head whole on every tp rank (default: split by vocabulary)",
     )
     parser.add_argument(
+        "--selective-checkpointing",
+        action="store_true",
+        help="recompute each block's attention in the backward, keep the rest",
+    )
+    parser.add_argument(
         "--sequence-parallel",
         action="store_true",
         help="at --tp > 1, norms and residuals hold S/tp of the sequence (Megatron's sequence parallelism)",

@@ -56,6 +56,7 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
     from pptk.parallel.lora import lora_layout_problems
     from pptk.parallel.lora_plan import lora_parameters_per_layer
     from pptk.parallel.pipeline import max_positions, plan_pipeline
+    from pptk.parallel.recompute import check_one_checkpointing
     from pptk.training.config import check_settings
 
     micro_batch_size = 1 if args.micro_batch_size is None else args.micro_batch_size
@@ -86,7 +87,9 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
         tp=args.tp,
         vocab_parallel=False if args.no_vocab_parallel else None,
         sequence_parallel=args.sequence_parallel,
+        recompute_attention=args.selective_checkpointing,
     )
+    check_one_checkpointing(selective=args.selective_checkpointing, interval=args.activation_checkpoint_interval)
     vocab_layers = vocab_layer_indices(plan.layers) if plan.vocab is not None else frozenset()
     positions = max_positions(plan.config) or 2048
     seq_len = min(args.seq_len or positions, positions)  # as plan_pipeline's cost model
@@ -119,6 +122,7 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         vocab_layers=vocab_layers,
         sequence_parallel=plan.sequence_parallel,
+        recompute_attention=plan.recompute_attention,
     )
     train, acts = rank_memory(
         plan.stages,
@@ -139,6 +143,7 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
         "micro_batch_size": micro_batch_size,
         "micro_batches": micro_batches,
         "activation_checkpoint_interval": args.activation_checkpoint_interval,
+        "selective_checkpointing": args.selective_checkpointing,
     }
     if args.json:
         print(
@@ -172,8 +177,13 @@ def _cmd_one_layout(args: argparse.Namespace) -> int:
         f"ZeRO-{args.zero_stage} over dp={args.dp}"
         + (f", blocks split over tp={args.tp}, {_vocab_text(plan)}" if args.tp > 1 else "")
         + f"), plus activations: micro-batch {micro_batch_size} x {seq_len} tokens, {micro_batches} micro-batches "
-        + f"per step, {describe_checkpointing(args.activation_checkpoint_interval)}:"
+        + f"per step, {describe_checkpointing(args.activation_checkpoint_interval, args.selective_checkpointing)}:"
     )
+    if plan.vocab is not None:
+        print(
+            "  (the vocabulary split is what causal-LM pretraining and SFT runs get; a DPO run keeps the embedding, "
+            "head and logits whole: forecast it with --no-vocab-parallel)"
+        )
     if lora is not None:
         trained = sum(row["lora_trained_params"] for row in rows)
         print(
@@ -202,7 +212,9 @@ def _vocab_text(plan) -> str:
     return text + (", sequence parallel (norms and residuals hold S/tp)" if plan.sequence_parallel else "")
 
 
-def describe_checkpointing(interval: int) -> str:
+def describe_checkpointing(interval: int, selective: bool = False) -> str:
+    if selective:
+        return "each block's attention recomputed (selective checkpointing)"
     if interval == 0:
         return "no activation checkpointing"
     return f"activation checkpointing every {interval} block{'s' if interval > 1 else ''}"
@@ -237,6 +249,11 @@ def cmd_advise(args: argparse.Namespace) -> int:
     if args.pp is not None or args.tp != 1 or args.dp != 1:
         raise PptkError(
             "--gpus chooses pp, tp and dp itself: drop --pp, --tp and --dp (or drop --gpus to plan one layout)"
+        )
+    if args.selective_checkpointing:
+        raise PptkError(
+            "--gpus weighs whole-block checkpointing on and off; --selective-checkpointing is forecast for one layout: "
+            "drop --gpus and give --pp/--tp/--dp"
         )
     if args.schedule != "1f1b":
         raise PptkError(f"--gpus ranks 1f1b layouts only (got --schedule {args.schedule}); drop --schedule")

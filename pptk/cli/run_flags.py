@@ -20,6 +20,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="at --tp > 1, keep the embedding and LM head whole on every tp rank (default: split by vocabulary)",
     )
     g.add_argument(
+        "--selective-checkpointing",
+        action="store_true",
+        help="recompute each block's attention in the backward, keep the rest (instead of an interval)",
+    )
+    g.add_argument(
         "--sequence-parallel",
         action="store_true",
         help="at --tp > 1, norms and residuals hold S/tp of the sequence (Megatron's sequence parallelism)",
@@ -141,6 +146,7 @@ def run_config(
             tp=args.tp,
             vocab_parallel=not args.no_vocab_parallel,
             sequence_parallel=args.sequence_parallel,
+            selective_checkpointing=args.selective_checkpointing,
             micro_batch_size=args.micro_batch_size,
             grad_accum_steps=args.grad_accum_steps,
             global_batch_size=args.global_batch_size,

@@ -79,6 +79,18 @@ def block_bytes_per_token(
     return replicated + split / tp
 
 
+def attention_bytes_per_token(shape: BlockShape, *, seq_len: int, precision: str, tp: int = 1) -> float:
+    """What a block's attention module saves for backward per token, on one tp rank: what selective checkpointing
+    (pptk.parallel.recompute) frees. Counted like the blocks (tests/unit/test_activations.py): its input and, for
+    the rms_swiglu template, the rotary cos/sin besides q, k, v, the output projection's input and the log-sum-exp
+    (``gpt2``: the fp32 q, k, v and three [a, s, s] score tensors)."""
+    p = PRECISION_BYTES[precision]
+    h, kv, d, a = shape.hidden, shape.kv_heads * shape.head_dim, shape.head_dim, shape.heads
+    if shape.template == "gpt2":
+        return p * h + (FP32 * (a * d + 2 * kv + 3 * a * seq_len) + p * a * d) / tp
+    return p * (h + 2 * d) + (p * (2 * a * d + 2 * kv) + FP32 * a) / tp
+
+
 def head_bytes_per_token(shape: BlockShape, *, precision: str, tp_vocab: int = 1) -> tuple[float, float]:
     """(saved, transient) bytes per token of the final norm, LM head and cross-entropy: the loss keeps the fp32
     log-softmax [s, vocab]; while it runs, the logits, their fp32 copy and the log-softmax's output or gradient exist
@@ -115,6 +127,7 @@ def stage_activations(
     vocab_split: bool = False,
     sequence_parallel: bool = False,
     checkpoint_interval: int = 0,
+    recompute_attention: bool = False,
     first: bool,
     last: bool,
 ) -> StageActivations:
@@ -122,9 +135,12 @@ def stage_activations(
     tokens = micro_batch_size * seq_len
     # under sequence parallelism the hidden states between blocks (and so the pipe buffers) hold S / tp positions
     hidden_bytes = tokens * PRECISION_BYTES[precision] * shape.hidden / (tp if sequence_parallel else 1)
-    block = tokens * block_bytes_per_token(
+    whole_block = tokens * block_bytes_per_token(
         shape, seq_len=seq_len, precision=precision, tp=tp, sequence_parallel=sequence_parallel
     )
+    # selective checkpointing: a block keeps all but its attention's set, and its backward recomputes that set once
+    attention = tokens * attention_bytes_per_token(shape, seq_len=seq_len, precision=precision, tp=tp)
+    block = whole_block - attention if recompute_attention else whole_block
     head_saved, head_transient = head_bytes_per_token(shape, precision=precision, tp_vocab=tp if vocab_split else 1)
     full = {"embed": 0.0, "block": block, "head": 0.0}
     # the stage's received input and sent output stay in DeepSpeed's pipe buffers until the backward
@@ -141,7 +157,9 @@ def stage_activations(
             kept += run_bytes
     if last and "head" in roles:
         kept += tokens * head_saved
-    backward = recompute + BACKWARD_BLOCKS * block if "block" in roles else 0.0
+    if recompute_attention:
+        recompute = max(recompute, attention)
+    backward = recompute + BACKWARD_BLOCKS * whole_block if "block" in roles else 0.0
     transient = max(backward, tokens * head_transient if last and "head" in roles else 0.0)
     return StageActivations(kept, transient)
 

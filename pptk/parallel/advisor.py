@@ -86,6 +86,7 @@ class Workload:
     # the layers split by vocabulary at tp > 1 (pptk.parallel.vocab_parallel); empty: replicated on every tp rank
     vocab_layers: frozenset[int] = frozenset()
     sequence_parallel: bool = False  # at tp > 1 (pptk.parallel.sequence_parallel)
+    recompute_attention: bool = False  # selective checkpointing (pptk.parallel.recompute)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ def rank_memory(
                 tp=tp,
                 vocab_split=bool(workload.vocab_layers),
                 sequence_parallel=workload.sequence_parallel and tp > 1,
+                recompute_attention=workload.recompute_attention,
                 checkpoint_interval=checkpoint_interval,
                 first=s == 0,
                 last=s == stages.num_stages - 1,

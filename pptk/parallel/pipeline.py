@@ -22,6 +22,7 @@ from pptk.models.heads import get_task, hf_model_class, infer_task
 from pptk.models.moe import experts_of
 from pptk.parallel.hf_weights import HFCheckpoint, hf_conversions, load_stage_weights
 from pptk.parallel.partition import StagePlan, layer_costs, plan_stages
+from pptk.parallel.recompute import check_one_checkpointing, check_recompute_attention, recompute_attention
 from pptk.parallel.schedules import check_schedule, stages_for
 from pptk.parallel.sequence_parallel import SequenceGroup, apply_sequence_parallel, sequence_parallel_problem
 from pptk.parallel.tensor_parallel import (
@@ -123,6 +124,7 @@ class PipelinePlan:
     stages: StagePlan
     vocab: VocabSplit | None = None  # tp > 1: the embedding and LM head split by vocabulary rows
     sequence_parallel: bool = False  # tp > 1: the regions outside attention and MLP hold S / tp positions
+    recompute_attention: bool = False  # selective checkpointing: each block's attention recomputed in backward
 
     @property
     def hf_class(self) -> type[Any]:
@@ -148,6 +150,7 @@ def plan_pipeline(
     tp: int = 1,
     vocab_parallel: bool | None = None,
     sequence_parallel: bool = False,
+    recompute_attention: bool = False,
 ) -> PipelinePlan:
     """task: None reads it from config.architectures (see pptk.models.heads.infer_task); a name overrides that.
 
@@ -157,6 +160,7 @@ def plan_pipeline(
     None: wherever the model and task can, True: refuse where they cannot, False: keep them replicated.
     sequence_parallel: Megatron's sequence parallelism (pptk.parallel.sequence_parallel); refused where the family,
     tp or the vocabulary split do not allow it.
+    recompute_attention: selective activation checkpointing (pptk.parallel.recompute).
     partition_method "profile" times every layer on one micro-batch of ``micro_batch_size x seq_len`` here,
     unless ``measured_ms`` (one time per layer, e.g. another rank's) is given.
     """
@@ -191,7 +195,21 @@ def plan_pipeline(
         problem := sequence_parallel_problem(config.model_type, tp=tp, vocab_split=vocab is not None, task=task)
     ):
         raise PptkError(f"--sequence-parallel: {problem}; drop --sequence-parallel")
-    return PipelinePlan(source, config, task, layers, stages, vocab=vocab, sequence_parallel=sequence_parallel)
+    if recompute_attention:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            check_recompute_attention(next(lay for lay in layers if lay.role == "block").spec.build())
+    return PipelinePlan(
+        source,
+        config,
+        task,
+        layers,
+        stages,
+        vocab=vocab,
+        sequence_parallel=sequence_parallel,
+        recompute_attention=recompute_attention,
+    )
 
 
 def _vocab_split(config, task: str, layers: list[PipeLayer], tp: int, wanted: bool | None) -> VocabSplit | None:
@@ -305,6 +323,7 @@ def build_pipeline_module(
 
     loss_fn: what the last stage computes from (logits, labels); default the task's Hugging Face loss.
     """
+    check_one_checkpointing(selective=plan.recompute_attention, interval=activation_checkpoint_interval)
     specs = [layer.spec for layer in plan.layers]
     kwargs = dict(num_stages=None if topology else plan.stages.num_ranks, topology=topology)
     module_class = PlannedDualPipeVModule if plan.stages.schedule == "dualpipev" else PlannedPipelineModule
@@ -337,9 +356,12 @@ def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan,
         hf_class=plan.hf_class,
         seed=seed + (tied_index[spec.key] if isinstance(spec, TiedLayerSpec) else index),
     )
+    recompute = plan.recompute_attention and plan.layers[index].role == "block"
     if size == 1:
         layer = spec.build()
         init(layer)
+        if recompute:
+            recompute_attention(layer)
         return layer
 
     vocab = plan.vocab.bind(group, rank) if plan.vocab is not None and is_vocab_layer(plan.layers[index]) else None
@@ -358,6 +380,8 @@ def _make_layer(module: PipelineModule, index: int, spec, *, plan: PipelinePlan,
         layer = spec.build()
         init(layer)
         _shard_layer(layer, group=group, rank=rank, size=size, vocab=vocab)
+    if recompute:
+        recompute_attention(layer)
     if plan.sequence_parallel:
         apply_sequence_parallel(layer, role=plan.layers[index].role, sequence=SequenceGroup(group, rank, size))
     sum_partial_gradients(layer, group=group)

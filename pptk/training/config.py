@@ -115,6 +115,7 @@ class ParallelConfig:
     zero_stage: int | None = None  # default: the DeepSpeed JSON's
     partition_method: str = "compute"
     activation_checkpoint_interval: int = 0
+    selective_checkpointing: bool = False  # recompute each block's attention only (pptk.parallel.recompute)
     schedule: str = "1f1b"  # or "dualpipev" (pptk.parallel.schedules)
     peak_tflops: float | None = None  # per device, for MFU; default: pptk.training.observe's known-device table
 

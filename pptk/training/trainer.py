@@ -33,6 +33,7 @@ from pptk.logs import get_logger, setup_logging
 from pptk.parallel.layout import Layout
 from pptk.parallel.pipeline import PipelinePlan, plan_pipeline
 from pptk.parallel.profile import agree_on_profile
+from pptk.parallel.recompute import check_one_checkpointing
 from pptk.parallel.schedules import check_eval_micro_batches
 from pptk.training.config import RunConfig
 from pptk.training.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
@@ -141,6 +142,16 @@ class Trainer:
             if run.parallel.vocab_parallel and getattr(task, "vocab_parallel_loss", False)
             else False,
             sequence_parallel=run.parallel.sequence_parallel,
+            recompute_attention=run.parallel.selective_checkpointing,
+        )
+        if run.parallel.sequence_parallel and run.model.dropout:
+            log.warning(
+                "--sequence-parallel with dropout on: every tp rank draws the same dropout stream, so the masks of the "
+                "sequence chunks repeat every S/tp positions (Megatron forks the RNG there; pptk does not yet). "
+                "Pass --no-dropout if that matters"
+            )
+        check_one_checkpointing(
+            selective=run.parallel.selective_checkpointing, interval=run.parallel.activation_checkpoint_interval
         )
         if run.parallel.sequence_parallel and task.dynamic_shape:
             raise PptkError(

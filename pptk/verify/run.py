@@ -64,6 +64,7 @@ class VerifyJob:
     lora: LoraSettings | None = None  # LoRA against peft on the same adapters (pptk.verify.lora); tp=1 only
     vocab_parallel: bool | None = None  # at tp > 1 (pptk.parallel.vocab_parallel); None: wherever the task can
     sequence_parallel: bool = False  # at tp > 1 (pptk.parallel.sequence_parallel)
+    selective_checkpointing: bool = False  # each block's attention recomputed (pptk.parallel.recompute)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
         tp=tp,
         vocab_parallel=job["vocab_parallel"],
         sequence_parallel=job["sequence_parallel"],
+        recompute_attention=job["selective_checkpointing"],
     )
     topology = PipeModelDataParallelTopology(layout["pp"], tp, layout["dp"]) if tp > 1 else None
     module = build_pipeline_module(plan, topology=topology)
@@ -237,6 +239,7 @@ def verify(
     lora: LoraSettings | None = None,
     vocab_parallel: bool | None = None,
     sequence_parallel: bool = False,
+    selective_checkpointing: bool = False,
 ) -> VerifyResult:
     job = VerifyJob(
         model,
@@ -253,6 +256,7 @@ def verify(
         lora=lora,
         vocab_parallel=vocab_parallel,
         sequence_parallel=sequence_parallel,
+        selective_checkpointing=selective_checkpointing,
     )
     return verify_many(
         [job], pp=pp, dp=dp, tp=tp, zero_stage=zero_stage, tolerance=tolerance, workdir=workdir, top=top
@@ -398,6 +402,7 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
         tp=tp,
         vocab_parallel=job.vocab_parallel,
         sequence_parallel=job.sequence_parallel,
+        recompute_attention=job.selective_checkpointing,
     )
     positions = max_positions(plan.config)
     if positions is not None and job.seq_len > positions:

@@ -158,6 +158,16 @@ def pp2_jobs(untied_gpt2_config: Path) -> dict:
             ("wrong-mask", "bert", "masked-lm"),
         )
     }
+    # selective checkpointing (each block's attention recomputed in the backward): GPT-2, LLaMA, BERT, fp32 and bf16
+    jobs |= {
+        ("selective", name): VerifyJob(model, task=task, precision=precision, seq_len=24, selective_checkpointing=True)
+        for name, model, task, precision in (
+            ("gpt2", "gpt2", None, "fp32"),
+            ("llama", "llama", None, "fp32"),
+            ("bert", "bert", "token-classification", "fp32"),
+            ("llama-bf16", "llama", None, "bf16"),
+        )
+    }
     jobs |= lora_jobs()
     return jobs
 

@@ -1,5 +1,6 @@
 # `pptk verify` in bf16: the shipped bf16 config (DeepSpeed's BF16_Optimizer) against Hugging Face in bf16, and two
-# deliberately broken jobs that the check must fail. All of them ride on the session's shared pp=2 launch.
+# deliberately broken jobs that the check must fail; selective checkpointing in fp32 and bf16. All of them ride on
+# the session's shared pp=2 launch.
 import pytest
 
 from pptk.verify.compare import BF16_TOLERANCE
@@ -33,3 +34,12 @@ def test_a_wrong_padding_mask_fails_the_bf16_check(verified_pp2):
     assert not result.passed
     assert result.max_param_diff > 5 * BF16_TOLERANCE, result.describe()
     assert "attention" in result.largest_diffs[0][0], result.largest_diffs
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "llama-bf16"])
+def test_selective_checkpointing_matches_hugging_face(verified_pp2, name):
+    """Each block's attention recomputed in the backward (pptk.parallel.recompute): the same step as Hugging Face's;
+    tests/unit/test_recompute.py shows the block keeps less."""
+    result = verified_pp2[("selective", name)]
+    assert result.passed, result.describe()
+    assert result.precision == ("bf16" if name.endswith("bf16") else "fp32")

@@ -45,6 +45,9 @@ JOBS = {  # name -> (model, task, precision)
     "llama-sp-bf16": ("llama", None, "bf16"),
     "qwen3-sp-bf16": ("qwen3", None, "bf16"),
     "llama-odd-vocab-sp": ("llama-509.json", None, "fp32"),
+    # selective checkpointing (each block's attention recomputed) on tensor-parallel shards, with and without SP
+    "gpt2-recompute": ("gpt2", None, "fp32"),
+    "qwen3-sp-recompute-bf16": ("qwen3", None, "bf16"),
     # decoder heads (docs/preference.md): the score head replicated like an untied LM head; the reward loss on pairs
     "llama-reward": ("llama", "reward", "fp32"),
     "qwen3-classifier-bf16": ("qwen3", "sequence-classification", "bf16"),
@@ -88,6 +91,7 @@ def _job(name: str, folder):
         seq_len=24,
         vocab_parallel=vocab_parallel,
         sequence_parallel="-sp" in name,
+        selective_checkpointing="-recompute" in name,
         attn_implementation="eager" if model in EAGER_ONLY else "sdpa",
     )
 
@@ -317,3 +321,23 @@ def test_the_vocabulary_split_is_saved_in_slices_and_exported_whole_bitwise(tp1_
         exported = AutoModelForCausalLM.from_pretrained(folder).state_dict()
         for hf_name, tensor in rows.items():
             assert exported[hf_name].shape[0] == 4096 and torch.equal(exported[hf_name], tensor), (folder, hf_name)
+
+
+def test_zero0_fp32_clipping_at_tp2_applies_the_tp1_factor(tmp_path):
+    """fp32 without ZeRO clips in pptk's replacement of DeepSpeed's clip_fp32_gradients (the engine's own counts
+    only stage 0): the norm must cover every stage and tp rank, each replicated tensor once, or the tp ranks clip by
+    different, too small norms and their replicated weights drift apart. A clip of 0.01 acts on every step."""
+    from pptk.training.ds_config import load_ds_config, shipped_config
+
+    config = load_ds_config(shipped_config("fp32"))
+    config["zero_optimization"]["stage"] = 0
+    (tmp_path / "zero0.json").write_text(json.dumps(config))
+    clipped = ["--pp", "2", "--ds-config", str(tmp_path / "zero0.json"), "--grad-clip", "0.01", "--lr", "0.1"]
+    clipped += ["--warmup-steps", "1", "--max-steps", "4", "--save-every", "100"]
+    whole, split = tmp_path / "tp1", tmp_path / "tp2"
+    _run(whole, 2, [*clipped, "--tp", "1"])
+    _run(split, 4, [*clipped, "--tp", "2"])
+    before, after = _losses(whole), _losses(split)
+    assert sorted(after) == [1, 2, 3, 4] and before[1] != before[4]
+    for step, loss in after.items():
+        assert loss == pytest.approx(before[step], rel=1e-5), (step, before[step], loss)

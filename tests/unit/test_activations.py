@@ -6,6 +6,7 @@ from transformers import GPT2Config, LlamaConfig
 from pptk.parallel.activations import (
     BACKWARD_BLOCKS,
     StageActivations,
+    attention_bytes_per_token,
     block_bytes_per_token,
     block_shape,
     head_bytes_per_token,
@@ -14,6 +15,7 @@ from pptk.parallel.activations import (
     stage_activations,
 )
 from pptk.parallel.pipeline import SequentialPipe, plan_pipeline
+from pptk.parallel.recompute import recompute_attention
 
 CONFIGS = {
     "llama": LlamaConfig(
@@ -32,13 +34,16 @@ CONFIGS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def saved_bytes_per_layer(config, precision: str, *, batch: int, seq_len: int) -> list[float]:
+def saved_bytes_per_layer(config, precision: str, *, batch: int, seq_len: int, recompute: bool = False) -> list[float]:
     """What each pipeline layer's forward saves for backward (the loss included in the last), parameters excluded:
-    every saved tensor's storage counted once."""
+    every saved tensor's storage counted once. recompute: each block's attention recomputed (selective)."""
     plan = plan_pipeline(config, num_stages=1, seq_len=seq_len, task="causal-lm")
     torch.manual_seed(0)
     pipe = SequentialPipe(plan.layers).to(DTYPES[precision]).train()  # the tied head runs the embedding's weights
     modules = pipe.forward_funcs
+    for layer, module in zip(plan.layers, modules):
+        if recompute and layer.role == "block":
+            recompute_attention(module)
     params = {p.untyped_storage().data_ptr() for p in pipe.parameters()}
     ids = torch.randint(3, config.vocab_size, (batch, seq_len))
     x, measured = (ids, torch.ones_like(ids)), []
@@ -72,6 +77,20 @@ def test_block_and_head_forecast_match_what_the_modules_save(family, precision):
     head = sum(m for m, role in zip(measured, plan_roles) if role == "head")
     if family == "llama":  # GPT-2's head is the tied embedding, whose lookup and loss save the same
         assert head == pytest.approx(tokens * head_bytes_per_token(shape, precision=precision)[0], rel=0.02)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_selective_checkpointing_frees_what_the_forecast_says(family, precision):
+    """A block whose attention is recomputed keeps its set minus attention_bytes_per_token (to 2%)."""
+    config = CONFIGS[family]
+    batch, seq_len = 2, 64
+    roles = [layer.role for layer in plan_pipeline(config, num_stages=1, task="causal-lm").layers]
+    whole = saved_bytes_per_layer(config, precision, batch=batch, seq_len=seq_len)[roles.index("block")]
+    kept = saved_bytes_per_layer(config, precision, batch=batch, seq_len=seq_len, recompute=True)[roles.index("block")]
+    freed = batch * seq_len * attention_bytes_per_token(block_shape(config), seq_len=seq_len, precision=precision)
+    assert kept < 0.8 * whole
+    assert whole - kept == pytest.approx(freed, rel=0.02)
 
 
 def test_gpt2_scores_grow_with_the_square_of_the_sequence_and_llama_keeps_none():
