@@ -60,7 +60,12 @@ def test_plan_with_lora_counts_frozen_weights_at_their_bytes_and_what_trains_in_
 
 
 def test_plan_forecasts_activations_of_the_micro_batches_in_flight_and_checkpointing_shrinks_them(capsys):
-    from pptk.parallel.activations import BACKWARD_BLOCKS, block_bytes_per_token, block_shape
+    from pptk.parallel.activations import (
+        BACKWARD_BLOCKS,
+        attention_bytes_per_token,
+        block_bytes_per_token,
+        block_shape,
+    )
     from pptk.parallel.pipeline import plan_pipeline
 
     argv = ["plan", "llama", "--pp", "2", "--seq-len", "32", "--micro-batch-size", "2", "--json"]
@@ -73,6 +78,7 @@ def test_plan_forecasts_activations_of_the_micro_batches_in_flight_and_checkpoin
         "micro_batch_size": 2,
         "micro_batches": 4,
         "activation_checkpoint_interval": 0,
+        "selective_checkpointing": False,
     }
     # stage 0 of 1F1B at pp=2 holds 2 micro-batches: its 2 blocks' saved tensors and the hidden state it sent
     config = plan_pipeline("llama", num_stages=2).config
@@ -83,6 +89,12 @@ def test_plan_forecasts_activations_of_the_micro_batches_in_flight_and_checkpoin
     assert plain["ranks"][0]["activation_gib"] * 2**30 == pytest.approx(2 * (2 * block + hidden) + backward)
     # checkpointed: each block's input kept instead, and one block recomputed at a time
     assert checkpointed["ranks"][0]["activation_gib"] * 2**30 == pytest.approx(2 * 3 * hidden + block + backward)
+    # selective: each block keeps all but its attention's set; one attention is recomputed in the backward
+    assert main([*argv, "--selective-checkpointing"]) == 0
+    selective = json.loads(capsys.readouterr().out)
+    attention = 2 * 32 * attention_bytes_per_token(block_shape(config), seq_len=32, precision="bf16")
+    expected = 2 * (2 * (block - attention) + hidden) + attention + backward
+    assert selective["ranks"][0]["activation_gib"] * 2**30 == pytest.approx(expected)
     for rank in plain["ranks"]:
         assert rank["total_gib"] == pytest.approx(rank["train_state_gib"] + rank["activation_gib"])
     assert main(["plan", "llama", "--pp", "2", "--activation-checkpoint-interval", "2"]) == 0
