@@ -31,7 +31,7 @@ from pptk.parallel.tensor_parallel import (
     shard_stage,
     sum_partial_gradients,
 )
-from pptk.parallel.vocab_parallel import VocabSplit, is_vocab_layer, shard_vocab, vocab_parallel_problem
+from pptk.parallel.vocab_parallel import VocabSplit, is_vocab_layer, shard_vocab, vocab_split_for
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def plan_pipeline(
         schedule=schedule,
         measured_ms=measured_ms if partition_method == "profile" else None,
     )
-    vocab = _vocab_split(config, task, layers, tp, vocab_parallel)
+    vocab = vocab_split_for(config, task, layers, tp, wanted=vocab_parallel)
     if sequence_parallel and (
         problem := sequence_parallel_problem(config.model_type, tp=tp, vocab_split=vocab is not None, task=task)
     ):
@@ -210,17 +210,6 @@ def plan_pipeline(
         sequence_parallel=sequence_parallel,
         recompute_attention=recompute_attention,
     )
-
-
-def _vocab_split(config, task: str, layers: list[PipeLayer], tp: int, wanted: bool | None) -> VocabSplit | None:
-    if tp == 1 or wanted is False:
-        return None
-    problem = vocab_parallel_problem(config, task, layers, tp)
-    if problem is None:
-        return VocabSplit(config.vocab_size, tp)
-    if wanted:
-        raise PptkError(f"--vocab-parallel: {problem}; drop --vocab-parallel to keep the vocabulary replicated")
-    return None
 
 
 class PlannedPipelineModule(PipelineModule):

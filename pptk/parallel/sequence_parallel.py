@@ -126,6 +126,17 @@ def sequence_parallel_problem(model_type: str, *, tp: int, vocab_split: bool, ta
     return None
 
 
+def check_sequence_lengths(*, seq_len: int, tp: int, dynamic_shape: bool = False) -> None:
+    """Refuse, before ranks start, micro-batches that cannot be cut into tp equal chunks."""
+    if dynamic_shape:
+        raise PptkError(
+            "--sequence-parallel needs micro-batches of one length that tp divides; this task's change length "
+            "(drop --sequence-parallel)"
+        )
+    if seq_len % tp:
+        raise PptkError(f"--sequence-parallel: --seq-len {seq_len} does not split over tp={tp}; use a multiple")
+
+
 def _gather_first_input(sequence: SequenceGroup):
     def hook(module, args, kwargs):
         if args:

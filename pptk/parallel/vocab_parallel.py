@@ -127,6 +127,19 @@ def vocab_parallel_problem(config, task: str, layers: list[PipeLayer], tp: int) 
     return None
 
 
+def vocab_split_for(config, task: str, layers: list[PipeLayer], tp: int, *, wanted: bool | None) -> VocabSplit | None:
+    """The plan's vocabulary split: None at tp=1 or when not wanted; where the model or task cannot take it, None
+    when left to pptk (``wanted`` None) and an error when asked for (True)."""
+    if tp == 1 or wanted is False:
+        return None
+    problem = vocab_parallel_problem(config, task, layers, tp)
+    if problem is None:
+        return VocabSplit(config.vocab_size, tp)
+    if wanted:
+        raise PptkError(f"--vocab-parallel: {problem}; drop --vocab-parallel to keep the vocabulary replicated")
+    return None
+
+
 @torch.no_grad()
 def shard_vocab(layer: nn.Module, shard: VocabShard) -> bool:
     """Cut a built embedding or LM head to this rank's rows, in place; False when ``layer`` is neither."""

@@ -35,6 +35,7 @@ from pptk.parallel.pipeline import PipelinePlan, plan_pipeline
 from pptk.parallel.profile import agree_on_profile
 from pptk.parallel.recompute import check_one_checkpointing
 from pptk.parallel.schedules import check_eval_micro_batches
+from pptk.parallel.sequence_parallel import check_sequence_lengths
 from pptk.training.config import RunConfig
 from pptk.training.engine import build_engine, init_distributed, load_run_ds_config, resolve_ds_config, resolve_layout
 from pptk.training.guards import DivergenceGuard, nan_loss_failpoint
@@ -153,13 +154,8 @@ class Trainer:
         check_one_checkpointing(
             selective=run.parallel.selective_checkpointing, interval=run.parallel.activation_checkpoint_interval
         )
-        if run.parallel.sequence_parallel and task.dynamic_shape:
-            raise PptkError(
-                "--sequence-parallel needs micro-batches of one length that tp divides; this task's change length "
-                "(drop --sequence-parallel)"
-            )
-        if run.parallel.sequence_parallel and task.seq_len % layout.tp:
-            raise PptkError(f"--sequence-parallel: --seq-len {task.seq_len} does not split over tp={layout.tp}")
+        if run.parallel.sequence_parallel:
+            check_sequence_lengths(seq_len=task.seq_len, tp=layout.tp, dynamic_shape=task.dynamic_shape)
         if task.task == "causal-lm":
             check_eval_micro_batches(
                 layout.schedule, pp=layout.pp, count=run.output.eval_batches, what="--eval-batches"

@@ -410,8 +410,10 @@ def _plan_job(job: VerifyJob, *, pp: int, tp: int = 1):
             f"--seq-len {job.seq_len} is longer than the model's {positions} positions; "
             f"use --seq-len {positions} or less"
         )
-    if job.sequence_parallel and job.seq_len % tp:
-        raise PptkError(f"--sequence-parallel: --seq-len {job.seq_len} does not split over tp={tp}; use a multiple")
+    if job.sequence_parallel:
+        from pptk.parallel.sequence_parallel import check_sequence_lengths
+
+        check_sequence_lengths(seq_len=job.seq_len, tp=tp)
     if job.lora is not None:  # a target that matches nothing is refused here, before any model is saved
         resolve_lora_targets(plan.layers, job.lora, task=plan.task)
     return plan
