@@ -37,6 +37,7 @@ from pptk.parallel.lora import LoraSettings, lora_layout_problems, resolve_lora_
 from pptk.parallel.pipeline import PipelinePlan, max_positions, pipeline_inputs, plan_pipeline, resolve_model
 from pptk.training.config import check_settings
 from pptk.verify.compare import BF16_TOLERANCE, FP32_TOLERANCE, VerifyResult, compare
+from pptk.verify.ds_settings import grad_accum_dtype, verify_ds_config
 from pptk.verify.lora import add_stage_adapters, settings_for_check, stage_names
 from pptk.verify.reference import LEARNING_RATE, micro_batches, reference_step
 
@@ -79,36 +80,6 @@ class PreparedJob:
     plan: PipelinePlan
     reference: dict
     work: Path
-
-
-def _ds_config(
-    *, micro_batch_size: int, micro_batches: int, dp: int, zero_stage: int, precision: str, tp: int = 1
-) -> dict:
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": micro_batches,
-        "train_batch_size": micro_batch_size * micro_batches * dp,
-        "zero_optimization": {"stage": zero_stage},
-        "zero_allow_untested_optimizer": True,  # plain SGD: the exact check, not a training setup
-        "gradient_clipping": 0.0,
-        "steps_per_print": 10**9,
-    }
-    if tp > 1:
-        from pptk.training.ds_config import TENSOR_PARALLEL_PIPELINE
-
-        config["pipeline"] = dict(TENSOR_PARALLEL_PIPELINE)
-    if precision == "bf16":  # the precision sections of the config users train with
-        from pptk.training.ds_config import load_ds_config, shipped_config
-
-        shipped = load_ds_config(shipped_config("bf16"))
-        config["bf16"] = shipped["bf16"]
-        if zero_stage >= 1:  # fp32 accumulation is BF16_Optimizer's ZeRO-1 mode; ZeRO-0 accumulates in bf16
-            config["data_types"] = shipped["data_types"]
-    return config
-
-
-def _grad_accum_dtype(precision: str, zero_stage: int) -> torch.dtype:
-    return torch.float32 if precision == "fp32" or zero_stage >= 1 else torch.bfloat16
 
 
 def _verify_rank(rank: int, workdir: str, jobs: list[dict], layout: dict) -> None:
@@ -159,7 +130,7 @@ def _verify_one(rank: int, work: Path, job: dict, layout: dict) -> None:
     engine, *_ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
-        config=_ds_config(
+        config=verify_ds_config(
             micro_batch_size=job["micro_batch_size"],
             micro_batches=job["micro_batches"],
             dp=layout["dp"],
@@ -317,7 +288,7 @@ def prepare_jobs(
             work=work / f"job{i}",
             dp=dp,
             precision=job.precision,
-            accum=_grad_accum_dtype(job.precision, zero_stage),
+            accum=grad_accum_dtype(job.precision, zero_stage),
             micro_batch_size=job.micro_batch_size,
             micro_batch_count=job.micro_batches,
             seq_len=job.seq_len,
