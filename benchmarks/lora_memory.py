@@ -15,14 +15,12 @@ full ratio per rank and precision.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import tempfile
 from pathlib import Path
 
 from memory import add_model_args, gpt2_config, peak_rss_bytes, rss_bytes
-from plan_memory import live_tensor_bytes, pin_glibc_mmap_threshold, reset_peak_rss
+from plan_memory import launch_and_read, live_tensor_bytes, pin_glibc_mmap_threshold, plan_json, reset_peak_rss
 from results_file import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,24 +69,15 @@ def _train_rank(rank: int, model_dir: str, run: dict, out: str) -> None:
 
 def forecast(model_dir: Path, run: dict) -> list[float]:
     """Bytes per pipeline rank from `pptk plan --json` (with --lora-r when the run uses LoRA)."""
-    from pptk.cli import main as pptk
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        pptk(
-            [
-                "plan",
-                str(model_dir),
-                "--json",
-                "--pp=2",
-                f"--precision={run['precision']}",
-                f"--seq-len={run['seq_len']}",
-                f"--micro-batch-size={run['micro_batch_size']}",
-                "--grad-accum-steps=4",
-                *([f"--lora-r={run['lora_r']}"] if run["lora_r"] else []),
-            ]
-        )
-    return [row["total_gib"] * 2**30 for row in json.loads(printed.getvalue())["ranks"]]
+    flags = [
+        "--pp=2",
+        f"--precision={run['precision']}",
+        f"--seq-len={run['seq_len']}",
+        f"--micro-batch-size={run['micro_batch_size']}",
+        "--grad-accum-steps=4",
+        *([f"--lora-r={run['lora_r']}"] if run["lora_r"] else []),
+    ]
+    return [row["total_gib"] * 2**30 for row in plan_json(model_dir, flags)["ranks"]]
 
 
 def main() -> None:
@@ -103,8 +92,6 @@ def main() -> None:
     args = p.parse_args()
     pin_glibc_mmap_threshold()
 
-    from pptk.launch.ranks import run_ranks
-
     work = Path(tempfile.mkdtemp(prefix="pptk-lora-memory-"))
     gpt2_config(args).save_pretrained(work / "model")  # a config only: random init, as `pptk plan` reads it
     measured: dict[tuple[str, str], list[dict]] = {}
@@ -117,12 +104,14 @@ def main() -> None:
                 "seq_len": args.seq_len,
                 "micro_batch_size": args.micro_batch_size,
             }
-            out = work / f"{precision}-{kind}"
-            out.mkdir()
-            run_ranks(_train_rank, world_size=2, args=(str(work / "model"), run, str(out)), log_dir=out)
-            planned = forecast(work / "model", run)
-            ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
-            measured[(precision, kind)] = [{**r, "forecast": planned[r["stage"]]} for r in ranks]
+            measured[(precision, kind)] = launch_and_read(
+                _train_rank,
+                world_size=2,
+                model_dir=work / "model",
+                run=run,
+                out=work / f"{precision}-{kind}",
+                planned=forecast(work / "model", run),
+            )
     rows = []
     for precision in ("fp32", "bf16"):
         for full, lora in zip(measured[(precision, "full")], measured[(precision, "lora")]):

@@ -45,7 +45,7 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -> None:
+def _train_rank(rank: int, model_dir: str, layout: dict, out: str) -> None:
     import torch
 
     from pptk.parallel.layout import Layout
@@ -67,7 +67,7 @@ def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -
         lr=1e-4,
         weight_decay=0.01,
         warmup_steps=1,
-        total_steps=steps + 1,
+        total_steps=layout["steps"] + 1,
         grad_clip=1.0,
     )
     seq_len = layout["seq_len"]
@@ -90,8 +90,8 @@ def _train_rank(rank: int, model_dir: str, layout: dict, steps: int, out: str) -
     )
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, plan.config.vocab_size, (layout["micro_batch_size"], seq_len), generator=gen)
-    batches = iter([((ids, torch.ones_like(ids)), ids)] * (grid.grad_accum_steps * steps))
-    for _ in range(steps):
+    batches = iter([((ids, torch.ones_like(ids)), ids)] * (grid.grad_accum_steps * layout["steps"]))
+    for _ in range(layout["steps"]):
         engine.train_batch(batches)
     peak = peak_rss_bytes() - before
     host = rss_bytes() - before - live_tensor_bytes()
@@ -122,29 +122,39 @@ def live_tensor_bytes() -> int:
     return sum(storages.values())
 
 
-def forecast(model_dir: Path, layout: dict) -> list[dict]:
-    """Bytes per pipeline rank from `pptk plan --json` (each tp and dp rank of a stage holds the same)."""
+def plan_json(model_dir: Path, flags: list[str]) -> dict:
+    """`pptk plan MODEL --json FLAGS...`, parsed (the memory benchmarks' forecasts)."""
     from pptk.cli import main as pptk
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        pptk(
-            [
-                "plan",
-                str(model_dir),
-                "--json",
-                *(f"--{axis}={layout[axis]}" for axis in ("pp", "tp", "dp", "precision")),
-                f"--seq-len={layout['seq_len']}",
-                f"--micro-batch-size={layout['micro_batch_size']}",
-                f"--grad-accum-steps={layout['micro_batches']}",
-                f"--activation-checkpoint-interval={layout['checkpoint_interval']}",
-                *(["--selective-checkpointing"] if layout["selective"] else []),
-            ]
-        )
-    return [
-        {key: row[key] * 2**30 for key in ("train_state_gib", "activation_gib", "optimizer_step_gib", "total_gib")}
-        for row in json.loads(printed.getvalue())["ranks"]
+        pptk(["plan", str(model_dir), "--json", *flags])
+    return json.loads(printed.getvalue())
+
+
+def launch_and_read(train_rank, *, world_size: int, model_dir: Path, run: dict, out: Path, planned: list) -> list[dict]:
+    """``train_rank(rank, model_dir, run, out)`` on ``world_size`` gloo ranks; each rank's JSON (``out/rankN.json``)
+    with ``forecast``: the entry of ``planned`` (one per pipeline stage) for its stage."""
+    from pptk.launch.ranks import run_ranks
+
+    out.mkdir()
+    run_ranks(train_rank, world_size=world_size, args=(str(model_dir), run, str(out)), log_dir=out)
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+    return [{**r, "rank": rank, "forecast": planned[r["stage"]]} for rank, r in enumerate(ranks)]
+
+
+def forecast(model_dir: Path, layout: dict) -> list[dict]:
+    """Bytes per pipeline rank from `pptk plan --json` (each tp and dp rank of a stage holds the same)."""
+    flags = [
+        *(f"--{axis}={layout[axis]}" for axis in ("pp", "tp", "dp", "precision")),
+        f"--seq-len={layout['seq_len']}",
+        f"--micro-batch-size={layout['micro_batch_size']}",
+        f"--grad-accum-steps={layout['micro_batches']}",
+        f"--activation-checkpoint-interval={layout['checkpoint_interval']}",
+        *(["--selective-checkpointing"] if layout["selective"] else []),
     ]
+    keys = ("train_state_gib", "activation_gib", "optimizer_step_gib", "total_gib")
+    return [{key: row[key] * 2**30 for key in keys} for row in plan_json(model_dir, flags)["ranks"]]
 
 
 def parse_layout(text: str, args: argparse.Namespace) -> dict:
@@ -167,6 +177,7 @@ def parse_layout(text: str, args: argparse.Namespace) -> dict:
         "seq_len": seq_len,
         "micro_batch_size": micro_batch_size,
         "micro_batches": 2 * pp,
+        "steps": args.steps,
     }
 
 
@@ -192,21 +203,22 @@ def main() -> None:
     if not args.glibc_default:
         pin_glibc_mmap_threshold()
 
-    from pptk.launch.ranks import run_ranks
-
     work = Path(tempfile.mkdtemp(prefix="pptk-plan-memory-"))
     gpt2_config(args).save_pretrained(work / "model")  # a config only: random init, as `pptk plan` reads it
     rows = []
     for text in args.layouts:
         layout = parse_layout(text, args)
-        expected = forecast(work / "model", layout)
-        out = work / text.replace(":", "-")
-        out.mkdir()
         world = layout["pp"] * layout["tp"] * layout["dp"]
-        run_ranks(_train_rank, world_size=world, args=(str(work / "model"), layout, args.steps, str(out)), log_dir=out)
-        for rank in range(world):
-            measured = json.loads((out / f"rank{rank}.json").read_text())
-            parts = expected[measured["stage"]]
+        ranks = launch_and_read(
+            _train_rank,
+            world_size=world,
+            model_dir=work / "model",
+            run=layout,
+            out=work / text.replace(":", "-"),
+            planned=forecast(work / "model", layout),
+        )
+        for measured in ranks:
+            rank, parts = measured["rank"], measured["forecast"]
             want = parts["total_gib"]
             tensors = measured["measured"] - measured["host"]
             rows.append(

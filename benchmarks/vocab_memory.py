@@ -20,14 +20,12 @@ activations sent between the stages on S/tp positions), forecast by `pptk plan [
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import tempfile
 from pathlib import Path
 
 from memory import peak_rss_bytes, rss_bytes
-from plan_memory import live_tensor_bytes, pin_glibc_mmap_threshold, reset_peak_rss
+from plan_memory import launch_and_read, live_tensor_bytes, pin_glibc_mmap_threshold, plan_json, reset_peak_rss
 from results_file import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,26 +86,24 @@ def _train_rank(rank: int, model_dir: str, run: dict, out: str) -> None:
 
 def forecast(model_dir: Path, run: dict) -> list[float]:
     """Bytes per pipeline rank (one tp rank of each stage) from `pptk plan --json`."""
-    from pptk.cli import main as pptk
+    flags = [
+        "--pp=2",
+        "--tp=2",
+        f"--precision={run['precision']}",
+        f"--seq-len={run['seq_len']}",
+        f"--micro-batch-size={run['micro_batch_size']}",
+        f"--grad-accum-steps={MICRO_BATCHES}",
+        *([] if run["vocab_parallel"] else ["--no-vocab-parallel"]),
+        *(["--sequence-parallel"] if run.get("sequence_parallel") else []),
+    ]
+    return [row["total_gib"] * 2**30 for row in plan_json(model_dir, flags)["ranks"]]
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        pptk(
-            [
-                "plan",
-                str(model_dir),
-                "--json",
-                "--pp=2",
-                "--tp=2",
-                f"--precision={run['precision']}",
-                f"--seq-len={run['seq_len']}",
-                f"--micro-batch-size={run['micro_batch_size']}",
-                f"--grad-accum-steps={MICRO_BATCHES}",
-                *([] if run["vocab_parallel"] else ["--no-vocab-parallel"]),
-                *(["--sequence-parallel"] if run.get("sequence_parallel") else []),
-            ]
-        )
-    return [row["total_gib"] * 2**30 for row in json.loads(printed.getvalue())["ranks"]]
+
+def measure(model_dir: Path, run: dict, out: Path) -> list[dict]:
+    """One run on the 4 ranks: each rank's measurement with its stage's forecast."""
+    return launch_and_read(
+        _train_rank, world_size=4, model_dir=model_dir, run=run, out=out, planned=forecast(model_dir, run)
+    )
 
 
 def llama_config(args: argparse.Namespace, *, vocab: int | None = None, hidden: int | None = None, seq_len=None):
@@ -140,8 +136,6 @@ def main() -> None:
     args = p.parse_args()
     pin_glibc_mmap_threshold()
 
-    from pptk.launch.ranks import run_ranks
-
     work = Path(tempfile.mkdtemp(prefix="pptk-vocab-memory-"))
     llama_config(args).save_pretrained(work / "model")  # a config only: random init, as `pptk plan` reads it
     measured: dict[tuple[str, str], list[dict]] = {}
@@ -154,12 +148,7 @@ def main() -> None:
                 "seq_len": args.seq_len,
                 "micro_batch_size": args.micro_batch_size,
             }
-            out = work / f"{precision}-{kind}"
-            out.mkdir()
-            run_ranks(_train_rank, world_size=4, args=(str(work / "model"), run, str(out)), log_dir=out)
-            planned = forecast(work / "model", run)
-            ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)]
-            measured[(precision, kind)] = [{**r, "forecast": planned[r["stage"]]} for r in ranks]
+            measured[(precision, kind)] = measure(work / "model", run, work / f"{precision}-{kind}")
     rows = []
     for precision in ("fp32", "bf16"):
         for whole, split in zip(measured[(precision, "whole")], measured[(precision, "split")]):
@@ -219,7 +208,6 @@ def main() -> None:
 
 def measure_sequence_parallel(args: argparse.Namespace, work: Path) -> dict:
     """Both with the vocabulary split: sequence parallelism off, then on; a long-sequence, small-vocabulary LLaMA."""
-    from pptk.launch.ranks import run_ranks
 
     shape = {"hidden": 512, "vocab": 8192, "seq_len": 1024, "micro_batch": 2, "layers": args.layers}
     llama_config(args, vocab=shape["vocab"], hidden=shape["hidden"], seq_len=shape["seq_len"]).save_pretrained(
@@ -236,12 +224,7 @@ def measure_sequence_parallel(args: argparse.Namespace, work: Path) -> dict:
                 "seq_len": shape["seq_len"],
                 "micro_batch_size": shape["micro_batch"],
             }
-            out = work / f"sp-{precision}-{kind}"
-            out.mkdir()
-            run_ranks(_train_rank, world_size=4, args=(str(work / "long"), run, str(out)), log_dir=out)
-            planned = forecast(work / "long", run)
-            ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)]
-            runs[(precision, kind)] = [{**r, "forecast": planned[r["stage"]]} for r in ranks]
+            runs[(precision, kind)] = measure(work / "long", run, work / f"sp-{precision}-{kind}")
     rows = []
     for precision in ("fp32", "bf16"):
         for off, on in zip(runs[(precision, "off")], runs[(precision, "on")]):

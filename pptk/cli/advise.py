@@ -167,12 +167,9 @@ def checkpointing_label(candidate) -> str:
 
 
 def _has_attention_module(plan) -> bool:
-    from accelerate import init_empty_weights
+    from pptk.parallel.recompute import attention_modules, first_block_on_meta
 
-    from pptk.parallel.recompute import attention_modules
-
-    with init_empty_weights(include_buffers=False):
-        return bool(attention_modules(next(lay for lay in plan.layers if lay.role == "block").spec.build()))
+    return bool(attention_modules(first_block_on_meta(plan.layers)))
 
 
 def _forecast_row(f, workload) -> dict:

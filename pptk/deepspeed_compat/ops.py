@@ -108,11 +108,10 @@ def check_cuda_arch_list(environ=None) -> None:
     import re
 
     value = (os.environ if environ is None else environ).get("TORCH_CUDA_ARCH_LIST", "")
-    unreadable = [cc for cc in value.replace(" ", ";").split(";") if cc and not re.fullmatch(r"\d+\.\d+(\+PTX)?", cc)]
+    entries = [cc for cc in value.replace(" ", ";").split(";") if cc]
+    unreadable = [cc for cc in entries if not re.fullmatch(r"\d+\.\d+(\+PTX)?", cc)]
     if unreadable:
-        plain = ";".join(
-            dict.fromkeys(re.sub(r"[^0-9.].*$", "", cc) or cc for cc in value.replace(" ", ";").split(";") if cc)
-        )
+        plain = ";".join(dict.fromkeys(re.sub(r"[^0-9.].*$", "", cc) or cc for cc in entries))
         raise PptkError(
             f"TORCH_CUDA_ARCH_LIST={value!r}: DeepSpeed 0.19.8 cannot read {', '.join(unreadable)} when it builds "
             f"its fused optimizer; set TORCH_CUDA_ARCH_LIST={plain!r} (its ops use no architecture-specific "

@@ -196,10 +196,7 @@ def plan_pipeline(
     ):
         raise PptkError(f"--sequence-parallel: {problem}; drop --sequence-parallel")
     if recompute_attention:
-        from accelerate import init_empty_weights
-
-        with init_empty_weights(include_buffers=False):
-            check_recompute_attention(next(lay for lay in layers if lay.role == "block").spec.build())
+        check_recompute_attention(layers)
     return PipelinePlan(
         source,
         config,

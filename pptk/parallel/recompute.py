@@ -53,8 +53,17 @@ def check_one_checkpointing(*, selective: bool, interval: int) -> None:
         )
 
 
-def check_recompute_attention(block: nn.Module) -> None:
-    """Refuse, before ranks start, a block without an attention module to recompute."""
+def first_block_on_meta(layers) -> nn.Module:
+    """The plan's first block, built on the meta device (no weights): what its attention modules are."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return next(lay for lay in layers if lay.role == "block").spec.build()
+
+
+def check_recompute_attention(layers) -> None:
+    """Refuse, before ranks start, blocks without an attention module to recompute."""
+    block = first_block_on_meta(layers)
     if not attention_modules(block):
         raise PptkError(
             f"--selective-checkpointing: {type(block).__name__} has no attention module (a class named "
