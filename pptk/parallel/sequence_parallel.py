@@ -130,8 +130,8 @@ def check_sequence_lengths(*, seq_len: int, tp: int, dynamic_shape: bool = False
     """Refuse, before ranks start, micro-batches that cannot be cut into tp equal chunks."""
     if dynamic_shape:
         raise PptkError(
-            "--sequence-parallel needs micro-batches of one length that tp divides; this task's change length "
-            "(drop --sequence-parallel)"
+            "--sequence-parallel needs micro-batches of one length that tp divides; this task's micro-batches "
+            "change length (drop --sequence-parallel)"
         )
     if seq_len % tp:
         raise PptkError(f"--sequence-parallel: --seq-len {seq_len} does not split over tp={tp}; use a multiple")
